@@ -1,0 +1,161 @@
+"""CLIP's byte-level BPE through the `tokenizers` library, with placeholder tokens.
+
+Ids equal transformers' (slow) `CLIPTokenizer` as Stable Diffusion pipelines call it:
+`tokenizer(prompts, padding="max_length", max_length=77, truncation=True)`. The slow tokenizer
+(without ftfy) cleans text with BERT's BasicTokenizer before BPE; `_basic_clean` repeats those
+steps exactly, then `tokenizers` does the BPE.
+
+New tokens follow diffusers' textual inversion: `<tok>` with n vectors stands for
+`<tok> <tok>_1 ... <tok>_{n-1}`, and its ids come after the text encoder's vocabulary.
+"""
+import json
+import os
+import re
+import unicodedata
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+from .errors import EdgeTIError
+
+# CLIP's pre-tokenization split (transformers CLIPTokenizer.pat / convert_slow_tokenizer.CLIPConverter)
+_CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# the slow tokenizer reads only this many merges (CLIPTokenizer.__init__: 49152 - 256 - 2)
+_MAX_MERGES = 49152 - 256 - 2
+
+
+def _is_cjk(cp):
+    # BasicTokenizer._is_chinese_char: the CJK Unified Ideographs blocks
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
+            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF
+            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+
+
+def _basic_clean(text):
+    """BasicTokenizer(strip_accents=False, do_split_on_punc=False).tokenize, joined by spaces."""
+    chars = []
+    for ch in text:
+        cp = ord(ch)
+        if ch in " \t\n\r" or unicodedata.category(ch) == "Zs":
+            chars.append(" ")
+        elif cp == 0 or cp == 0xFFFD or unicodedata.category(ch).startswith("C"):
+            continue  # control and format characters are dropped
+        elif _is_cjk(cp):
+            chars.append(f" {ch} ")  # each CJK ideograph is its own word
+        else:
+            chars.append(ch)
+    text = unicodedata.normalize("NFC", "".join(chars))
+    return " ".join(word.lower() for word in text.split())
+
+
+def _bpe_from_vocab_merges(vocab_path, merges_path):
+    """The fast CLIP tokenizer as transformers' CLIPConverter builds it from vocab + merges."""
+    with open(vocab_path, encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(merges_path, encoding="utf-8") as f:
+        lines = f.read().strip().split("\n")
+    merges = [tuple(line.split()) for line in lines[1:_MAX_MERGES + 1]]  # line 0 is "#version"
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<|endoftext|>",
+                               continuing_subword_prefix="", end_of_word_suffix="</w>",
+                               fuse_unk=False))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _special_token(value):
+    # special_tokens_map.json holds either "<|endoftext|>" or {"content": "<|endoftext|>", ...}
+    return value["content"] if isinstance(value, dict) else value
+
+
+class ClipTokenizer:
+    """Prompts -> int64 [B, max_length] ids, as the diffusers pipeline feeds the text encoder."""
+
+    def __init__(self, tokenizer_dir):
+        json_path = os.path.join(tokenizer_dir, "tokenizer.json")
+        vocab_path = os.path.join(tokenizer_dir, "vocab.json")
+        merges_path = os.path.join(tokenizer_dir, "merges.txt")
+        try:
+            if os.path.exists(vocab_path) and os.path.exists(merges_path):
+                self.bpe = _bpe_from_vocab_merges(vocab_path, merges_path)
+            elif os.path.exists(json_path):
+                self.bpe = Tokenizer.from_file(json_path)
+            else:
+                raise EdgeTIError(f"{tokenizer_dir}: no tokenizer.json or vocab.json + merges.txt")
+        except (ValueError, OSError, json.JSONDecodeError, Exception) as err:
+            if isinstance(err, EdgeTIError):
+                raise
+            raise EdgeTIError(f"{tokenizer_dir}: cannot read the tokenizer ({err})") from None
+        config = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            path = os.path.join(tokenizer_dir, name)
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    config.update({k: v for k, v in json.load(f).items() if v is not None})
+        self.bos_token = _special_token(config.get("bos_token", "<|startoftext|>"))
+        self.eos_token = _special_token(config.get("eos_token", "<|endoftext|>"))
+        self.pad_token = _special_token(config.get("pad_token", self.eos_token))
+        self.max_length = min(int(config.get("model_max_length", 77)), 77)
+        self.bos_id = self._id(self.bos_token)
+        self.eos_id = self._id(self.eos_token)
+        self.pad_id = self._id(self.pad_token)
+        # the slow tokenizer matches its special and added tokens literally inside the text
+        # (an SD 2.x prompt "wow!!!" gives three "!" pad tokens, not the BPE token "!!!</w>")
+        self.special_ids = {self.bos_token: [self.bos_id], self.eos_token: [self.eos_id],
+                            self.pad_token: [self.pad_id]}
+        for token_id, added in config.get("added_tokens_decoder", {}).items():
+            self.special_ids.setdefault(_special_token(added), [int(token_id)])
+
+    def _id(self, token):
+        token_id = self.bpe.token_to_id(token)
+        if token_id is None:
+            raise EdgeTIError(f"tokenizer: special token {token!r} is not in the vocabulary")
+        return token_id
+
+    def _bpe_ids(self, text):
+        text = _basic_clean(text)
+        return self.bpe.encode(text, add_special_tokens=False).ids if text else []
+
+    def token_ids(self, prompt, placeholders=None):
+        """One prompt -> its ids without BOS/EOS; placeholders: {token string: [ids]}."""
+        literal = {**self.special_ids, **(placeholders or {})}
+        # longest first, as transformers' added-token trie matches the longest token
+        pattern = "|".join(re.escape(t) for t in sorted(literal, key=len, reverse=True))
+        ids = []
+        for piece in re.split(f"({pattern})", prompt):
+            if piece in literal:
+                ids.extend(literal[piece])
+            elif piece:
+                ids.extend(self._bpe_ids(piece))
+        return ids
+
+    def __call__(self, prompts, placeholders=None):
+        """prompts -> int64 [B, max_length]: BOS, ids truncated to max_length-2, EOS, padding."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        out = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids = [self.bos_id] + self.token_ids(prompt, placeholders)[: self.max_length - 2] + [self.eos_id]
+            out[row, : len(ids)] = ids
+        return out
+
+
+def placeholder_ids(embeddings, first_id):
+    """{token: [n, D]} -> {string: [ids]}: `<tok>` expands to its n ids, `<tok>_j` names vector j.
+
+    Ids are given in insertion order starting at first_id (the text encoder's vocabulary size),
+    so the extra embedding rows are the tokens' vectors concatenated in the same order.
+    """
+    strings, next_id = {}, first_id
+    for token, vectors in embeddings.items():
+        n = len(vectors)
+        ids = list(range(next_id, next_id + n))
+        strings[token] = ids
+        for j in range(1, n):
+            strings[f"{token}_{j}"] = [ids[j]]  # diffusers' names for the extra vectors
+        next_id += n
+    return strings

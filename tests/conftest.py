@@ -1,0 +1,35 @@
+"""Tiny random Stable Diffusion pipelines, built and exported with optimum once per session (no download)."""
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    # keep the patched text encoders and latents of the tests out of the user's ~/.cache
+    os.environ["EDGE_TI_CACHE"] = str(tmp_path_factory.mktemp("edge-ti-cache"))
+
+
+def _build(tmp_path_factory, name, prediction_type):
+    from edge_ti_export.onnx_export import export_pipeline
+    from edge_ti_export.tiny import tiny_pipeline
+
+    base = tmp_path_factory.mktemp(name)
+    source = str(base / "diffusers")
+    tiny_pipeline(seed=0, prediction_type=prediction_type, tokenizer_dir=str(base / "tok")).save_pretrained(source)
+    onnx_dir = export_pipeline(source, str(base / "onnx"))
+    return source, onnx_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """(diffusers folder, ONNX folder) of an epsilon-prediction tiny pipeline."""
+    return _build(tmp_path_factory, "tiny-eps", "epsilon")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory):
+    """(diffusers folder, ONNX folder) of a v-prediction tiny pipeline."""
+    return _build(tmp_path_factory, "tiny-v", "v_prediction")
