@@ -20,7 +20,6 @@ from .errors import EdgeTIError
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": None}
 _GENERIC_KEYS = ("emb_params", "string_to_param.*", "*")
-_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save zip archive, or a legacy pickle
 
 
 def _read_safetensors(path):
@@ -30,7 +29,9 @@ def _read_safetensors(path):
             raw = f.read()
     except OSError as err:
         raise EdgeTIError(f"{path}: cannot read ({err.strerror})") from None
-    if raw[:4] == _PICKLE_MAGIC[0] or raw[:1] == _PICKLE_MAGIC[1]:
+    # a safetensors file is an 8-byte header length, then a JSON header starting with "{";
+    # torch.save writes a zip archive ("PK\3\4") or a bare pickle ("\x80" + protocol byte)
+    if raw[8:9] != b"{" and (raw[:4] == b"PK\x03\x04" or raw[:1] == b"\x80"):
         raise EdgeTIError(f"{path}: a pickled torch file; edge-ti never unpickles, convert it with "
                           f"`edge-ti convert {path}` (needs pip install 'edge-ti[export]')")
     if len(raw) < 8:

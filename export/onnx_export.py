@@ -14,14 +14,14 @@ def export_pipeline(source, out, opset=None):
     The same as `optimum-cli export onnx --model SOURCE --task text-to-image OUT`, run offline;
     OUT appears only when the export (and optimum's numerical validation) succeeded.
     """
-    from optimum.exporters.onnx import main_export
-
     if not os.path.isfile(os.path.join(source, "model_index.json")):
         raise EdgeTIError(f"{source}: not a diffusers folder (no model_index.json)")
     if os.path.exists(out):
         raise EdgeTIError(f"{out}: already exists; choose a new output folder")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
+    from optimum.exporters.onnx import main_export  # slow to import: only once the input is valid
+
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-export-")
     try:
         main_export(source, tmp, task="text-to-image", opset=opset, local_files_only=True)
