@@ -11,12 +11,12 @@ into safetensors.
 import json
 import os
 import struct
-import tempfile
 
 import numpy as np
 from safetensors.numpy import save_file
 
 from .errors import EdgeTIError
+from .files import atomic_path
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": None}
 _GENERIC_KEYS = ("emb_params", "string_to_param.*", "*")
@@ -93,13 +93,5 @@ def save_embedding(path, embeddings):
         raise EdgeTIError(f"{path}: an embedding file holds one token, got {len(embeddings)}")
     token, vectors = next(iter(embeddings.items()))
     vectors = np.ascontiguousarray(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({token: vectors}, tmp, metadata={"format": "pt", "written_by": "edge-ti"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -96,6 +96,10 @@ class Model:
         return _read_json(os.path.join(self.path, "unet", "config.json"))
 
     @property
+    def prediction_type(self):
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
     def vae_scale_factor(self):
         # diffusers: 2 ** (len(vae.config.block_out_channels) - 1)
         return 2 ** (len(self.vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)

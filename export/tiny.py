@@ -54,8 +54,13 @@ def write_tiny_tokenizer(out_dir):
     return CLIPTokenizer(os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt"), model_max_length=77)
 
 
-def tiny_pipeline(seed=0, prediction_type="epsilon", tokenizer_dir=None, sample_size=32):
-    """A random-weight StableDiffusionPipeline small enough to export and run in seconds."""
+def tiny_pipeline(seed=0, prediction_type="epsilon", tokenizer_dir=None, sample_size=32, text_gain=1.0):
+    """A random-weight StableDiffusionPipeline small enough to export and run in seconds.
+
+    text_gain > 1 scales the UNet's cross-attention keys and outputs, so that the prompt (and a
+    learned token) changes the noise prediction by a measurable amount, as in a trained model;
+    at 1 a random UNet all but ignores its text.
+    """
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=sample_size // 2,
@@ -80,6 +85,11 @@ def tiny_pipeline(seed=0, prediction_type="epsilon", tokenizer_dir=None, sample_
                                  layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
                                  vocab_size=len(tokenizer), max_position_embeddings=77)
     text_encoder = CLIPTextModel(text_config)
+    if text_gain != 1.0:
+        with torch.no_grad():
+            for name, module in unet.named_modules():
+                if name.endswith("attn2.to_k") or name.endswith("attn2.to_out.0"):
+                    module.weight.mul_(text_gain)
     return StableDiffusionPipeline(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                                    tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

@@ -18,7 +18,9 @@ def _build(tmp_path_factory, name, prediction_type):
 
     base = tmp_path_factory.mktemp(name)
     source = str(base / "diffusers")
-    tiny_pipeline(seed=0, prediction_type=prediction_type, tokenizer_dir=str(base / "tok")).save_pretrained(source)
+    # text_gain: a random UNet all but ignores its prompt; amplified, a token measurably matters
+    tiny_pipeline(seed=0, prediction_type=prediction_type, tokenizer_dir=str(base / "tok"),
+                  text_gain=10.0).save_pretrained(source)
     onnx_dir = export_pipeline(source, str(base / "onnx"))
     return source, onnx_dir
 

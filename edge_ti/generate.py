@@ -1,0 +1,157 @@
+"""Text to image: the sampling loop with classifier-free guidance on the ONNX UNet, then the VAE decoder.
+
+    model = edge_ti.open_model("sd15-onnx")
+    images = edge_ti.generate(model, "a photo of <my-mug>", edge_ti.load_embedding("my-mug.safetensors"),
+                              steps=30, sampler="dpmpp-2m", seed=0, n=4)      # uint8 [4, 512, 512, 3]
+    save_images(images, "out", "my-mug"); save_png(make_grid(images), "out/my-mug-grid.png")
+
+Classifier-free guidance (Ho & Salimans 2022, eq. 6) with the conditional and unconditional
+predictions from ONE UNet call on a batch of 2n:
+
+    model_output = model_output(x, uncond) + guidance * (model_output(x, cond) - model_output(x, uncond))
+
+applied to eps or v alike, as diffusers' StableDiffusionPipeline does; guidance <= 1 runs the
+conditional batch of n alone (diffusers guides only above 1). The loop follows that pipeline step
+for step, so that given the same initial latents the final latents match it (tests/test_generate.py).
+"""
+import logging
+import math
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+from . import schedulers
+from .errors import EdgeTIError
+
+log = logging.getLogger(__name__)
+
+# onnxruntime's input types -> numpy: fp16 exports take float16 samples, old exports int64 timesteps
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+           "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def _inputs(session):
+    """{input name: (numpy dtype, rank)} of an onnxruntime session."""
+    return {i.name: (_DTYPES.get(i.type, np.float32), len(i.shape)) for i in session.get_inputs()}
+
+
+def _unet(session, inputs, sample, t, hidden):
+    """One UNet call: sample [B, C, h, w], timestep t, hidden [B, 77, D] -> model output float32 [B, C, h, w]."""
+    t_dtype, t_rank = inputs["timestep"]
+    timestep = np.asarray(t, dtype=t_dtype)                                 # [] (optimum's export)
+    if t_rank == 1:
+        timestep = np.full(sample.shape[:1], timestep, dtype=t_dtype)        # [B] (older exports)
+    feed = {"sample": sample.astype(inputs["sample"][0]), "timestep": timestep,
+            "encoder_hidden_states": hidden.astype(inputs["encoder_hidden_states"][0])}
+    return session.run(None, feed)[0].astype(np.float32)
+
+
+def denoise(model, prompt, embeddings=None, negative_prompt="", steps=30, guidance=7.5, sampler="ddim",
+            seed=0, n=4, size=None, latents=None, progress=None, noise=None):
+    """The sampling loop: prompt -> final latents float32 [n, C, h, w] (not yet divided by scaling_factor).
+
+    latents: initial latents [n, C, h, w] (before scaling by the sampler's init_noise_sigma, as
+    diffusers' `latents=` argument); default: standard normal from np.random.default_rng(seed).
+    noise: a callable(shape) -> array for euler-a's per-step noise; default: the same generator.
+    progress: called as progress(i + 1, steps) after each step.
+    """
+    if n < 1 or steps < 1:
+        raise EdgeTIError(f"n and steps must be at least 1, got n={n}, steps={steps}")
+    size = size or model.resolution
+    factor = model.vae_scale_factor
+    if size % factor:
+        raise EdgeTIError(f"size {size} is not a multiple of the VAE's scale factor {factor}")
+    shape = (n, int(model.unet_config.get("in_channels", 4)), size // factor, size // factor)  # [n, C, h, w]
+    rng = np.random.default_rng(seed)
+    if latents is None:
+        latents = rng.standard_normal(shape, dtype=np.float32)              # [n, C, h, w]
+    latents = np.asarray(latents, dtype=np.float32)
+    if latents.shape != shape:
+        raise EdgeTIError(f"initial latents have shape {list(latents.shape)}, expected {list(shape)}")
+    sampler_name = sampler
+    sampler = schedulers.make(sampler_name, model.scheduler_config, steps, noise=noise if noise is not None else rng)
+
+    # text: the negative prompt and the prompt in one text-encoder call, each repeated n times
+    guided = guidance > 1
+    if guided:
+        uncond, cond = model.encode_text([negative_prompt, prompt], embeddings)  # [77, D] each
+        hidden = np.concatenate([np.repeat(uncond[None], n, 0), np.repeat(cond[None], n, 0)])  # [2n, 77, D]
+    else:
+        hidden = np.repeat(model.encode_text([prompt], embeddings), n, 0)   # [n, 77, D]
+
+    unet = model.session("unet")
+    inputs = _inputs(unet)
+    log.info("sampling %d x %dpx: %s, %d steps, guidance %g", n, size, sampler_name, steps, guidance)
+    x = latents * np.float32(sampler.init_noise_sigma)                      # [n, C, h, w], x_T
+    for i, t in enumerate(sampler.timesteps):
+        model_input = sampler.scale_model_input(x, i)                       # [n, C, h, w]
+        if guided:
+            model_input = np.concatenate([model_input, model_input])        # [2n, C, h, w]
+        model_output = _unet(unet, inputs, model_input, t, hidden)          # [2n or n, C, h, w]
+        if guided:
+            out_uncond, out_cond = model_output[:n], model_output[n:]       # [n, C, h, w] each
+            model_output = out_uncond + guidance * (out_cond - out_uncond)  # eq. 6
+        x = sampler.step(model_output, i, x)                                # [n, C, h, w]
+        if progress is not None:
+            progress(i + 1, len(sampler.timesteps))
+    return x
+
+
+def decode(model, latents):
+    """Final latents [n, C, h, w] -> uint8 images [n, H, W, 3], decoded one at a time to bound memory."""
+    vae = model.session("vae_decoder")
+    dtype = _inputs(vae)["latent_sample"][0]
+    images = []
+    for z in latents / np.float32(model.scaling_factor):                    # [C, h, w]
+        sample = vae.run(None, {"latent_sample": z[None].astype(dtype)})[0].astype(np.float32)  # [1, 3, H, W]
+        image = np.clip(sample[0] / 2 + 0.5, 0, 1)                          # [-1, 1] -> [0, 1], [3, H, W]
+        images.append((image.transpose(1, 2, 0) * 255).round().astype(np.uint8))  # [H, W, 3]
+    return np.stack(images)                                                 # [n, H, W, 3]
+
+
+def generate(model, prompt, embeddings=None, negative_prompt="", steps=30, guidance=7.5, sampler="ddim",
+             seed=0, n=4, size=None, latents=None, progress=None, noise=None):
+    """Prompt (with `embeddings` {token: [n_vectors, D]} injected) -> uint8 images [n, size, size, 3].
+
+    sampler: ddim, euler, euler-a or dpmpp-2m (schedulers.SAMPLERS); size: pixels, default the
+    model's resolution. Same seed, same images. See `denoise` for latents, noise and progress.
+    """
+    final = denoise(model, prompt, embeddings=embeddings, negative_prompt=negative_prompt, steps=steps,
+                    guidance=guidance, sampler=sampler, seed=seed, n=n, size=size, latents=latents,
+                    progress=progress, noise=noise)
+    return decode(model, final)
+
+
+def make_grid(images, cols=None):
+    """uint8 [n, H, W, 3] -> one uint8 [rows * H, cols * W, 3] image, row-major, black where empty."""
+    n, H, W, C = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * cols, H, W, C), np.uint8)                       # [rows * cols, H, W, 3]
+    grid[:n] = images
+    grid = grid.reshape(rows, cols, H, W, C).transpose(0, 2, 1, 3, 4)       # [rows, H, cols, W, 3]
+    return grid.reshape(rows * H, cols * W, C)
+
+
+def save_png(image, path):
+    """Write uint8 [H, W, 3] to `path` atomically: a temporary file beside it, then os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def save_images(images, out_dir, prefix="image"):
+    """Write uint8 [n, H, W, 3] as out_dir/{prefix}-{i}.png; returns the paths."""
+    width = max(2, len(str(len(images) - 1)))
+    return [save_png(image, os.path.join(out_dir, f"{prefix}-{i:0{width}d}.png")) for i, image in enumerate(images)]

@@ -1,0 +1,115 @@
+"""The textual-inversion loss of a population of candidate embeddings, forward passes only.
+
+For a triple (latent x0, prompt c, timestep t, noise eps), diffusers' textual_inversion.py computes
+    x_t    = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps          (DDPM, Ho et al. 2020 eq. 4)
+    target = eps                                                      (epsilon prediction)
+           | sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0         (v prediction, Salimans & Ho 2022 sec. 4)
+    loss   = mean((unet(x_t, t, text_encoder(c with the token)) - target)^2)
+Common random numbers: every candidate of a generation is scored on the same triples, so the
+ranking reflects the embedding, not the noise.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import text_encoder as te
+
+
+def alphas_cumprod(config):
+    """alpha_bar_t for t = 0..T-1 from a diffusers scheduler config (DDPMScheduler.__init__)."""
+    T = int(config.get("num_train_timesteps", 1000))
+    schedule = config.get("beta_schedule", "linear")
+    beta_start, beta_end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+    if config.get("trained_betas") is not None:
+        betas = np.asarray(config["trained_betas"], dtype=np.float64)
+    elif schedule == "linear":
+        betas = np.linspace(beta_start, beta_end, T, dtype=np.float32).astype(np.float64)
+    elif schedule == "scaled_linear":
+        # the latent-diffusion schedule: linear in sqrt(beta); computed in float32 as diffusers does
+        betas = (np.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=np.float32) ** 2).astype(np.float64)
+    elif schedule == "squaredcos_cap_v2":
+        # Nichol & Dhariwal 2021 eq. 17 (diffusers betas_for_alpha_bar)
+        f = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+        steps = np.arange(T)
+        betas = np.minimum(1 - f((steps + 1) / T) / f(steps / T), 0.999)
+    else:
+        raise ValueError(f"unsupported beta_schedule {schedule!r}")
+    alphas_bar = np.cumprod(1.0 - betas.astype(np.float32), dtype=np.float32)
+    if config.get("rescale_betas_zero_snr"):
+        # Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar) so the last step has SNR 0
+        s = np.sqrt(alphas_bar)
+        s0, sT = s[0], s[-1]
+        s = (s - sT) * s0 / (s0 - sT)
+        alphas_bar = s ** 2
+    return alphas_bar.astype(np.float32)
+
+
+@dataclass
+class Triples:
+    """The common random numbers of one generation (or of the held-out set); all indexed by i."""
+    latent_index: np.ndarray   # (T,) int: which concept latent
+    prompt_index: np.ndarray   # (T,) int: which prompt template
+    timesteps: np.ndarray      # (T,) int in [0, num_train_timesteps)
+    noise: np.ndarray          # (T, C, h, w) float32
+
+
+def draw_triples(rng, count, n_latents, n_prompts, num_train_timesteps, latent_shape):
+    """Uniform latents, prompts and timesteps, standard normal noise (as diffusers' TI script draws)."""
+    return Triples(latent_index=rng.integers(0, n_latents, count),
+                   prompt_index=rng.integers(0, n_prompts, count),
+                   timesteps=rng.integers(0, num_train_timesteps, count),
+                   noise=rng.standard_normal((count, *latent_shape), dtype=np.float32))
+
+
+def noisy_latents_and_targets(latents, triples, alphas_bar, prediction_type):
+    """-> x_t [T, C, h, w] and the regression target [T, C, h, w]."""
+    x0 = latents[triples.latent_index]                                   # (T, C, h, w)
+    a = alphas_bar[triples.timesteps][:, None, None, None]               # (T, 1, 1, 1)
+    sqrt_a, sqrt_1ma = np.sqrt(a).astype(np.float32), np.sqrt(1.0 - a).astype(np.float32)
+    x_t = sqrt_a * x0 + sqrt_1ma * triples.noise                          # DDPM q(x_t | x0)
+    if prediction_type == "epsilon":
+        target = triples.noise
+    elif prediction_type == "v_prediction":
+        target = sqrt_a * triples.noise - sqrt_1ma * x0                  # v = sqrt(a) eps - sqrt(1-a) x0
+    else:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    return x_t.astype(np.float32), target.astype(np.float32)
+
+
+def _unet(session, sample, timestep, hidden):
+    feeds = {"sample": sample, "encoder_hidden_states": hidden}
+    timestep_input = next(i for i in session.get_inputs() if i.name == "timestep")
+    dtype = np.int64 if "int64" in timestep_input.type else np.float32
+    shape = () if len(timestep_input.shape) == 0 else (len(sample),)
+    feeds["timestep"] = np.full(shape, timestep, dtype=dtype)
+    return session.run(None, feeds)[0]
+
+
+def population_loss(model, candidates, prompt_ids, latents, triples, max_batch=20):
+    """candidates [P, n, D] -> loss [P]: each candidate's mean squared error over the same triples.
+
+    The text encoder runs once for all candidates x the prompts the triples use; the UNet runs
+    once per distinct timestep with the whole population's samples, at most max_batch at a time.
+    """
+    P = candidates.shape[0]
+    used = np.unique(triples.prompt_index)                                # prompts this set needs
+    hidden = te.encode_population(model.text_encoder, prompt_ids[used], candidates,
+                                  model.vocab_size)                      # (P, K_used, L, D)
+    row_of_prompt = {int(k): r for r, k in enumerate(used)}
+    alphas_bar = alphas_cumprod(model.scheduler_config)
+    x_t, target = noisy_latents_and_targets(latents, triples, alphas_bar, model.prediction_type)
+    unet = model.session("unet")
+    squared_error = np.zeros(P, dtype=np.float64)
+    for t in np.unique(triples.timesteps):
+        rows = np.flatnonzero(triples.timesteps == t)                     # triples at this timestep
+        # every (candidate, triple) pair at timestep t, candidate-major
+        pairs = [(p, i) for p in range(P) for i in rows]
+        for start in range(0, len(pairs), max_batch):
+            chunk = pairs[start:start + max_batch]
+            sample = np.stack([x_t[i] for _, i in chunk])                           # (B, C, h, w)
+            states = np.stack([hidden[p, row_of_prompt[int(triples.prompt_index[i])]] for p, i in chunk])  # (B, L, D)
+            pred = _unet(unet, sample, float(t), states)                            # (B, C, h, w)
+            err = ((pred.astype(np.float32) - np.stack([target[i] for _, i in chunk])) ** 2).mean(axis=(1, 2, 3))
+            for (p, _), e in zip(chunk, err):
+                squared_error[p] += e
+    return (squared_error / len(triples.timesteps)).astype(np.float64)  # mean over triples

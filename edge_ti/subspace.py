@@ -1,0 +1,52 @@
+"""The search space e = e0 + W z (Fei et al. 2023, sec. 3.2), z in R^d per token vector.
+
+  pca:   W = the top-d principal directions of the token-embedding table, each scaled by the
+         table's standard deviation along it, so z ~ N(0, I) moves e the way the vocabulary
+         varies. (The reference code maps z with scikit-learn's inverse_transform, which also adds
+         the vocabulary mean; here z = 0 gives e0 exactly.)
+  prior: W with N(0, s^2) entries, s = alpha * std(table) / (sqrt(d) * sigma): the random
+         projection of black-box tuning (Sun et al. 2022, sec. 3.2), which makes W z with
+         z ~ sigma * N(0, I) move each coordinate by about alpha * std(table).
+  full:  W = I, z lives in the embedding space itself (d = D).
+"""
+import numpy as np
+
+from .errors import EdgeTIError
+
+
+def pca_basis(table, dim):
+    """table [V, D] -> W [D, dim]: principal directions times their standard deviations."""
+    V, D = table.shape
+    if not 1 <= dim <= D:
+        raise EdgeTIError(f"--dim {dim}: the pca subspace needs 1 <= dim <= {D}")
+    centered = table - table.mean(axis=0, keepdims=True)          # (V, D)
+    covariance = centered.T @ centered / (V - 1)                  # (D, D), in float64 below
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance.astype(np.float64))
+    order = np.argsort(eigenvalues)[::-1][:dim]                   # largest variance first
+    scale = np.sqrt(np.maximum(eigenvalues[order], 0.0))          # (dim,)
+    return (eigenvectors[:, order] * scale).astype(np.float32)    # (D, dim)
+
+
+def prior_basis(table, dim, sigma, alpha=1.0, seed=0):
+    """table [V, D] -> W [D, dim] with N(0, s^2) entries, s = alpha std(table) / (sqrt(dim) sigma)."""
+    std = alpha * float(table.std()) / (np.sqrt(dim) * sigma)
+    return np.random.default_rng(seed).normal(0.0, std, (table.shape[1], dim)).astype(np.float32)
+
+
+def basis(kind, table, dim, sigma, seed=0):
+    """W [D, d] for `pca`, `prior` or `full`."""
+    if kind == "pca":
+        return pca_basis(table, dim)
+    if kind == "prior":
+        return prior_basis(table, dim, sigma, seed=seed)
+    if kind == "full":
+        return np.eye(table.shape[1], dtype=np.float32)
+    raise EdgeTIError(f"unknown subspace {kind!r}: choose pca, prior or full")
+
+
+def embeddings_from_z(e0, W, z):
+    """e0 [n, D], W [D, d], z [P, n*d] -> candidates [P, n, D] = e0 + W z per vector."""
+    P = z.shape[0]
+    n, d = e0.shape[0], W.shape[1]
+    z = z.reshape(P, n, d)                                        # (P, n, d)
+    return (e0[None] + np.einsum("pnd,Dd->pnD", z, W)).astype(np.float32)  # (P, n, D)

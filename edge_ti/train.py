@@ -1,0 +1,190 @@
+"""Learn a token from a few images with forward passes only (Fei, Fan, Huang 2023).
+
+    images -> latents (once) -> e0 (init) -> W (subspace) -> CMA-ES over z, each generation's
+    candidates e0 + W z scored on the same common random numbers -> the best held-out candidate
+    -> an embedding file.
+"""
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import init as initialization
+from . import latents as lat
+from . import objective, search, subspace
+from .embeddings import save_embedding
+from .errors import EdgeTIError
+from .files import atomic_path
+from .plot import loss_curve
+
+log = logging.getLogger(__name__)
+
+# diffusers examples/textual_inversion/textual_inversion.py: imagenet_templates_small
+OBJECT_TEMPLATES = [
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}",
+    "a cropped photo of a {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
+    "a close-up photo of the {}", "a rendition of the {}", "a photo of the clean {}",
+    "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}",
+    "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
+    "a photo of a cool {}", "a photo of a small {}",
+]
+# ... and imagenet_style_templates_small
+STYLE_TEMPLATES = [
+    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+    "the painting in the style of {}", "a clean painting in the style of {}",
+    "a dirty painting in the style of {}", "a dark painting in the style of {}",
+    "a picture in the style of {}", "a cool painting in the style of {}",
+    "a close-up painting in the style of {}", "a bright painting in the style of {}",
+    "a good painting in the style of {}", "a close-up painting in the style of {}",
+    "a rendition in the style of {}", "a nice painting in the style of {}",
+    "a small painting in the style of {}", "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+]
+TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+
+
+@dataclass
+class TrainSettings:
+    vectors: int = 1              # vectors per token; 1 as in the paper and diffusers' default
+    template: str = "object"      # object or style prompt templates
+    subspace: str = "pca"         # pca | prior | full (see subspace.py)
+    dim: int = 256                # intrinsic dimension per vector: the paper's 256 (capped at D)
+    popsize: int = 20             # the paper's population size (= cma's default for dim 256)
+    sigma: float = None           # CMA-ES step size in z; None: 0.5 for pca/prior, 0.5*std(table) for full
+    budget: int = 5000            # candidate evaluations: the paper's 5000
+    max_time: float = None        # seconds; None for no limit
+    seed: int = 0
+    triples: int = 4              # (latent, prompt, timestep, noise) per generation, shared by all candidates
+    crn: str = "redraw"           # redraw the common random numbers each generation, or keep them fixed
+    heldout_triples: int = 32     # the fixed held-out set that picks the result and decides early stop
+    eval_every: int = 5           # generations between held-out checks
+    patience: int = 10            # held-out checks without improvement before stopping; 0 never
+    min_improvement: float = 1e-3  # relative improvement that counts as one
+    flip: bool = True             # add mirror images of the concept images (diffusers flips at random)
+    latent_sample: bool = False   # VAE latent: the distribution's mean (False) or a seeded sample
+    max_batch: int = 20           # at most this many UNet samples per call (the memory cap)
+
+
+@dataclass
+class TrainResult:
+    embedding: dict               # {token: float32 [n, D]}
+    init_heldout: float           # held-out loss of the initial embedding
+    best_heldout: float           # held-out loss of the written embedding
+    generations: int
+    evaluations: int
+    heldout_evaluations: int
+    elapsed: float
+    stop_reason: str
+    paths: dict                   # embedding, log, curve, checkpoint
+
+
+def output_paths(out):
+    stem = out[:-len(".safetensors")] if out.endswith(".safetensors") else out
+    return {"embedding": out, "log": stem + ".log.jsonl", "curve": stem + ".loss.png", "checkpoint": stem + ".ckpt"}
+
+
+def _settings_key(model, settings, latents, e0, token):
+    digest = hashlib.sha256()
+    fields = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("budget", "max_time", "patience")}
+    digest.update(json.dumps(fields, sort_keys=True).encode())
+    digest.update(f"{model.text_encoder_key}{token}".encode())
+    digest.update(latents.tobytes())
+    digest.update(e0.tobytes())
+    return digest.hexdigest()
+
+
+def _write_log(path, history):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in history)
+
+
+def train(model, images, token, out, init_word=None, init_embedding=None, settings=None, resume=False,
+          on_generation=None):
+    """Learn TOKEN from IMAGES (files, folders or PIL images); write the embedding to OUT.
+
+    The initial embedding comes from init_embedding ([n, D]) or init_word. on_generation(record,
+    state) is called after every generation (the CLI draws its progress bar from it).
+    """
+    settings = settings or TrainSettings()
+    if settings.template not in TEMPLATES:
+        raise EdgeTIError(f"unknown template {settings.template!r}: choose object or style")
+    if settings.crn not in ("redraw", "fixed"):
+        raise EdgeTIError(f"unknown crn {settings.crn!r}: choose redraw or fixed")
+    paths = output_paths(out)
+    table = model.token_embeddings                                      # (V, D)
+    D = table.shape[1]
+
+    # 1. the concept latents, encoded once (cached on disk)
+    pixels = lat.load_images(images, model.resolution, flip=settings.flip)
+    latents = lat.encode_images(model, pixels, sample=settings.latent_sample, seed=settings.seed)  # (N, C, h, w)
+
+    # 2. e0 and the subspace e = e0 + W z
+    if init_embedding is not None:
+        e0 = model.check_embeddings({token: init_embedding}, source="init")[token]
+        e0 = np.tile(e0[:1], (settings.vectors, 1)) if len(e0) != settings.vectors else e0
+    elif init_word:
+        e0 = initialization.from_word(model, init_word, settings.vectors)
+    else:
+        raise EdgeTIError("give an initialization: --init-word WORD or --init auto")
+    dim = settings.dim if settings.subspace != "full" else D
+    if settings.subspace == "pca" and dim > D:
+        log.info("--dim %d is more than the embedding width %d: using %d", dim, D, D)
+        dim = D
+    sigma = settings.sigma or (0.5 * float(table.std()) if settings.subspace == "full" else 0.5)
+    W = subspace.basis(settings.subspace, table, dim, sigma, seed=settings.seed)  # (D, dim)
+
+    # 3. prompts and the common random numbers
+    prompts = [t.format(token) for t in TEMPLATES[settings.template]]
+    prompt_ids = model.tokenize(prompts, {token: e0})                  # (K, 77), token ids from V on
+    T_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
+
+    def triples_for(*key, count):
+        rng = np.random.default_rng([settings.seed, *key])
+        return objective.draw_triples(rng, count, len(latents), len(prompts), T_train, latents.shape[1:])
+
+    heldout = triples_for(1, 0, count=settings.heldout_triples)
+
+    def population_loss_of_z(zs, generation):
+        generation_key = 0 if settings.crn == "fixed" else generation
+        triples = triples_for(0, generation_key, count=settings.triples)
+        candidates = subspace.embeddings_from_z(e0, W, zs)              # (P, n, D)
+        return objective.population_loss(model, candidates, prompt_ids, latents, triples, settings.max_batch)
+
+    def heldout_loss_of_z(zs):
+        candidates = subspace.embeddings_from_z(e0, W, zs)
+        return objective.population_loss(model, candidates, prompt_ids, latents, heldout, settings.max_batch)
+
+    # 4. the search, resumable
+    key = _settings_key(model, settings, latents, e0, token)
+    n_z = settings.vectors * dim
+    if resume:
+        state = search.load_checkpoint(paths["checkpoint"], key)
+        log.info("resuming at generation %d (%d evaluations)", state.generation, state.evaluations)
+    else:
+        state = search.new_state(n_z, sigma, settings.popsize, settings.seed, key)
+        state.init_heldout = state.best_heldout = float(heldout_loss_of_z(np.zeros((1, n_z)))[0])
+        state.heldout_evaluations += 1
+    while not (reason := search.finished(state, settings.budget, settings.max_time, settings.patience)):
+        record = search.step(state, population_loss_of_z, heldout_loss_of_z, settings.eval_every,
+                             settings.min_improvement)
+        search.save_checkpoint(paths["checkpoint"], state)
+        _write_log(paths["log"], state.history)
+        if on_generation:
+            on_generation(record, state)
+    state.stop_reason = reason
+
+    # 5. the result: the best held-out candidate (z = 0, the init, if nothing beat it)
+    embedding = {token: subspace.embeddings_from_z(e0, W, state.best_z[None])[0]}
+    save_embedding(paths["embedding"], embedding)
+    _write_log(paths["log"], state.history)
+    loss_curve(state.history, paths["curve"])
+    search.save_checkpoint(paths["checkpoint"], state)
+    return TrainResult(embedding=embedding, init_heldout=state.init_heldout, best_heldout=state.best_heldout,
+                       generations=state.generation, evaluations=state.evaluations,
+                       heldout_evaluations=state.heldout_evaluations, elapsed=state.elapsed,
+                       stop_reason=reason, paths=paths)

@@ -1,0 +1,155 @@
+"""The forward-only trainer: subspace, common random numbers, a real run, resume after a kill, no torch."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import edge_ti
+from edge_ti import objective, subspace
+from edge_ti.train import TrainSettings, train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def concept_dir(tmp_path_factory):
+    """Three 'photos' of a concept: a red disc on a blue background, at different places."""
+    folder = tmp_path_factory.mktemp("concept")
+    for i, (cx, cy) in enumerate([(12, 14), (20, 18), (16, 10)]):
+        y, x = np.mgrid[0:40, 0:40]
+        img = np.zeros((40, 40, 3), np.uint8)
+        img[...] = (30, 40, 200)
+        img[(x - cx) ** 2 + (y - cy) ** 2 < 64] = (220, 30, 30)
+        Image.fromarray(img).save(folder / f"{i}.png")
+    return str(folder)
+
+
+def test_subspace_maps_zero_to_e0_and_pca_is_ordered():
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(500, 16)).astype(np.float32) * np.linspace(2, 0.1, 16, dtype=np.float32)
+    e0 = rng.normal(size=(2, 16)).astype(np.float32)
+    for kind in ("pca", "prior", "full"):
+        W = subspace.basis(kind, table, 8 if kind != "full" else 16, sigma=0.5)
+        z = np.zeros((3, 2 * W.shape[1]))
+        assert np.array_equal(subspace.embeddings_from_z(e0, W, z), np.tile(e0[None], (3, 1, 1)))
+    W = subspace.pca_basis(table, 8)
+    norms = np.linalg.norm(W, axis=0)
+    assert np.all(np.diff(norms) <= 0)  # largest variance first
+    gram = (W / norms).T @ (W / norms)
+    assert np.allclose(gram, np.eye(8), atol=1e-4)  # orthogonal directions
+    # each column's norm is the table's standard deviation along it
+    assert np.allclose(norms[0], np.std((table - table.mean(0)) @ (W[:, 0] / norms[0]), ddof=1), rtol=1e-3)
+    # vector j of a candidate uses its own block of z
+    z = np.zeros((1, 16))
+    z[0, 8] = 1.0
+    cand = subspace.embeddings_from_z(e0, W, z)
+    assert np.array_equal(cand[0, 0], e0[0]) and np.allclose(cand[0, 1], e0[1] + W[:, 0])
+
+
+def test_common_random_numbers_and_batching(tiny_sd):
+    model = edge_ti.open_model(tiny_sd[1])
+    rng = np.random.default_rng(0)
+    latents = rng.normal(size=(2, 4, 16, 16)).astype(np.float32)
+    prompt_ids = model.tokenize(["a photo of <t>", "a <t> on a table"], {"<t>": np.zeros((1, 32))})
+    triples = objective.draw_triples(rng, 5, 2, 2, 1000, (4, 16, 16))
+    same = np.tile(rng.normal(0, 0.05, (1, 1, 32)).astype(np.float32), (4, 1, 1))
+    losses = objective.population_loss(model, same, prompt_ids, latents, triples)
+    assert np.ptp(losses) == 0  # identical candidates, identical numbers: identical losses
+    mixed = rng.normal(0, 0.05, (4, 1, 32)).astype(np.float32)
+    together = objective.population_loss(model, mixed, prompt_ids, latents, triples, max_batch=20)
+    alone = [objective.population_loss(model, mixed[p:p + 1], prompt_ids, latents, triples, max_batch=1)[0]
+             for p in range(4)]
+    assert np.allclose(together, alone, rtol=1e-5)
+
+
+def test_train_run_lowers_heldout_loss(tiny_sd, concept_dir, tmp_path):
+    model = edge_ti.open_model(tiny_sd[1])
+    out = str(tmp_path / "c.safetensors")
+    result = train(model, [concept_dir], "<c>", out, init_word="cat",
+                   settings=TrainSettings(vectors=2, budget=600, popsize=10, eval_every=2, patience=0, seed=0))
+    assert result.best_heldout < result.init_heldout
+    emb = edge_ti.load_embedding(out)
+    assert emb["<c>"].shape == (2, 32)
+    lines = open(result.paths["log"]).read().splitlines()
+    assert len(lines) == result.generations == 60
+    assert json.loads(lines[-1])["evaluations"] == 600
+    assert Image.open(result.paths["curve"]).size == (640, 400)
+    # the written embedding is the held-out winner, re-scored: it reproduces best_heldout
+    assert not np.allclose(emb["<c>"], model.token_embeddings[model.tokenizer.token_ids("cat")].mean(0))
+
+
+def test_early_stop(tiny_sd, concept_dir, tmp_path):
+    model = edge_ti.open_model(tiny_sd[1])
+    result = train(model, [concept_dir], "<c>", str(tmp_path / "c.safetensors"), init_word="cat",
+                   settings=TrainSettings(budget=100000, popsize=6, eval_every=1, patience=3,
+                                          min_improvement=0.5))  # nothing improves by half: stop after 3 checks
+    assert result.generations == 3 and "did not improve in 3 checks" in result.stop_reason
+
+
+
+def test_resume_after_kill_matches_uninterrupted(tiny_sd, concept_dir, tmp_path):
+    common = [tiny_sd[1], concept_dir, "--token", "<c>", "--init-word", "cat", "--budget", "400",
+              "--popsize", "8", "--seed", "3"]
+    whole = str(tmp_path / "whole.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "edge_ti", "train", *common, "--out", whole],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+    killed = str(tmp_path / "killed.safetensors")
+    log = str(tmp_path / "killed.log.jsonl")
+    proc = subprocess.Popen([sys.executable, "-m", "edge_ti", "train", *common, "--out", killed],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(log) and len(open(log).read().splitlines()) >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(killed)  # killed mid-run: no embedding yet
+    done = len(open(log).read().splitlines())
+    assert 10 <= done < 50
+    proc = subprocess.run([sys.executable, "-m", "edge_ti", "train", *common, "--out", killed, "--resume"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(edge_ti.load_embedding(killed)["<c>"], edge_ti.load_embedding(whole)["<c>"])
+    assert open(log).read() != "" and len(open(log).read().splitlines()) == 50
+    # resuming with other settings is refused with one line
+    proc = subprocess.run([sys.executable, "-m", "edge_ti", "train", *common[:-2], "--seed", "4", "--out", killed,
+                           "--resume"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "other settings" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_cli_without_torch(tiny_sd, concept_dir, tmp_path):
+    out = str(tmp_path / "e.safetensors")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "without_torch.py"), "edge_ti", "train", tiny_sd[1],
+                           concept_dir, "--token", "<c>", "--init-word", "cat", "--budget", "60", "--out", out],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "held-out loss: init" in proc.stdout
+    assert edge_ti.load_embedding(out)["<c>"].shape == (1, 32)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--init-word", "cat", "EMPTY"], "no images in this folder"),
+    (["--init-word", "cat", "NOTIMAGE"], "not a readable image"),
+    (["IMAGES"], "--init-word"),
+    (["--init-word", "cat", "--max-time", "soon", "IMAGES"], "--max-time"),
+])
+def test_train_bad_input(tiny_sd, concept_dir, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "note.png").write_text("not an image")
+    subst = {"EMPTY": str(tmp_path / "empty"), "NOTIMAGE": str(tmp_path / "note.png"), "IMAGES": concept_dir}
+    args = [subst.get(a, a) for a in args]
+    out = tmp_path / "o.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "edge_ti", "train", tiny_sd[1], "--token", "<c>", "--budget", "20",
+                           "--out", str(out), *args], capture_output=True, text=True)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
