@@ -42,9 +42,11 @@ def _export_module(name):
 @click.argument("source", type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--opset", type=int, default=None, help="ONNX opset (optimum's default if unset)")
-def export(source, out, opset):
+@click.option("--clip", "clip_dir", type=click.Path(), default=None,
+              help="a local transformers CLIP folder (CLIPModel) to add as OUT/clip/, for --init auto and metrics")
+def export(source, out, opset, clip_dir):
     """Export a local diffusers Stable Diffusion folder SOURCE to the ONNX folder OUT (optimum)."""
-    _export_module("onnx_export").export_pipeline(source, out, opset=opset)
+    _export_module("onnx_export").export_pipeline(source, out, opset=opset, clip_source=clip_dir)
     click.echo(f"wrote {out}")
 
 
@@ -102,6 +104,7 @@ def _duration(text):
 @click.option("--init-word", default=None, help="start from this word's embedding")
 @click.option("--init", "init_mode", type=click.Choice(["word", "auto"]), default="word", show_default=True,
               help="auto: from the images through CLIP (needs clip/ in the model folder)")
+@click.option("--init-top-k", type=int, default=None, help="--init auto: attend only to each image's k best words")
 @click.option("--vectors", default=TrainSettings.vectors, show_default=True, help="vectors per token")
 @click.option("--template", type=click.Choice(list(TEMPLATES)), default=TrainSettings.template, show_default=True)
 @click.option("--subspace", type=click.Choice(["pca", "prior", "full"]), default=TrainSettings.subspace,
@@ -125,7 +128,7 @@ def _duration(text):
 @DEVICE
 @click.option("--resume", is_flag=True, help="continue from OUT's checkpoint after a crash or kill")
 @click.option("--out", required=True, type=click.Path(), help="the embedding file to write (.safetensors)")
-def train(model_dir, images, token, init_word, init_mode, vectors, template, subspace, dim, popsize, sigma,
+def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, template, subspace, dim, popsize, sigma,
           budget, max_time, triples, crn, heldout_triples, patience, max_batch, no_flip, seed, threads, device,
           resume, out):
     """Learn TOKEN from IMAGES (files or folders) with forward passes only; write OUT."""
@@ -140,7 +143,7 @@ def train(model_dir, images, token, init_word, init_mode, vectors, template, sub
     init_embedding = None
     if init_mode == "auto":
         from .latents import image_paths
-        init_embedding, top = initialization.from_images(model, image_paths(images), vectors)
+        init_embedding, top = initialization.from_images(model, image_paths(images), vectors, top_k=init_top_k)
         click.echo("init from images: " + ", ".join(f"{w} {x:.3f}" for w, x in top[:10]))
     elif not init_word:
         raise EdgeTIError("give --init-word WORD or --init auto")

@@ -303,3 +303,32 @@ def test_without_torch(clip_sd, tmp_path):
     model = edge_ti.open_model(clip_sd[1])
     images = np.random.default_rng(0).integers(0, 256, (2, 40, 48, 3), dtype=np.uint8)
     assert np.array_equal(np.load(tmp_path / "e0.npy"), init.from_images(model, images)[0])
+
+
+def test_cli_export_with_clip_and_train_init_auto(tiny_sd, tmp_path):
+    """`edge-ti export SOURCE OUT --clip CLIP` then `edge-ti train --init auto` prints the top words."""
+    source = tiny_clip(str(tmp_path / "clip-src"), seed=0)
+    out = str(tmp_path / "onnx")
+    proc = subprocess.run([sys.executable, "-m", "edge_ti", "export", tiny_sd[0], out, "--clip", source],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.isfile(os.path.join(out, "clip", "text_model.onnx"))
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, image in enumerate(_concept_images()):
+        Image.fromarray(image).save(images / f"{i}.png")
+    emb = str(tmp_path / "auto.safetensors")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "without_torch.py"), "edge_ti", "train", out,
+                           str(images), "--token", "<r>", "--init", "auto", "--budget", "40", "--out", emb],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("init from images: ")
+    assert edge_ti.load_embedding(emb)["<r>"].shape == (1, 32)
+
+
+def test_cli_export_bad_clip_source_fails_fast(tiny_sd, tmp_path):
+    out = tmp_path / "onnx"
+    proc = subprocess.run([sys.executable, "-m", "edge_ti", "export", tiny_sd[0], str(out), "--clip",
+                           str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "config.json" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()

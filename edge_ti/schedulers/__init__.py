@@ -107,7 +107,10 @@ def spaced_timesteps(config, steps):
 
 
 def karras_sigmas(sigma_min, sigma_max, steps, rho=7.0):
-    """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
+
+    rho = 7 is the paper's choice; i runs over 0..N-1, from sigma_max down to sigma_min.
+    """
     ramp = np.linspace(0, 1, steps)                                     # [N]
     max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho

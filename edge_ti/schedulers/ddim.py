@@ -60,7 +60,7 @@ class Sampler:
             pred_original_sample = alpha_prod_t ** 0.5 * sample - beta_prod_t ** 0.5 * model_output
             pred_epsilon = alpha_prod_t ** 0.5 * model_output + beta_prod_t ** 0.5 * sample
         else:
-            raise ValueError(f"prediction_type {cfg['prediction_type']!r}: the ddim sampler knows epsilon, v_prediction")
+            raise ValueError(f"unknown prediction_type {cfg['prediction_type']!r}")
 
         # 4. clip "predicted x_0"
         if cfg["clip_sample"]:

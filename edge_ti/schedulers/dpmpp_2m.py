@@ -105,7 +105,7 @@ class Sampler:
         elif cfg["prediction_type"] == "v_prediction":
             x0 = alpha_s0 * sample - sigma_s0 * model_output
         else:
-            raise ValueError(f"prediction_type {cfg['prediction_type']!r}: the dpmpp-2m sampler knows epsilon, v_prediction")
+            raise ValueError(f"unknown prediction_type {cfg['prediction_type']!r}")
         prev_x0, self.prev_x0 = self.prev_x0, x0
 
         # 2. choose the order: first at the start (no history) and at the end (diffusers' lower_order_final)

@@ -73,8 +73,7 @@ class Sampler:
             # c_out = -sigma / sqrt(sigma^2 + 1), c_skip = 1 / (sigma^2 + 1) (Karras et al. Table 1, v-param.)
             pred_original_sample = model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
         else:
-            raise ValueError(f"prediction_type {self.config['prediction_type']!r}: "
-                             "the euler sampler knows epsilon, v_prediction")
+            raise ValueError(f"unknown prediction_type {self.config['prediction_type']!r}")
 
         # 2. convert to an ODE derivative d = (x - D(x; sigma)) / sigma (Algorithm 2, line 7)
         derivative = (sample - pred_original_sample) / sigma

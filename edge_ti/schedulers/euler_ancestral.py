@@ -57,8 +57,7 @@ class Sampler:
             # c_out = -sigma / sqrt(sigma^2 + 1), c_skip = 1 / (sigma^2 + 1) (Karras et al. Table 1, v-param.)
             pred_original_sample = model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
         else:
-            raise ValueError(f"prediction_type {self.config['prediction_type']!r}: "
-                             "the euler-a sampler knows epsilon, v_prediction")
+            raise ValueError(f"unknown prediction_type {self.config['prediction_type']!r}")
 
         # 2. split the step into a deterministic part to sigma_down and fresh noise sigma_up (get_ancestral_step)
         sigma_from, sigma_to = self.sigmas[i], self.sigmas[i + 1]
