@@ -7,7 +7,10 @@
 """
 from .embeddings import load_embedding, save_embedding
 from .errors import EdgeTIError
+from .generate import generate
 from .model import Model, open_model
+from .train import TrainSettings, train
 
-__all__ = ["open_model", "Model", "load_embedding", "save_embedding", "EdgeTIError"]
+__all__ = ["open_model", "Model", "load_embedding", "save_embedding", "train", "TrainSettings", "generate",
+           "EdgeTIError"]
 __version__ = "0.1.0"

@@ -1,6 +1,7 @@
 """The `edge-ti` command: parse options, call the library, print. Errors are one line, exit 1."""
 import json
 import logging
+import os
 import re
 import sys
 
@@ -9,6 +10,7 @@ import click
 from .embeddings import load_embedding
 from .errors import EdgeTIError
 from .model import PROVIDERS, open_model
+from .schedulers import SAMPLERS
 from .train import TEMPLATES, TrainSettings
 
 DEVICE = click.option("--device", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True,
@@ -78,12 +80,105 @@ def info(model_dir, device):
 def tokenize(model_dir, prompt, embedding_files):
     """Print the token ids the text encoder sees for PROMPT."""
     model = open_model(model_dir)
-    embeddings = {}
-    for path in embedding_files:
-        embeddings.update(model.check_embeddings(load_embedding(path), source=path))
+    embeddings = _embeddings_from_files(model, embedding_files)
     ids = model.tokenize([prompt], embeddings)[0]
     end = int((ids == model.tokenizer.eos_id).argmax()) + 1
     click.echo(" ".join(str(i) for i in ids[:end]))
+
+
+def _embeddings_from_files(model, paths):
+    embeddings = {}
+    for path in paths:
+        embeddings.update(model.check_embeddings(load_embedding(path), source=path))
+    return embeddings
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path())
+@click.argument("prompt")
+@click.option("--embedding", "embedding_files", multiple=True, type=click.Path(),
+              help="embedding file whose tokens PROMPT uses (repeat for several)")
+@click.option("--negative", default="", help="negative prompt (the unconditional half of guidance)")
+@click.option("--steps", type=click.IntRange(1), default=30, show_default=True, help="sampler steps")
+@click.option("--guidance", type=float, default=7.5, show_default=True,
+              help="classifier-free guidance scale; 1 or less: no guidance")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddim", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="initial noise (and euler-a's noise)")
+@click.option("--n", "n", type=click.IntRange(1), default=4, show_default=True, help="number of images")
+@click.option("--size", type=click.IntRange(8), default=None, help="image size in pixels [default: the model's]")
+@DEVICE
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="folder for the PNGs and the grid")
+def generate(model_dir, prompt, embedding_files, negative, steps, guidance, sampler, seed, n, size, device, out):
+    """Generate images of PROMPT with the embeddings' tokens in it; write PNGs and a grid to --out."""
+    from .generate import generate as generate_images, make_grid, save_images, save_png
+
+    model = open_model(model_dir, device=device)
+    embeddings = _embeddings_from_files(model, embedding_files)
+    with click.progressbar(length=steps, label=f"{sampler}, {n} image(s)", file=sys.stderr) as bar:
+        images = generate_images(model, prompt, embeddings, negative_prompt=negative, steps=steps,
+                                 guidance=guidance, sampler=sampler, seed=seed, n=n, size=size,
+                                 progress=lambda i, total: bar.update(1))
+    prefix = f"seed{seed}"
+    for path in save_images(images, out, prefix):
+        click.echo(f"wrote {path}")
+    click.echo(f"wrote {save_png(make_grid(images), os.path.join(out, f'{prefix}-grid.png'))}")
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path())
+@click.option("--embedding", "embedding_file", required=True, type=click.Path(), help="the learned embedding")
+@click.option("--images", "images", required=True, multiple=True, type=click.Path(),
+              help="the concept images (files or folders)")
+@click.option("--prompts", "prompts_file", type=click.Path(), default=None,
+              help="a text file, one prompt per line, each with the token or {} [default: 4 photo prompts]")
+@click.option("--class-word", default=None, help="the token's class for CLIP-T [default: the recorded init word]")
+@click.option("--init-word", default=None, help="compare with this word's embedding [default: the recorded init]")
+@click.option("--n", "n", type=click.IntRange(1), default=8, show_default=True, help="images per prompt")
+@click.option("--steps", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--guidance", type=float, default=7.5, show_default=True)
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddim", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@DEVICE
+@click.option("--json", "json_out", type=click.Path(), default=None, help="also write the results as JSON here")
+def evaluate(model_dir, embedding_file, images, prompts_file, class_word, init_word, n, steps, guidance, sampler,
+             seed, device, json_out):
+    """CLIP-I and CLIP-T of generations with the embedding, and with its initial embedding."""
+    from . import init as initialization
+    from .evaluate import evaluate as run_evaluation, load_for_evaluation
+    from .files import atomic_path
+    from .latents import image_paths
+
+    model = open_model(model_dir, device=device)
+    embedding, init_embedding, recorded_word = load_for_evaluation(model, embedding_file)
+    (token, vectors), = embedding.items()
+    if init_word:
+        init_embedding = initialization.from_word(model, init_word, len(vectors))
+    class_word = class_word or init_word or recorded_word
+    if not class_word:
+        raise EdgeTIError(f"{embedding_file}: no recorded init word; give --class-word (e.g. mug)")
+    prompts = None
+    if prompts_file:
+        try:
+            with open(prompts_file, encoding="utf-8") as f:
+                prompts = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise EdgeTIError(f"{prompts_file}: cannot read ({err})") from None
+        if not prompts:
+            raise EdgeTIError(f"{prompts_file}: no prompts")
+    n_prompts = len(prompts or [0] * 4)
+    total = steps * n_prompts * (2 if init_embedding is not None else 1)
+    with click.progressbar(length=total, label="generating", file=sys.stderr) as bar:
+        results = run_evaluation(model, embedding, image_paths(images), class_word, prompts=prompts,
+                                 init_embedding=init_embedding, n=n, steps=steps, guidance=guidance,
+                                 sampler=sampler, seed=seed, progress=lambda i, t: bar.update(1))
+    click.echo(f"{'embedding':<10} {'CLIP-I':>8} {'CLIP-T':>8}")
+    for name in ("init", "learned"):
+        if name in results:
+            click.echo(f"{name:<10} {results[name]['clip_i']:>8.4f} {results[name]['clip_t']:>8.4f}")
+    if json_out:
+        with atomic_path(json_out) as tmp, open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+        click.echo(f"wrote {json_out}")
 
 
 def _duration(text):

@@ -22,7 +22,7 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": None
 _GENERIC_KEYS = ("emb_params", "string_to_param.*", "*")
 
 
-def _read_safetensors(path):
+def _read_safetensors(path, with_metadata=False):
     """Our own small reader: a clear error for any corruption, and bf16 without torch."""
     try:
         with open(path, "rb") as f:
@@ -63,6 +63,8 @@ def _read_safetensors(path):
         else:
             array = np.frombuffer(chunk, _DTYPES[dtype])
         tensors[key] = array.reshape(shape).astype(np.float32)
+    if with_metadata:
+        return tensors, header.get("__metadata__") or {}
     return tensors
 
 
@@ -87,11 +89,19 @@ def load_embedding(path):
     return {token: vectors}
 
 
-def save_embedding(path, embeddings):
-    """{token: [n, D]} -> safetensors {token: float32 [n, D]}, written atomically."""
+def read_metadata(path):
+    """The file's safetensors metadata (str -> str); edge-ti records the training init there."""
+    return _read_safetensors(path, with_metadata=True)[1]
+
+
+def save_embedding(path, embeddings, metadata=None):
+    """{token: [n, D]} -> safetensors {token: float32 [n, D]}, written atomically.
+
+    metadata: extra str -> str entries (other tools ignore them).
+    """
     if len(embeddings) != 1:
         raise EdgeTIError(f"{path}: an embedding file holds one token, got {len(embeddings)}")
     token, vectors = next(iter(embeddings.items()))
     vectors = np.ascontiguousarray(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
     with atomic_path(path) as tmp:
-        save_file({token: vectors}, tmp, metadata={"format": "pt", "written_by": "edge-ti"})
+        save_file({token: vectors}, tmp, metadata={"format": "pt", "written_by": "edge-ti", **(metadata or {})})

@@ -17,13 +17,13 @@ for step, so that given the same initial latents the final latents match it (tes
 import logging
 import math
 import os
-import tempfile
 
 import numpy as np
 from PIL import Image
 
 from . import schedulers
 from .errors import EdgeTIError
+from .files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +137,8 @@ def make_grid(images, cols=None):
 
 def save_png(image, path):
     """Write uint8 [H, W, 3] to `path` atomically: a temporary file beside it, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
     return path
 
 

@@ -21,12 +21,12 @@ L2-normalizes e0 to norm 1, whatever the scale of the table's rows.
 import hashlib
 import logging
 import os
-import tempfile
 
 import numpy as np
 
 from .clip import clip_model
 from .errors import EdgeTIError
+from .files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,8 @@ def sentence_features(clip, words, cache_dir, templates=TEMPLATES):
     f = np.concatenate(f).reshape(K, T, -1)                      # (K, T, P)
     s = f.mean(axis=1)                                           # (K, P)
     s = (s / np.linalg.norm(s, axis=1, keepdims=True)).astype(np.float32)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, s)
-        os.replace(tmp, path)  # readers see the whole file or none
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:  # readers see the whole file or none
+        np.save(tmp, s)
     return s
 
 

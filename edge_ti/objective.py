@@ -12,36 +12,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import schedulers
 from . import text_encoder as te
 
 
+# DDPMScheduler's defaults: the training noise schedule, whatever sampler the config was saved for
+DDPM_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                     trained_betas=None, rescale_betas_zero_snr=False)
+
+
 def alphas_cumprod(config):
-    """alpha_bar_t for t = 0..T-1 from a diffusers scheduler config (DDPMScheduler.__init__)."""
-    T = int(config.get("num_train_timesteps", 1000))
-    schedule = config.get("beta_schedule", "linear")
-    beta_start, beta_end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
-    if config.get("trained_betas") is not None:
-        betas = np.asarray(config["trained_betas"], dtype=np.float64)
-    elif schedule == "linear":
-        betas = np.linspace(beta_start, beta_end, T, dtype=np.float32).astype(np.float64)
-    elif schedule == "scaled_linear":
-        # the latent-diffusion schedule: linear in sqrt(beta); computed in float32 as diffusers does
-        betas = (np.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=np.float32) ** 2).astype(np.float64)
-    elif schedule == "squaredcos_cap_v2":
-        # Nichol & Dhariwal 2021 eq. 17 (diffusers betas_for_alpha_bar)
-        f = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
-        steps = np.arange(T)
-        betas = np.minimum(1 - f((steps + 1) / T) / f(steps / T), 0.999)
-    else:
-        raise ValueError(f"unsupported beta_schedule {schedule!r}")
-    alphas_bar = np.cumprod(1.0 - betas.astype(np.float32), dtype=np.float32)
-    if config.get("rescale_betas_zero_snr"):
-        # Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar) so the last step has SNR 0
-        s = np.sqrt(alphas_bar)
-        s0, sT = s[0], s[-1]
-        s = (s - sT) * s0 / (s0 - sT)
-        alphas_bar = s ** 2
-    return alphas_bar.astype(np.float32)
+    """alpha_bar_t of the training schedule, as DDPMScheduler.from_config(config) computes it."""
+    return schedulers.alphas_cumprod(schedulers.read_config(config, DDPM_DEFAULTS))
 
 
 @dataclass

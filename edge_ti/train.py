@@ -180,7 +180,9 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
 
     # 5. the result: the best held-out candidate (z = 0, the init, if nothing beat it)
     embedding = {token: subspace.embeddings_from_z(e0, W, state.best_z[None])[0]}
-    save_embedding(paths["embedding"], embedding)
+    save_embedding(paths["embedding"], embedding, metadata={
+        "edge_ti.init": json.dumps(e0.tolist()), "edge_ti.init_word": init_word or "",
+        "edge_ti.heldout_loss": f"{state.best_heldout:.6g}", "edge_ti.init_heldout_loss": f"{state.init_heldout:.6g}"})
     _write_log(paths["log"], state.history)
     loss_curve(state.history, paths["curve"])
     search.save_checkpoint(paths["checkpoint"], state)

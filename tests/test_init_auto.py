@@ -332,3 +332,33 @@ def test_cli_export_bad_clip_source_fails_fast(tiny_sd, tmp_path):
                            str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 1 and "config.json" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_cli_evaluate_reports_learned_and_init(clip_sd, tmp_path):
+    """`edge-ti evaluate` (no torch): a table and JSON of CLIP-I / CLIP-T for the learned and the init embedding."""
+    import json
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, image in enumerate(_concept_images()):
+        Image.fromarray(image).save(images / f"{i}.png")
+    emb = str(tmp_path / "e.safetensors")
+    run = [sys.executable, os.path.join(HERE, "without_torch.py"), "edge_ti"]
+    proc = subprocess.run(run + ["train", clip_sd[1], str(images), "--token", "<r>", "--init-word", "cat",
+                                 "--budget", "100", "--popsize", "10", "--out", emb], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out_json = str(tmp_path / "eval.json")
+    proc = subprocess.run(run + ["evaluate", clip_sd[1], "--embedding", emb, "--images", str(images), "--n", "2",
+                                 "--steps", "3", "--json", out_json], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["embedding", "CLIP-I", "CLIP-T"]
+    assert lines[1].startswith("init") and lines[2].startswith("learned")
+    results = json.load(open(out_json))
+    assert results["class_word"] == "cat" and len(results["prompts"]) == 4
+    for name in ("init", "learned"):
+        assert -1 <= results[name]["clip_i"] <= 1 and -1 <= results[name]["clip_t"] <= 1
+    # the recorded init is the word's embedding, and the learned one differs from it
+    from edge_ti.evaluate import init_from_file
+    model = edge_ti.open_model(clip_sd[1])
+    assert np.allclose(init_from_file(emb, "<r>", 32), init.from_word(model, "cat"))
+    assert results["init"] != results["learned"]

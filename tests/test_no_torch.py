@@ -50,3 +50,14 @@ def test_cli_without_torch(tiny_sd, tmp_path):
     assert proc.returncode == 0, proc.stderr
     proc = run_blocked("edge_ti", "export", str(tmp_path), str(tmp_path / "o"))
     assert proc.returncode == 1 and "pip install 'edge-ti[export]'" in proc.stderr
+
+
+def test_generate_cli_without_torch(tiny_sd, tmp_path):
+    emb = str(tmp_path / "t.safetensors")
+    import edge_ti
+    edge_ti.save_embedding(emb, {"<t>": np.full((1, 32), 0.02, np.float32)})
+    out = tmp_path / "images"
+    proc = run_blocked("edge_ti", "generate", tiny_sd[1], "a photo of <t>", "--embedding", emb, "--steps", "3",
+                       "--n", "2", "--sampler", "dpmpp-2m", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["seed0-00.png", "seed0-01.png", "seed0-grid.png"]
