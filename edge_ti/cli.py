@@ -215,7 +215,7 @@ def _duration(text):
               help="common random numbers: new each generation, or fixed for the run")
 @click.option("--heldout-triples", default=TrainSettings.heldout_triples, show_default=True)
 @click.option("--patience", default=TrainSettings.patience, show_default=True,
-              help="held-out checks without improvement before stopping (0: never)")
+              help="stop when the best held-out loss gained < 0.01%% over this many checks (0: never)")
 @click.option("--max-batch", default=TrainSettings.max_batch, show_default=True, help="UNet samples per call")
 @click.option("--no-flip", is_flag=True, help="do not add mirror images")
 @click.option("--seed", default=TrainSettings.seed, show_default=True)

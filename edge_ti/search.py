@@ -11,9 +11,9 @@ generation; `--resume` reads it back and continues to the same result as an unin
 Per-generation randomness of our own (the common random numbers) is a function of (seed,
 generation), so it needs no saved state.
 
-Early stop: the best candidate is re-scored on the held-out triples every `eval_every`
-generations; the run stops when `patience` such checks in a row fail to lower the best
-held-out loss by more than `min_improvement` (relative).
+Early stop: every `eval_every` generations the optimizer's mean and the generation's best are
+re-scored on the fixed held-out triples; the run stops when the best held-out loss is no more
+than `min_improvement` (relative) below what it was `patience` checks earlier.
 """
 import pickle
 import time
@@ -44,7 +44,7 @@ class SearchState:
     best_z: np.ndarray = None         # the candidate with the lowest held-out loss so far
     best_heldout: float = np.inf
     init_heldout: float = np.inf      # held-out loss of z = 0 (the initial embedding)
-    stale_checks: int = 0
+    heldout_bests: list = field(default_factory=list)  # best_heldout after each check
     history: list = field(default_factory=list)
     stop_reason: str = ""
 
@@ -57,7 +57,7 @@ def new_state(dim, sigma, popsize, seed, settings_key):
                        best_z=np.zeros(dim))
 
 
-def step(state, population_loss_of_z, heldout_loss_of_z, eval_every, min_improvement):
+def step(state, population_loss_of_z, heldout_loss_of_z, eval_every):
     """One generation: ask, score on this generation's common random numbers, tell, maybe re-score."""
     start = time.perf_counter()
     np.random.set_state(state.numpy_random_state)
@@ -76,12 +76,9 @@ def step(state, population_loss_of_z, heldout_loss_of_z, eval_every, min_improve
         heldout = heldout_loss_of_z(contenders)
         state.heldout_evaluations += len(contenders)
         i = int(np.argmin(heldout))
-        if heldout[i] < state.best_heldout * (1.0 - min_improvement):
-            state.stale_checks = 0
-        else:
-            state.stale_checks += 1
         if heldout[i] < state.best_heldout:
             state.best_heldout, state.best_z = float(heldout[i]), contenders[i].copy()
+        state.heldout_bests.append(state.best_heldout)
         record["heldout_loss"] = float(heldout[i])
     state.elapsed += time.perf_counter() - start
     record["best_heldout"] = state.best_heldout
@@ -90,14 +87,15 @@ def step(state, population_loss_of_z, heldout_loss_of_z, eval_every, min_improve
     return record
 
 
-def finished(state, budget, max_time, patience):
+def finished(state, budget, max_time, patience, min_improvement):
     """The reason to stop, or '' to go on."""
     if budget and state.evaluations >= budget:
         return f"budget of {budget} evaluations used"
     if max_time and state.elapsed >= max_time:
         return f"time limit of {max_time:.0f} s reached"
-    if patience and state.stale_checks >= patience:
-        return f"held-out loss did not improve in {patience} checks"
+    bests = state.heldout_bests
+    if patience and len(bests) > patience and bests[-1] > bests[-1 - patience] * (1.0 - min_improvement):
+        return f"held-out loss improved by less than {min_improvement:g} in {patience} checks"
     stop = state.es.stop()
     if stop:
         return "cma: " + ", ".join(stop)

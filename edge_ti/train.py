@@ -63,8 +63,8 @@ class TrainSettings:
     crn: str = "redraw"           # redraw the common random numbers each generation, or keep them fixed
     heldout_triples: int = 32     # the fixed held-out set that picks the result and decides early stop
     eval_every: int = 5           # generations between held-out checks
-    patience: int = 10            # held-out checks without improvement before stopping; 0 never
-    min_improvement: float = 1e-3  # relative improvement that counts as one
+    patience: int = 10            # stop when 10 held-out checks gained less than min_improvement; 0 never
+    min_improvement: float = 1e-4  # relative: the denoising loss is mostly irreducible noise, gains are small
     flip: bool = True             # add mirror images of the concept images (diffusers flips at random)
     latent_sample: bool = False   # VAE latent: the distribution's mean (False) or a seeded sample
     max_batch: int = 20           # at most this many UNet samples per call (the memory cap)
@@ -169,9 +169,9 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
         state = search.new_state(n_z, sigma, settings.popsize, settings.seed, key)
         state.init_heldout = state.best_heldout = float(heldout_loss_of_z(np.zeros((1, n_z)))[0])
         state.heldout_evaluations += 1
-    while not (reason := search.finished(state, settings.budget, settings.max_time, settings.patience)):
-        record = search.step(state, population_loss_of_z, heldout_loss_of_z, settings.eval_every,
-                             settings.min_improvement)
+    while not (reason := search.finished(state, settings.budget, settings.max_time, settings.patience,
+                                         settings.min_improvement)):
+        record = search.step(state, population_loss_of_z, heldout_loss_of_z, settings.eval_every)
         search.save_checkpoint(paths["checkpoint"], state)
         _write_log(paths["log"], state.history)
         if on_generation:

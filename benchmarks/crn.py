@@ -1,0 +1,51 @@
+"""Common random numbers: fixed for the whole run vs redrawn each generation, same budget.
+
+    python benchmarks/crn.py MODEL_DIR IMAGES --init-word WORD [--budget 1000] [--seeds 0 1 2]
+
+Prints, per strategy and seed, the held-out loss of the init and of the result (the held-out set
+is the same for both strategies: it depends on the seed only) and the relative gain.
+"""
+import argparse
+import os
+import tempfile
+import time
+
+import edge_ti
+from edge_ti.train import TrainSettings, train
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("images", nargs="+")
+    parser.add_argument("--init-word", required=True)
+    parser.add_argument("--token", default="<concept>")
+    parser.add_argument("--budget", type=int, default=1000)
+    parser.add_argument("--popsize", type=int, default=20)
+    parser.add_argument("--triples", type=int, default=4)
+    parser.add_argument("--template", default="object")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    model = edge_ti.open_model(args.model_dir)
+    print(f"model {args.model_dir}, budget {args.budget}, popsize {args.popsize}, triples {args.triples}/generation")
+    print(f"| crn | seed | init held-out | result held-out | gain | generations | seconds |")
+    print(f"|---|---|---|---|---|---|---|")
+    gains = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for crn in ("fixed", "redraw"):
+            for seed in args.seeds:
+                settings = TrainSettings(crn=crn, seed=seed, budget=args.budget, popsize=args.popsize,
+                                         triples=args.triples, template=args.template, patience=0)
+                start = time.perf_counter()
+                r = train(model, args.images, args.token, os.path.join(tmp, f"{crn}-{seed}.safetensors"),
+                          init_word=args.init_word, settings=settings)
+                gain = (r.init_heldout - r.best_heldout) / r.init_heldout
+                gains.setdefault(crn, []).append(gain)
+                print(f"| {crn} | {seed} | {r.init_heldout:.6f} | {r.best_heldout:.6f} | {gain:+.3%} | "
+                      f"{r.generations} | {time.perf_counter() - start:.1f} |", flush=True)
+    for crn, g in gains.items():
+        print(f"mean gain, {crn}: {sum(g) / len(g):+.3%}")
+
+
+if __name__ == "__main__":
+    main()
