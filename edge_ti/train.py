@@ -15,6 +15,7 @@ import numpy as np
 from . import init as initialization
 from . import latents as lat
 from . import objective, search, subspace
+from .workers import InProcess
 from .embeddings import save_embedding
 from .errors import EdgeTIError
 from .files import atomic_path
@@ -104,11 +105,13 @@ def _write_log(path, history):
 
 
 def train(model, images, token, out, init_word=None, init_embedding=None, settings=None, resume=False,
-          on_generation=None):
+          on_generation=None, make_scorer=InProcess):
     """Learn TOKEN from IMAGES (files, folders or PIL images); write the embedding to OUT.
 
     The initial embedding comes from init_embedding ([n, D]) or init_word. on_generation(record,
     state) is called after every generation (the CLI draws its progress bar from it).
+    make_scorer(model, prompt_ids, latents, max_batch) gives the object that scores populations
+    (edge_ti.workers: in this process by default).
     """
     settings = settings or TrainSettings()
     if settings.template not in TEMPLATES:
@@ -148,35 +151,37 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
         return objective.draw_triples(rng, count, len(latents), len(prompts), T_train, latents.shape[1:])
 
     heldout = triples_for(1, 0, count=settings.heldout_triples)
+    scorer = make_scorer(model, prompt_ids, latents, settings.max_batch)
 
     def population_loss_of_z(zs, generation):
         generation_key = 0 if settings.crn == "fixed" else generation
         triples = triples_for(0, generation_key, count=settings.triples)
-        candidates = subspace.embeddings_from_z(e0, W, zs)              # (P, n, D)
-        return objective.population_loss(model, candidates, prompt_ids, latents, triples, settings.max_batch)
+        return scorer.population_loss(subspace.embeddings_from_z(e0, W, zs), triples)  # candidates (P, n, D)
 
     def heldout_loss_of_z(zs):
-        candidates = subspace.embeddings_from_z(e0, W, zs)
-        return objective.population_loss(model, candidates, prompt_ids, latents, heldout, settings.max_batch)
+        return scorer.population_loss(subspace.embeddings_from_z(e0, W, zs), heldout)
 
     # 4. the search, resumable
     key = _settings_key(model, settings, latents, e0, token)
     n_z = settings.vectors * dim
-    if resume:
-        state = search.load_checkpoint(paths["checkpoint"], key)
-        log.info("resuming at generation %d (%d evaluations)", state.generation, state.evaluations)
-    else:
-        state = search.new_state(n_z, sigma, settings.popsize, settings.seed, key)
-        state.init_heldout = state.best_heldout = float(heldout_loss_of_z(np.zeros((1, n_z)))[0])
-        state.heldout_evaluations += 1
-    while not (reason := search.finished(state, settings.budget, settings.max_time, settings.patience,
-                                         settings.min_improvement)):
-        record = search.step(state, population_loss_of_z, heldout_loss_of_z, settings.eval_every)
-        search.save_checkpoint(paths["checkpoint"], state)
-        _write_log(paths["log"], state.history)
-        if on_generation:
-            on_generation(record, state)
-    state.stop_reason = reason
+    try:
+        if resume:
+            state = search.load_checkpoint(paths["checkpoint"], key)
+            log.info("resuming at generation %d (%d evaluations)", state.generation, state.evaluations)
+        else:
+            state = search.new_state(n_z, sigma, settings.popsize, settings.seed, key)
+            state.init_heldout = state.best_heldout = float(heldout_loss_of_z(np.zeros((1, n_z)))[0])
+            state.heldout_evaluations += 1
+        while not (reason := search.finished(state, settings.budget, settings.max_time, settings.patience,
+                                             settings.min_improvement)):
+            record = search.step(state, population_loss_of_z, heldout_loss_of_z, settings.eval_every)
+            search.save_checkpoint(paths["checkpoint"], state)
+            _write_log(paths["log"], state.history)
+            if on_generation:
+                on_generation(record, state)
+        state.stop_reason = reason
+    finally:
+        scorer.close()
 
     # 5. the result: the best held-out candidate (z = 0, the init, if nothing beat it)
     embedding = {token: subspace.embeddings_from_z(e0, W, state.best_z[None])[0]}

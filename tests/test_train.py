@@ -65,7 +65,7 @@ def test_common_random_numbers_and_batching(tiny_sd):
     together = objective.population_loss(model, mixed, prompt_ids, latents, triples, max_batch=20)
     alone = [objective.population_loss(model, mixed[p:p + 1], prompt_ids, latents, triples, max_batch=1)[0]
              for p in range(4)]
-    assert np.allclose(together, alone, rtol=1e-5)
+    assert np.array_equal(together, alone)  # bitwise: a scorer may split a population any way
 
 
 def test_train_run_lowers_heldout_loss(tiny_sd, concept_dir, tmp_path):
