@@ -123,3 +123,19 @@ def test_user_folder_is_never_written(tiny_sd, tmp_path):
 def test_unavailable_device_lists_providers(tiny_sd):
     with pytest.raises(EdgeTIError, match="CPUExecutionProvider"):
         edge_ti.open_model(tiny_sd[1], device="directml")
+
+
+def test_folder_made_by_optimum_cli_works_unchanged(tiny_sd, tmp_path):
+    """A folder written by `optimum-cli export onnx --task text-to-image` itself opens and encodes."""
+    import shutil
+    import subprocess
+    import sys
+    cli = shutil.which("optimum-cli") or os.path.join(os.path.dirname(sys.executable), "optimum-cli")
+    out = tmp_path / "optimum-cli-export"
+    proc = subprocess.run([cli, "export", "onnx", "--model", tiny_sd[0], "--task", "text-to-image", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = edge_ti.open_model(str(out))
+    emb = {"<t>": np.full((2, 32), 0.01, np.float32)}
+    ours = edge_ti.open_model(tiny_sd[1]).encode_text(["a photo of <t>"], emb)
+    assert np.allclose(model.encode_text(["a photo of <t>"], emb), ours, atol=1e-6)
