@@ -1,6 +1,7 @@
 """Common random numbers: fixed for the whole run vs redrawn each generation, same budget.
 
     python benchmarks/crn.py MODEL_DIR IMAGES --init-word WORD [--budget 1000] [--seeds 0 1 2]
+    python benchmarks/crn.py --tiny --init-word cat     # the tiny random model of the tests (export extra)
 
 Prints, per strategy and seed, the held-out loss of the init and of the result (the held-out set
 is the same for both strategies: it depends on the seed only) and the relative gain.
@@ -14,10 +15,31 @@ import edge_ti
 from edge_ti.train import TrainSettings, train
 
 
+def tiny_model_and_concept(folder):
+    """The tests' tiny model (text_gain 10, tests/conftest.py) and three images of a red disc on blue."""
+    import numpy as np
+    from PIL import Image
+    from edge_ti_export.onnx_export import export_pipeline
+    from edge_ti_export.tiny import tiny_pipeline
+
+    tiny_pipeline(seed=0, tokenizer_dir=os.path.join(folder, "tok"), text_gain=10.0).save_pretrained(
+        os.path.join(folder, "diffusers"))
+    model_dir = export_pipeline(os.path.join(folder, "diffusers"), os.path.join(folder, "onnx"))
+    os.makedirs(os.path.join(folder, "concept"))
+    for i, (cx, cy) in enumerate([(12, 14), (20, 18), (16, 10)]):  # as tests/test_train.py draws them
+        y, x = np.mgrid[0:40, 0:40]
+        img = np.zeros((40, 40, 3), np.uint8)
+        img[...] = (30, 40, 200)
+        img[(x - cx) ** 2 + (y - cy) ** 2 < 64] = (220, 30, 30)
+        Image.fromarray(img).save(os.path.join(folder, "concept", f"{i}.png"))
+    return model_dir, [os.path.join(folder, "concept")]
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("model_dir")
-    parser.add_argument("images", nargs="+")
+    parser.add_argument("model_dir", nargs="?")
+    parser.add_argument("images", nargs="*")
+    parser.add_argument("--tiny", action="store_true", help="build the tests' tiny model and concept images")
     parser.add_argument("--init-word", required=True)
     parser.add_argument("--token", default="<concept>")
     parser.add_argument("--budget", type=int, default=1000)
@@ -26,6 +48,9 @@ def main():
     parser.add_argument("--template", default="object")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
+    keep = tempfile.mkdtemp(prefix="edge-ti-crn-")
+    if args.tiny:
+        args.model_dir, args.images = tiny_model_and_concept(keep)
     model = edge_ti.open_model(args.model_dir)
     print(f"model {args.model_dir}, budget {args.budget}, popsize {args.popsize}, triples {args.triples}/generation")
     print(f"| crn | seed | init held-out | result held-out | gain | generations | seconds |")

@@ -12,7 +12,7 @@ Six attributes, each a small closed set (ATTRIBUTES):
     size        small (radius 6.5 px) big (radius 9.5 px)
     position    left center right (horizontal; the vertical centre is 16 px +- 1)
     pattern     solid; striped (horizontal bands of background, 3 px every 6 px);
-                dotted (3 px round holes of background on a 6 px grid), both inside a 1 px outline
+                dotted (3 px round holes of background on a 6 px grid), both inside a 1.5 px outline
     background  black white gray brown, each far from every shape color
 
 Images are drawn at 4x (128 px) and box-downsampled, so edges are anti-aliased and the 3 px
@@ -40,6 +40,7 @@ POSITIONS = ("left", "center", "right")
 CENTERS_X = {"small": (8.5, 16.0, 23.5), "big": (11.0, 16.0, 21.0)}  # big shapes must stay in frame
 PATTERNS = ("solid", "striped", "dotted")
 PERIOD, HOLE = 6, 3  # pattern: a 3 px band or dot of background every 6 px
+OUTLINE = 6          # the solid outline around a pattern, in 4x pixels (1.5 px): never below 0.75 coverage
 
 ATTRIBUTES = {
     "shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES), "position": POSITIONS,
@@ -183,8 +184,8 @@ def draw(attributes, rng=None):
     """Attributes -> uint8 [32, 32, 3]. Without rng: the un-jittered drawing; same rng state, same image."""
     cx, cy, r, angle = geometry(attributes, rng)
     silhouette = shape_mask(attributes["shape"], cx, cy, r, angle)
-    # the outline (SCALE px = 1 px wide at 32 px) stays solid so the silhouette stays closed
-    interior = np.asarray(silhouette.filter(ImageFilter.MinFilter(2 * SCALE + 1))) > 127  # [128, 128]
+    # the outline (1.5 px wide at 32 px) stays solid so the silhouette stays closed
+    interior = np.asarray(silhouette.filter(ImageFilter.MinFilter(2 * OUTLINE + 1))) > 127  # [128, 128]
     holes = _pattern_holes(attributes["pattern"], interior, rng)                 # [128, 128]
     coverage = np.asarray(silhouette, np.float32) / 255 * ~holes                  # [128, 128]
     coverage = coverage.reshape(SIZE, SCALE, SIZE, SCALE).mean(axis=(1, 3))[..., None]  # [32, 32, 1]

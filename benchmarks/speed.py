@@ -1,0 +1,510 @@
+"""Speed and memory of one candidate evaluation, side by side with torch on the same weights.
+
+    python benchmarks/speed.py --models /work/perf-models --model sd15 [--latents 32 64] [--batches 1 4 20]
+
+MODELS holds, per model name, a diffusers folder `<name>-diffusers` (built by
+`python -m edge_ti_export.random_sd sd15 ...`) and its ONNX export `<name>-onnx`; the int8 and fp16
+copies `<name>-onnx-int8`, `<name>-onnx-fp16` are made with edge_ti.quantize on first use.
+Every row runs in its own subprocess, one at a time, so its peak RSS is its own (ru_maxrss of
+that process: loading, optimizing and running). The rows:
+
+    torch fwd        diffusers UNet forward, eager, inference_mode                       (per sample)
+    torch grad step  text encoder + UNet forward, MSE loss, backward to the token-embedding
+                     table only, AdamW step: one step of diffusers' textual_inversion.py  (batch 1)
+    ort <variant>    edge_ti.objective.population_loss with B candidates and 1 triple:
+                     B candidate evaluations (text encoder for B prompts, UNet batch B)
+    generation       population_loss with 20 candidates x 4 triples: one training generation
+                     as `edge-ti train` runs it (TrainSettings defaults); its losses feed the
+                     Spearman check, fp32 vs int8
+
+A candidate evaluation is one candidate on one triple: one text-encoder prompt + one UNet sample,
+the same work as the forward half of a gradient step at batch 1, whose time is the ratio's unit.
+FLOPs are counted once with torch.utils.flop_counter (conv, matmul, attention; 2 per multiply-add).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROMPT = "a photo of a <t>"
+
+
+# ---------------------------------------------------------------- machine
+def cpu_description():
+    """lscpu-like facts and the fp32 peak: cores x clock x FLOPs per cycle (from the ISA flags)."""
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        first = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    first = {k.strip(): v.strip() for k, v in first.items()}
+    flags = set(first.get("flags", "").split())
+    cores = os.cpu_count()
+    # clock: "cpu MHz" when the kernel shows it, else the TSC rate (bogomips / 2), the nominal clock
+    mhz = float(first.get("cpu MHz") or float(first.get("bogomips", 0)) / 2)
+    family = int(first.get("cpu family", 0))
+    zen4 = first.get("vendor_id") == "AuthenticAMD" and family == 25 and "avx512f" in flags
+    if zen4:
+        # Zen 4 executes AVX-512 on two 256-bit FMA pipes: 2 x 8 lanes x 2 FLOPs
+        per_cycle, how = 32, "Zen 4: 2 FMA pipes x 8 fp32 lanes (AVX-512 double-pumped on 256-bit units) x 2"
+    elif "avx512f" in flags:
+        per_cycle, how = 64, "AVX-512: 2 FMA units x 16 fp32 lanes x 2"
+    elif "avx2" in flags and "fma" in flags:
+        per_cycle, how = 32, "AVX2: 2 FMA units x 8 fp32 lanes x 2"
+    else:
+        per_cycle, how = 8, "SSE: 4 lanes x (add + mul)"
+    return {"model": first.get("model name", "?"), "vendor": first.get("vendor_id"), "family": family,
+            "model_id": first.get("model"), "cores": cores, "mhz": mhz, "flops_per_cycle": per_cycle,
+            "peak_gflops": cores * mhz * 1e-3 * per_cycle, "peak_how": how,
+            "simd": " ".join(sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx")))),
+            "onnxruntime": __import__("onnxruntime").__version__}
+
+
+def load_average():
+    return os.getloadavg()[0]
+
+
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux
+
+
+# ---------------------------------------------------------------- rows (each in its own process)
+def _timed(fn, reps, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def row_torch_fwd(args):
+    import torch
+    from diffusers import UNet2DConditionModel
+    torch.set_num_threads(args["threads"])
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(args["diffusers"], "unet")).eval()
+    B, L = args["batch"], args["latent"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 4, L, L, generator=g)                                   # (B, 4, h, w)
+    t = torch.full((B,), 500)
+    h = torch.randn(B, 77, unet.config.cross_attention_dim, generator=g)       # (B, 77, D)
+    with torch.inference_mode():
+        seconds, times = _timed(lambda: unet(x, t, h), args["reps"])
+    return {"seconds": seconds, "times": times, "evaluations": B}
+
+
+def row_torch_grad(args):
+    """One textual-inversion step as diffusers' examples/textual_inversion/textual_inversion.py takes it."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    torch.set_num_threads(args["threads"])
+    src = args["diffusers"]
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(src, "unet"))
+    text_encoder = CLIPTextModel.from_pretrained(os.path.join(src, "text_encoder"))
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(src, "tokenizer"))
+    scheduler = DDPMScheduler.from_pretrained(os.path.join(src, "scheduler"))
+    tokenizer.add_tokens(["<t>"])
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    placeholder = tokenizer.convert_tokens_to_ids("<t>")
+    # as the script: everything frozen but the token-embedding table
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    embeddings = text_encoder.get_input_embeddings().weight
+    embeddings.requires_grad_(True)
+    text_encoder.train()
+    unet.train()
+    optimizer = torch.optim.AdamW([embeddings], lr=5e-4)
+    original = embeddings.detach().clone()
+    keep = torch.ones(len(tokenizer), dtype=torch.bool)
+    keep[placeholder] = False
+    B, L = args["batch"], args["latent"]
+    ids = tokenizer([PROMPT] * B, padding="max_length", max_length=77, truncation=True,
+                    return_tensors="pt").input_ids                             # (B, 77)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(B, 4, L, L, generator=g)                             # (B, 4, h, w)
+
+    def step():
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, 1000, (B,), generator=g)
+        noisy = scheduler.add_noise(latents, noise, t)
+        hidden = text_encoder(ids)[0]                                          # (B, 77, D)
+        pred = unet(noisy, t, hidden).sample
+        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():  # the script restores every row but the placeholder's
+            embeddings[keep] = original[keep]
+
+    seconds, times = _timed(step, args["reps"])
+    return {"seconds": seconds, "times": times, "evaluations": B}
+
+
+class _Timed:
+    """A session proxy adding up the seconds spent in run()."""
+
+    def __init__(self, session):
+        self.session, self.seconds = session, 0.0
+
+    def run(self, *a, **k):
+        start = time.perf_counter()
+        try:
+            return self.session.run(*a, **k)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def _open_model(args):
+    """edge_ti.open_model, its sessions made by edge_ti.session with this row's settings."""
+    import edge_ti
+    from edge_ti.session import SessionSettings, create_session
+    model = edge_ti.open_model(args["onnx"], threads=args["threads"])
+    settings = SessionSettings(**args.get("session", {}))
+    cache = os.path.join(os.environ["EDGE_TI_CACHE"], "sessions") if settings.cache else None
+    # the change proposed for Model._session (model.py)
+    model._session = lambda path: create_session(path, model.providers, settings, cache)
+    return model
+
+
+def _population(model, P, L, seed=0, n_latents=1):
+    rng = np.random.default_rng(seed)
+    e0 = model.token_embeddings[model.tokenizer(["cat"])[0][1]][None]          # (1, D): "cat" as the init
+    spread = 0.5 * float(model.token_embeddings.std())  # CMA-ES's initial step in the full space
+    candidates = (e0[None] + rng.normal(0, spread, (P, 1, e0.shape[1]))).astype(np.float32)  # (P, 1, D)
+    latents = rng.standard_normal((n_latents, 4, L, L)).astype(np.float32)    # (N, 4, h, w)
+    return e0, candidates, latents
+
+
+def row_ort(args):
+    from edge_ti import objective
+    from edge_ti.objective import _unet
+    start = time.perf_counter()
+    model = _open_model(args)
+    unet = _Timed(model.session("unet"))
+    text_encoder = _Timed(model.text_encoder)
+    load_seconds = time.perf_counter() - start
+    model.__dict__["_sessions"]["unet"] = unet
+    model.__dict__["text_encoder"] = text_encoder
+    B, L = args["batch"], args["latent"]
+    e0, candidates, latents = _population(model, B, L)
+    prompt_ids = model.tokenize([PROMPT], {"<t>": e0})                          # (1, 77)
+    triples = objective.Triples(latent_index=np.zeros(1, int), prompt_index=np.zeros(1, int),
+                                timesteps=np.array([500]),
+                                noise=np.random.default_rng(1).standard_normal((1, 4, L, L), dtype=np.float32))
+    out = {}
+
+    def evaluate():
+        out["losses"] = objective.population_loss(model, candidates, prompt_ids, latents, triples,
+                                                  max_batch=args["max_batch"])
+    evaluate()  # warm-up: first-run allocations
+    unet.seconds = text_encoder.seconds = 0.0
+    seconds, times = _timed(evaluate, args["reps"], warmup=0)
+    result = {"seconds": seconds, "times": times, "evaluations": B, "load_seconds": load_seconds,
+              "unet_seconds": unet.seconds / args["reps"], "text_seconds": text_encoder.seconds / args["reps"],
+              "losses": out["losses"].tolist()}
+    if args.get("dump"):  # one fixed UNet output for the relative-error column
+        rng = np.random.default_rng(2)
+        sample = rng.standard_normal((1, 4, L, L)).astype(np.float32)
+        hidden = model.encode_text([PROMPT.replace("<t>", "cat")])
+        np.save(args["dump"], _unet(unet.session, sample, 500.0, hidden))
+    return result
+
+
+def row_generation(args):
+    """One training generation: P candidates x T triples over the object templates, as train() does."""
+    from edge_ti import objective
+    from edge_ti.train import OBJECT_TEMPLATES
+    model = _open_model(args)
+    P, L = args["batch"], args["latent"]
+    e0, candidates, latents = _population(model, P, L, n_latents=4)
+    prompts = [t.format("<t>") for t in OBJECT_TEMPLATES]
+    prompt_ids = model.tokenize(prompts, {"<t>": e0})                          # (K, 77)
+    rng = np.random.default_rng(3)
+    warm = objective.draw_triples(rng, 1, len(latents), len(prompts), 1000, latents.shape[1:])
+    triples = objective.draw_triples(rng, args["triples"], len(latents), len(prompts), 1000, latents.shape[1:])
+    objective.population_loss(model, candidates, prompt_ids, latents, warm, args["max_batch"])
+    start = time.perf_counter()
+    losses = objective.population_loss(model, candidates, prompt_ids, latents, triples, args["max_batch"])
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "times": [seconds], "evaluations": P, "losses": losses.tolist(),
+            "distinct_timesteps": int(len(np.unique(triples.timesteps))),
+            "prompts_used": int(len(np.unique(triples.prompt_index)))}
+
+
+def row_flops(args):
+    """FLOPs of a UNet forward (batch 1), a text-encoder forward (1 prompt) and a gradient step."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextModel
+    torch.set_num_threads(args["threads"])
+    src = args["diffusers"]
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(src, "unet"))
+    text_encoder = CLIPTextModel.from_pretrained(os.path.join(src, "text_encoder"))
+    D = unet.config.cross_attention_dim
+    out = {}
+    ids = torch.zeros(1, 77, dtype=torch.long)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        text_encoder(ids)
+    out["text"] = counter.get_total_flops()
+    for L in args["latents"]:
+        x, t, h = torch.randn(1, 4, L, L), torch.tensor([500]), torch.randn(1, 77, D)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            unet(x, t, h)
+        out[f"unet{L}"] = counter.get_total_flops()
+        if L == min(args["latents"]):  # the backward costs the same multiple at every size
+            embeddings = text_encoder.get_input_embeddings().weight
+            unet.requires_grad_(False)
+            text_encoder.requires_grad_(False)
+            embeddings.requires_grad_(True)
+            with FlopCounterMode(display=False) as counter:
+                pred = unet(x, t, text_encoder(ids)[0]).sample
+                pred.square().mean().backward()
+            out["grad_factor"] = counter.get_total_flops() / (out[f"unet{L}"] + out["text"])
+    return out
+
+
+ROWS = {"torch_fwd": row_torch_fwd, "torch_grad": row_torch_grad, "ort": row_ort,
+        "generation": row_generation, "flops": row_flops}
+
+
+def child(spec):
+    args = json.loads(spec)
+    result = ROWS[args["kind"]](args)
+    result["peak_rss_gb"] = peak_rss_gb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------- the driver
+def run_row(args, log):
+    """Run one row in a fresh interpreter; -> its result dict, or {"error": ...}."""
+    load = load_average()
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--row", json.dumps(args)],
+                          capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        result = {"error": f"exit {proc.returncode}: {' | '.join(tail)[-300:]}"}
+    else:
+        result = json.loads(line[len("RESULT "):])
+    result.update(load_before=load, wall=time.perf_counter() - start)
+    log.write(json.dumps({"args": args, "result": result}) + "\n")
+    log.flush()
+    return result
+
+
+def ensure_variants(base, variants):
+    from edge_ti.quantize import quantize_model
+    paths = {"fp32": base}
+    for v in variants:
+        if v == "fp32":
+            continue
+        mode, _, extra = v.partition("-")
+        out = f"{base}-{v}"
+        if not os.path.isdir(out):
+            print(f"# making {out}", flush=True)
+            start = time.perf_counter()
+            quantize_model(base, out, mode=mode, conv=extra == "conv", per_channel=extra == "pc")
+            print(f"#   {time.perf_counter() - start:.0f} s", flush=True)
+        paths[v] = out
+    return paths
+
+
+def spearman(a, b):
+    """Spearman's rank correlation (no ties in continuous losses): Pearson of the ranks."""
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def folder_gb(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 1e9
+
+
+def main():
+    parser = argparse.ArgumentParser(description="edge-ti speed benchmark (see the module docstring)")
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--models", default="/work/perf-models")
+    parser.add_argument("--model", default="sd15")
+    parser.add_argument("--latents", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 20])
+    parser.add_argument("--variants", nargs="+", default=["fp32", "int8", "fp16"],
+                        help="fp32, int8, int8-conv (Conv too), int8-pc (per channel), fp16")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--max-batch", type=int, default=20)
+    parser.add_argument("--max-samples", type=int, default=40,
+                        help="skip ort rows whose timed work exceeds this many UNet samples x 64x64-equivalents")
+    parser.add_argument("--generation", action="store_true", help="also time one training generation (20 x 4)")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--sessions", action="store_true", help="session-option rows instead (32x32, batch 1)")
+    parser.add_argument("--log", default=None, help="append every row's JSON here")
+    args = parser.parse_args()
+    if args.row:
+        return child(args.row)
+
+    os.environ.setdefault("EDGE_TI_CACHE", os.path.join(args.models, "cache"))
+    cpu = cpu_description()
+    diffusers_dir = os.path.join(args.models, f"{args.model}-diffusers")
+    onnx_dir = os.path.join(args.models, f"{args.model}-onnx")
+    log = open(args.log or os.path.join(args.models, f"speed-{args.model}.jsonl"), "a")
+    print(f"# {' '.join(sys.argv)}")
+    print(f"# cpu: {cpu['model']} (vendor {cpu['vendor']} family {cpu['family']} model {cpu['model_id']}), "
+          f"{cpu['cores']} cores @ {cpu['mhz']:.0f} MHz; simd: {cpu['simd']}")
+    print(f"# fp32 peak {cpu['peak_gflops']:.0f} GFLOP/s = {cpu['cores']} cores x {cpu['mhz'] / 1e3:.2f} GHz x "
+          f"{cpu['flops_per_cycle']} FLOP/cycle ({cpu['peak_how']})")
+    print(f"# onnxruntime {cpu['onnxruntime']}, threads {args.threads}, load average at start {load_average():.2f}",
+          flush=True)
+    common = {"diffusers": diffusers_dir, "threads": args.threads, "max_batch": args.max_batch}
+
+    if args.sessions:
+        return session_rows(args, common, onnx_dir, log)
+
+    flops = run_row({**common, "kind": "flops", "latents": args.latents}, log)
+    if "error" in flops:
+        sys.exit(f"flops row failed: {flops['error']}")
+    print(f"# GFLOPs: text encoder (1 prompt) {flops['text'] / 1e9:.1f}; "
+          + "; ".join(f"UNet {L}x{L} {flops[f'unet{L}'] / 1e9:.1f}" for L in args.latents)
+          + f"; fwd+bwd = {flops['grad_factor']:.2f} x fwd", flush=True)
+    paths = ensure_variants(onnx_dir, args.variants)
+    for v, p in paths.items():
+        print(f"# {v}: {p}: unet {folder_gb(os.path.join(p, 'unet')):.2f} GB, "
+              f"text_encoder {folder_gb(os.path.join(p, 'text_encoder')):.2f} GB, all {folder_gb(p):.2f} GB")
+
+    header = ("| row | latent | batch | s / candidate eval | x grad step (time) | peak RSS GB | x grad step (RSS) "
+              "| UNet s / sample | text enc. s / prompt | GFLOP/s | % of peak | load |")
+    print(header + "\n|" + "---|" * 12, flush=True)
+    results = {}
+
+    def show(name, L, B, r, grad, work_flops):
+        if "error" in r:
+            print(f"| {name} | {L} | {B} | failed: {r['error']} |||||||||", flush=True)
+            return
+        per = r["seconds"] / r["evaluations"]
+        ratio = f"{per / (grad['seconds'] / grad['evaluations']):.2f}" if grad and "error" not in grad else ""
+        mem = f"{r['peak_rss_gb'] / grad['peak_rss_gb']:.2f}" if grad and "error" not in grad else ""
+        unet = f"{r['unet_seconds'] / B:.3f}" if "unet_seconds" in r else ""
+        text = f"{r['text_seconds'] / B:.3f}" if "text_seconds" in r else ""
+        gflops = work_flops / r["seconds"] / 1e9
+        print(f"| {name} | {L} | {B} | {per:.3f} | {ratio} | {r['peak_rss_gb']:.2f} | {mem} | {unet} | {text} "
+              f"| {gflops:.0f} | {100 * gflops / cpu['peak_gflops']:.0f}% | {r['load_before']:.2f} |", flush=True)
+
+    for L in args.latents:
+        fwd_flops = flops[f"unet{L}"] + flops["text"]  # one candidate evaluation
+        grad = None
+        if not args.no_torch:
+            grad = run_row({**common, "kind": "torch_grad", "latent": L, "batch": 1, "reps": args.reps}, log)
+            show("torch grad step", L, 1, grad, grad, fwd_flops * flops["grad_factor"])
+            for B in (1,):
+                r = run_row({**common, "kind": "torch_fwd", "latent": L, "batch": B, "reps": args.reps}, log)
+                results[("torch_fwd", L, B)] = r
+                show("torch fwd (UNet only)", L, B, r, grad, flops[f"unet{L}"] * B)
+        for v, path in paths.items():
+            for B in args.batches:
+                cost = B * (L / 64) ** 2 * (args.reps + 1)
+                if cost > args.max_samples:
+                    print(f"| ort {v} | {L} | {B} | skipped: {cost:.0f} > --max-samples {args.max_samples} |||||||||")
+                    continue
+                dump = os.path.join(args.models, f"out-{args.model}-{v}-{L}.npy") if B == 1 else None
+                r = run_row({**common, "kind": "ort", "onnx": path, "latent": L, "batch": B,
+                             "reps": args.reps, "dump": dump}, log)
+                results[(v, L, B)] = r
+                show(f"ort {v}", L, B, r, grad, fwd_flops * B)
+        if args.generation:
+            for v in paths:
+                if v.startswith("fp16"):
+                    continue
+                results[("generation", v, L)] = run_row({**common, "kind": "generation", "onnx": paths[v],
+                                                          "latent": L, "batch": 20, "triples": 4}, log)
+
+    generations = {k: r for k, r in results.items() if k[0] == "generation"}
+    if generations:
+        print("\n# one training generation: 20 candidates x 4 triples (TrainSettings defaults), "
+              "a training evaluation = one candidate on 4 triples")
+        print("| variant | latent | s / generation | s / training evaluation | UNet samples | peak RSS GB "
+              "| GFLOP/s | est. `edge-ti train` (5000 evaluations + held-out) | load |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for (_, v, L), r in generations.items():
+            if "error" in r:
+                print(f"| {v} | {L} | failed: {r['error']} |||||||")
+                continue
+            samples = 20 * 4
+            work = samples * flops[f"unet{L}"] + 20 * r["prompts_used"] * flops["text"]
+            per = r["seconds"] / 20
+            # 250 generations; every 5th, 2 contenders x 32 held-out triples (UNet batch 2 per timestep)
+            heldout = 50 * 2 * 32 * r["seconds"] / samples
+            total = 250 * r["seconds"] + heldout
+            print(f"| {v} | {L} | {r['seconds']:.1f} | {per:.2f} | {samples} | {r['peak_rss_gb']:.2f} "
+                  f"| {work / r['seconds'] / 1e9:.0f} | {total / 3600:.1f} h | {r['load_before']:.2f} |")
+    summary(args, results, paths, cpu)
+
+
+def summary(args, results, paths, cpu):
+    print("\n# relative UNet output error vs fp32 (||y - y32|| / ||y32||, batch 1, same inputs)")
+    for L in args.latents:
+        ref = os.path.join(args.models, f"out-{args.model}-fp32-{L}.npy")
+        if not os.path.isfile(ref):
+            continue
+        y32 = np.load(ref).astype(np.float64)
+        for v in paths:
+            out = os.path.join(args.models, f"out-{args.model}-{v}-{L}.npy")
+            if v != "fp32" and os.path.isfile(out):
+                y = np.load(out).astype(np.float64)
+                print(f"#   {v} {L}x{L}: {np.linalg.norm(y - y32) / np.linalg.norm(y32):.4%}")
+    print("# Spearman rank correlation of the population's losses vs fp32 (same candidates, same triples)")
+    for key, r in results.items():
+        if key[0] == "fp32" or "losses" not in r or len(r["losses"]) < 4:
+            continue
+        ref_key = ("generation", "fp32", key[2]) if key[0] == "generation" else ("fp32", key[1], key[2])
+        ref = results.get(ref_key)
+        if ref and "losses" in ref and key != ref_key:
+            a, b = np.array(ref["losses"]), np.array(r["losses"])
+            print(f"#   {key}: rho = {spearman(a, b):.3f} over {len(a)} candidates "
+                  f"(loss spread std/mean {a.std() / a.mean():.2e})")
+
+
+def session_rows(args, common, onnx_dir, log):
+    """Session options side by side: 32x32 latent, batch 1, fp32 (and int8 where given)."""
+    import shutil
+    paths = ensure_variants(onnx_dir, args.variants)
+    cache = os.path.join(os.environ["EDGE_TI_CACHE"], "sessions")
+    print("| variant | session settings | load s | s / eval | UNet s | peak RSS GB | load avg |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    trials = [("cold cache (optimize + save)", {"cache": True}, True),
+              ("warm cache (load optimized graph)", {"cache": True}, False),
+              ("no cache, level all", {"cache": False}, False),
+              ("no cache, level extended", {"cache": False, "optimization": "extended"}, False),
+              ("no cache, level basic", {"cache": False, "optimization": "basic"}, False),
+              ("warm cache, no prepacking", {"prepacking": False}, False),
+              ("warm cache, no arena", {"arena": False}, False),
+              ("warm cache, spinning", {"spinning": True}, False),
+              ("warm cache, 1 thread", {"threads": 1}, False)]
+    for v, path in paths.items():
+        for name, settings, clear in trials:
+            if clear:
+                shutil.rmtree(cache, ignore_errors=True)
+            row = {**common, "kind": "ort", "onnx": path, "latent": 32, "batch": 1, "reps": args.reps,
+                   "session": {k: val for k, val in settings.items() if k != "threads"}}
+            if "threads" in settings:
+                row["threads"] = settings["threads"]
+            r = run_row(row, log)
+            if "error" in r:
+                print(f"| {v} | {name} | failed: {r['error']} ||||", flush=True)
+                continue
+            print(f"| {v} | {name} | {r['load_seconds']:.1f} | {r['seconds']:.3f} | {r['unet_seconds']:.3f} "
+                  f"| {r['peak_rss_gb']:.2f} | {r['load_before']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""onnxruntime sessions for a small CPU: tuned options and a cache of optimized graphs.
+
+    session = create_session(path, providers, SessionSettings(), cache_dir)
+
+The first session of a model file runs onnxruntime's graph optimizations (constant folding, node
+fusions, the NCHWc convolution layout) and saves the optimized graph to
+    cache_dir/<key>/model.onnx (+ model.onnx.data)
+keyed by the model's files, the onnxruntime version, the providers and this CPU's instruction set;
+later sessions load that graph with optimizations off instead of optimizing again. The saved graph
+may hold layout choices for this CPU only, which is why the CPU is part of the key. The defaults of
+SessionSettings were chosen by measurement (benchmarks/results/speed.md).
+"""
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+          "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+# the model's own text files: configs and tokenizers do not change the graph's weights
+_NOT_WEIGHTS = (".json", ".txt", ".md")
+
+
+@dataclass
+class SessionSettings:
+    threads: int = None           # intra-op threads; None: onnxruntime's default, one per physical core
+    optimization: str = "all"     # graph optimization level; "all" adds the NCHWc conv layout (x86)
+    cache: bool = True            # save the optimized graph once, load it afterwards (fast start, less peak memory)
+    spinning: bool = False        # idle threads spin-wait between ops: measured no faster here, and burns a shared CPU
+    arena: bool = True            # the CPU memory arena: reuses activation buffers across runs
+    prepacking: bool = True       # pre-packed MatMul/Conv weights: faster GEMMs
+
+
+def cpu_signature():
+    """The CPU's vendor, model and instruction-set flags: what an NCHWc-optimized graph depends on."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        return "|".join(fields.get(k, "").strip() for k in ("vendor_id", "cpu family", "model", "flags"))
+    except OSError:
+        return f"{platform.machine()}|{platform.processor()}"
+
+
+def files_fingerprint(path, chunk=1 << 22):
+    """sha256 over the model file and the weight files beside it (size, first and last 4 MiB of each).
+
+    An optimum export keeps a large UNet's weights in model.onnx_data next to a small graph file:
+    two fine-tunes of one architecture have the same graph file, so the weights must be in the key.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))
+                   and not n.endswith(_NOT_WEIGHTS))
+    digest = hashlib.sha256()
+    for name in names:
+        file_path = os.path.join(folder, name)
+        size = os.path.getsize(file_path)
+        digest.update(f"{name}:{size}".encode())
+        with open(file_path, "rb") as f:
+            digest.update(f.read(chunk))
+            if size > chunk:
+                f.seek(max(size - chunk, chunk))
+                digest.update(f.read(chunk))
+    return digest.hexdigest()
+
+
+def cache_key(path, providers, settings):
+    """What the optimized graph depends on: the model's files, onnxruntime, providers, level, CPU."""
+    parts = {"model": files_fingerprint(path), "onnxruntime": ort.__version__, "providers": list(providers),
+             "optimization": settings.optimization, "cpu": cpu_signature()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def session_options(settings, optimized_model_path=None):
+    """SessionSettings -> onnxruntime.SessionOptions; with a path, the optimized graph is saved there."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if settings.threads:
+        options.intra_op_num_threads = settings.threads
+    options.inter_op_num_threads = 1       # one op at a time (sequential execution): the ops are big
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = LEVELS[settings.optimization]
+    options.enable_cpu_mem_arena = settings.arena
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spinning else "0")
+    if not settings.prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    if optimized_model_path:
+        options.optimized_model_filepath = optimized_model_path
+        # weights in one external file: the optimized UNet is over protobuf's 2 GB
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         "model.onnx.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                         "1024")
+    return options
+
+
+def create_session(path, providers, settings=None, cache_dir=None):
+    """An InferenceSession of PATH; with cache_dir and settings.cache, through the optimized-graph cache."""
+    settings = settings or SessionSettings()
+    if not (cache_dir and settings.cache and settings.optimization != "disable"):
+        return ort.InferenceSession(path, session_options(settings), providers=providers)
+    entry = os.path.join(cache_dir, cache_key(path, providers, settings))
+    cached = os.path.join(entry, "model.onnx")
+    if os.path.isfile(cached):
+        # already optimized for this CPU: load as it is
+        loaded = SessionSettings(**{**asdict(settings), "optimization": "disable"})
+        try:
+            return ort.InferenceSession(cached, session_options(loaded), providers=providers)
+        except Exception as err:  # a damaged cache entry: rebuild it
+            log.warning("optimized graph %s unusable (%s): optimizing again", cached, str(err).splitlines()[0])
+            shutil.rmtree(entry, ignore_errors=True)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-")
+    try:
+        log.info("optimizing %s once -> %s", path, entry)
+        session = ort.InferenceSession(path, session_options(settings, os.path.join(tmp, "model.onnx")),
+                                       providers=providers)
+        try:
+            os.rename(tmp, entry)
+        except OSError:  # another process saved the same entry first: theirs is as good
+            pass
+        return session
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

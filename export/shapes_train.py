@@ -1,0 +1,491 @@
+"""Train the shapes-world model: a small Stable Diffusion (and a tiny CLIP) on edge_ti.shapes images.
+
+    python -m edge_ti_export.shapes_train --out DIR --seed 0          # train, save, export
+    python -m edge_ti_export.shapes_train --evaluate edge_ti/shapes/model  # prompt accuracy only
+
+Writes DIR/diffusers/ (a StableDiffusionPipeline folder), DIR/clip/ (a transformers CLIPModel
+folder), DIR/onnx/ (optimum's ONNX layout with clip/ inside: what ships as edge_ti/shapes/model)
+and DIR/train.log. Same seed, same weights (on the same torch build and thread count).
+
+The recipe is the one of diffusers' train_text_to_image.py shrunk to 32 px:
+1. draw a fixed training set with edge_ti.shapes.draw (the HELD_OUT combinations never appear);
+2. the VAE (AutoencoderKL, 32 -> 8x8x4) on reconstruction + a small KL term; its
+   scaling_factor makes the scaled latents of the training set unit-variance (as SD's 0.18215);
+3. the CLIP BPE tokenizer: the 256 byte symbols, every caption word and a few hundred common
+   English words fully merged (so `--init-word` and a PCA over the vocabulary mean something);
+4. the text encoder (CLIPTextModel) and the UNet (UNet2DConditionModel with cross-attention)
+   jointly, epsilon prediction under the DDPM scaled_linear schedule, 10% empty captions for
+   classifier-free guidance (Ho & Salimans 2022), and an EMA of the weights that is saved;
+5. optionally a tiny CLIP (ViT 32 px / text) trained contrastively on images and captions
+   (Radford et al. 2021, the symmetric InfoNCE loss), for `--init auto` and CLIP metrics;
+6. export through optimum (edge_ti_export.onnx_export.export_pipeline) and check the ONNX folder:
+   generations of full captions, read back by edge_ti.shapes.analyzer, per attribute.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edge_ti.shapes import analyzer
+from edge_ti.shapes import draw as world
+
+log = logging.getLogger("shapes_train")
+
+# Common English words beside the caption words: a vocabulary to search and to initialize from.
+COMMON_WORDS = """
+the of and to in is it you that he was for on are with as his they be at one have this from or had by
+not word but what some we can out other were all there when up use your how said an each she which do
+their time if will way about many then them write would like so these her long make thing see him two
+has look more day could go come did number sound no most people my over know water than call first who
+may down side been now find any new work part take get place made live where after back little only
+round man year came show every good me give our under name very through just form sentence great think
+say help low line differ turn cause much mean before move right boy old too same tell does set three
+want air well also play home read hand port large spell add even land here must high such follow act
+why ask men change went light kind off need house picture try us again animal point mother world near
+build self earth father head stand own page should country found answer school grow study still learn
+plant cover food sun four between state keep eye never last let thought city tree cross farm hard
+start might story saw far sea draw left late run while press close night real life few north open seem
+together next white children begin got walk example ease paper group always music those both mark often
+letter until mile river car feet care second book carry took science eat room friend began idea fish
+mountain stop once base hear horse cut sure watch color face wood main enough plain girl usual young
+ready above ever red list though feel talk bird soon body dog family direct pose leave song measure door
+product black short numeral class wind question happen complete ship area half rock order fire south
+problem piece told knew pass since top whole king space heard best hour better true during hundred five
+remember step early hold west ground interest reach fast verb sing listen six table travel less morning
+ten simple several vowel toward war lay against pattern slow center love person money serve appear road
+map rain rule govern pull cold notice voice unit power town fine certain fly fall lead cry dark machine
+note wait plan figure star box noun field rest correct able pound done beauty drive stood contain front
+teach week final gave green quick develop ocean warm free minute strong special mind behind clear tail
+produce fact street inch multiply nothing course stay wheel full force blue object decide surface deep
+moon island foot system busy test record boat common gold possible plane stead dry wonder laugh thousand
+ago ran check game shape equate hot miss brought heat snow tire bring yes distant fill east paint
+language among photo painting drawing style art image small big round bright cat mug cup ball toy
+""".split()
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    seed: int = 0
+    threads: int = 1               # torch threads: on 2 shared cores one thread was faster than two
+    n_images: int = 20000          # fixed training set: ~8 images per allowed attribute combination
+    caption_drop_p: float = 0.2    # each attribute left out of a caption with this probability
+    # VAE: 3 blocks (32, 64, 64) -> 8x8x4, ~1M parameters
+    vae_steps: int = 500           # ~0.7 s of one core per step: ~6 min
+    vae_batch: int = 48
+    vae_lr: float = 2e-3
+    vae_kl: float = 1e-6           # small: a near-deterministic autoencoder; scaling_factor fixes the scale
+    # text encoder: CLIPTextModel, hidden 64, 3 layers
+    text_hidden: int = 64
+    text_layers: int = 3
+    # UNet: (64, 128) with cross-attention in both levels, one layer per block
+    unet_channels: tuple = (64, 128)
+    unet_layers_per_block: int = 1
+    unet_steps: int = 2200         # ~0.75 s of one core per step: ~28 min
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    warmup: int = 100
+    uncond_p: float = 0.1          # empty caption: the unconditional branch of guidance
+    ema_decay: float = 0.998       # EMA of UNet + text encoder weights, warmed up as (1+t)/(10+t)
+    # tiny CLIP for --init auto and metrics (0 steps: none)
+    clip_steps: int = 400
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    clip_dim: int = 64
+    # the check after export
+    eval_prompts: int = 48
+    eval_steps: int = 25
+    eval_guidance: float = 4.0
+
+
+# ---------------------------------------------------------------- data
+def make_dataset(n, seed, drop_p):
+    """(images uint8 [n, 32, 32, 3], attributes, a caption sampler) of the fixed training set."""
+    rng = np.random.default_rng(seed)
+    attributes = [world.sample_attributes(rng) for _ in range(n)]
+    images = np.stack([world.draw(a, rng) for a in attributes])               # [n, 32, 32, 3]
+    return images, attributes
+
+
+def to_tensor(images):
+    """uint8 [n, H, W, 3] -> float32 [n, 3, H, W] in [-1, 1] (diffusers' VAE convention)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ---------------------------------------------------------------- tokenizer
+def _bytes_to_unicode():
+    # CLIP's byte-to-printable-unicode map (openai/CLIP simple_tokenizer.py)
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _bpe(symbols, ranks):
+    """CLIP's BPE on one word's symbols: merge the lowest-ranked adjacent pair until none is left."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == math.inf:
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+    return symbols
+
+
+def write_tokenizer(out_dir, words):
+    """vocab.json + merges.txt in CLIP's format where each of `words` is one token; a CLIPTokenizer.
+
+    Words are merged in order: a word that the merges so far split into pieces gets new merges
+    (appended, so of the lowest priority) joining its pieces left to right. Earlier words never
+    change: their symbols are already single tokens when a later merge could apply.
+    """
+    from transformers import CLIPTokenizer
+
+    byte_map = _bytes_to_unicode()
+    symbols = [byte_map[b] for b in range(256)]
+    vocab = symbols + [s + "</w>" for s in symbols]
+    merges, ranks = [], {}
+    for word in dict.fromkeys(words):
+        chars = [byte_map[b] for b in word.encode("utf-8")]
+        pieces = _bpe(chars[:-1] + [chars[-1] + "</w>"], ranks)
+        cur = pieces[0]
+        for piece in pieces[1:]:
+            ranks[(cur, piece)] = len(merges)
+            merges.append((cur, piece))
+            cur = cur + piece
+            vocab.append(cur)
+    vocab = list(dict.fromkeys(vocab)) + ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    tokenizer = CLIPTokenizer(os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt"),
+                              model_max_length=77)
+    for word in words:  # every word is one token, with its end-of-word mark
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1, f"{word!r} tokenizes into {len(ids)} tokens"
+    return tokenizer
+
+
+def vocabulary_words():
+    """The caption words first (they get the shortest merge chains), then the common words."""
+    return [w for w in world.caption_words() if w != ","] + [",", *COMMON_WORDS]
+
+
+class CaptionIds:
+    """Captions -> int64 [B, 77] as the pipeline tokenizes them, memoized (there are few distinct ones)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, captions):
+        for c in captions:
+            if c not in self.cache:
+                self.cache[c] = self.tokenizer(c, padding="max_length", max_length=77, truncation=True).input_ids
+        return torch.tensor([self.cache[c] for c in captions], dtype=torch.long)
+
+
+# ---------------------------------------------------------------- models
+def make_vae():
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=world.SIZE,
+                         down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                         block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=32)
+
+
+def make_text_encoder(cfg, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    vocab = len(tokenizer)
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab, hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=cfg.text_hidden))
+
+
+def make_unet(cfg, latent_size):
+    from diffusers import UNet2DConditionModel
+    n = len(cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=tuple(cfg.unet_channels),
+        layers_per_block=cfg.unet_layers_per_block, down_block_types=("CrossAttnDownBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D",) * n, cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=4, norm_num_groups=32)
+
+
+def make_scheduler():
+    # SD's schedule (scaled_linear 0.00085..0.012, 1000 steps), saved as the DDIM config SD ships
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                         steps_offset=1, prediction_type="epsilon")
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def lr_at(step, total, base, warmup):
+    """Linear warmup, then cosine decay to 10% of base."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------- training stages
+def train_vae(cfg, images, gen):
+    """AutoencoderKL on L1 + MSE + cfg.vae_kl * KL; returns it in eval mode with scaling_factor set."""
+    vae = make_vae()
+    log.info("vae: %.2fM parameters", n_params(vae) / 1e6)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    x_all = to_tensor(images)                                                   # [N, 3, 32, 32]
+    t0 = time.time()
+    for step in range(cfg.vae_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr, 50)
+        x = x_all[torch.randint(len(x_all), (cfg.vae_batch,), generator=gen)]   # [B, 3, 32, 32]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample             # [B, 3, 32, 32]
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == cfg.vae_steps - 1:
+            log.info("vae step %d/%d loss %.4f (%.0f s)", step + 1, cfg.vae_steps, loss.item(), time.time() - t0)
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_all(vae, images, batch=500):
+    """Posterior means and stds of the whole set: float32 [N, 4, 8, 8] each."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        posterior = vae.encode(to_tensor(images[i:i + batch])).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def ema_update(ema_params, params, decay):
+    torch._foreach_mul_(ema_params, decay)
+    torch._foreach_add_(ema_params, params, alpha=1 - decay)
+
+
+def train_unet(cfg, means, stds, scaling_factor, attributes, ids_of, tokenizer, gen, rng):
+    """Text encoder + UNet jointly on eps-prediction; returns their EMA copies."""
+    from diffusers import DDPMScheduler
+    text_encoder = make_text_encoder(cfg, tokenizer)
+    unet = make_unet(cfg, means.shape[-1])
+    log.info("text encoder: %.2fM parameters, unet: %.2fM parameters",
+             n_params(text_encoder) / 1e6, n_params(unet) / 1e6)
+    noise_scheduler = DDPMScheduler.from_config(make_scheduler().config)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema_text, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    t0 = time.time()
+    for step in range(cfg.unet_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
+        index = torch.randint(len(means), (cfg.unet_batch,), generator=gen)  # [B]
+        # latents sampled from the VAE posterior, scaled to unit variance (SD's latents * 0.18215)
+        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=gen)) * scaling_factor
+        captions = ["" if rng.random() < cfg.uncond_p
+                    else world.caption(attributes[i], rng, drop_p=cfg.caption_drop_p) for i in index.tolist()]
+        noise = torch.randn(latents.shape, generator=gen)                       # [B, 4, 8, 8]
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)          # x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps
+        hidden = text_encoder(ids_of(captions))[0]                              # [B, 77, D]
+        pred = unet(noisy, timesteps, hidden).sample                           # [B, 4, 8, 8]
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_update(ema_params, params, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        if step % 50 == 0 or step == cfg.unet_steps - 1:
+            log.info("unet step %d/%d loss %.4f (%.0f s)", step + 1, cfg.unet_steps, loss.item(), time.time() - t0)
+    return ema_text, ema_unet
+
+
+def train_clip(cfg, images, attributes, tokenizer, gen, rng):
+    """A tiny CLIPModel (ViT 32 px in 4 px patches, 2 layers each) on the symmetric InfoNCE loss."""
+    from transformers import CLIPConfig, CLIPModel
+    vocab = len(tokenizer)
+    text_config = dict(vocab_size=vocab, hidden_size=cfg.clip_dim, intermediate_size=4 * cfg.clip_dim,
+                       num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    vision_config = dict(hidden_size=cfg.clip_dim, intermediate_size=4 * cfg.clip_dim, num_attention_heads=4,
+                         num_hidden_layers=2, image_size=world.SIZE, patch_size=4, num_channels=3)
+    clip = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=cfg.clip_dim))
+    log.info("clip: %.2fM parameters", n_params(clip) / 1e6)
+    ids_of = CaptionIds(tokenizer)
+    # CLIPImageProcessor's normalization (OpenAI's mean and std), as edge_ti.clip will apply it
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    pixels_all = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=1e-2)
+    t0 = time.time()
+    for step in range(cfg.clip_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.clip_steps, cfg.clip_lr, 50)
+        index = torch.randperm(len(images), generator=gen)[:cfg.clip_batch]
+        captions = [world.caption(attributes[i], rng, drop_p=cfg.caption_drop_p) for i in index.tolist()]
+        out = clip(input_ids=ids_of(captions), pixel_values=pixels_all[index], return_loss=True)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == cfg.clip_steps - 1:
+            log.info("clip step %d/%d loss %.4f (%.0f s)", step + 1, cfg.clip_steps, out.loss.item(), time.time() - t0)
+    return clip.eval()
+
+
+# ---------------------------------------------------------------- evaluation (numpy runtime)
+def evaluate(model_dir, n_prompts=48, steps=25, guidance=4.0, seed=1000, include_held_out=True):
+    """Generate one image per full caption with edge_ti.generate (onnxruntime) and analyze it.
+
+    Returns {"trained": {attribute: accuracy}, "held_out": {...}}: prompts of attribute sets drawn
+    from the training distribution, and (include_held_out) prompts that contain a HELD_OUT combination.
+    """
+    import edge_ti
+    from edge_ti.generate import generate
+
+    model = edge_ti.open_model(model_dir)
+    rng = np.random.default_rng(seed)
+    results = {}
+    groups = {"trained": lambda: world.sample_attributes(rng)}
+    if include_held_out:
+        def held_out():
+            combo = world.HELD_OUT[rng.integers(len(world.HELD_OUT))]
+            return world.sample_attributes(rng, exclude=(), **combo)
+        groups["held_out"] = held_out
+    for name, sample in groups.items():
+        attributes = [sample() for _ in range(n_prompts)]
+        images = np.concatenate([generate(model, world.caption(a), steps=steps, guidance=guidance,
+                                          sampler="ddim", seed=seed + i, n=1)
+                                 for i, a in enumerate(attributes)])
+        results[name] = analyzer.accuracy(images, attributes)
+    return results
+
+
+# ---------------------------------------------------------------- main
+def save_pipeline(out, vae, text_encoder, unet, tokenizer):
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, unet=unet, tokenizer=tokenizer,
+                                   scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return pipe
+
+
+def save_clip(out, clip, tokenizer):
+    from transformers import CLIPImageProcessor
+    clip.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": world.SIZE}, crop_size={"height": world.SIZE, "width": world.SIZE}
+                       ).save_pretrained(out)
+
+
+def train(out, cfg):
+    """Every stage; returns the ONNX folder."""
+    from edge_ti_export.onnx_export import export_pipeline
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)  # denormal Adam moments slowed early steps 10x on this CPU
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    timings = {}
+    t = time.time()
+
+    images, attributes = make_dataset(cfg.n_images, cfg.seed, cfg.caption_drop_p)
+    assert not any(world.is_held_out(a) for a in attributes)
+    timings["data"] = time.time() - t
+    log.info("data: %d images in %.0f s", len(images), timings["data"])
+
+    tokenizer = write_tokenizer(os.path.join(out, "tokenizer-src"), vocabulary_words())
+    log.info("tokenizer: %d tokens", len(tokenizer))
+
+    t = time.time()
+    vae = train_vae(cfg, images, gen)
+    means, stds = encode_all(vae, images)                                       # [N, 4, 8, 8] each
+    scaling_factor = float(1 / means.std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    timings["vae"] = time.time() - t
+    log.info("vae: %.0f s; latent std %.4f -> scaling_factor %.4f", timings["vae"], means.std(), scaling_factor)
+    vae.save_pretrained(os.path.join(out, "vae"))  # also inside diffusers/ later; here for early checks
+
+    t = time.time()
+    text_encoder, unet = train_unet(cfg, means, stds, scaling_factor, attributes, CaptionIds(tokenizer),
+                                    tokenizer, gen, rng)
+    timings["unet"] = time.time() - t
+    log.info("unet + text encoder: %.0f s", timings["unet"])
+    save_pipeline(os.path.join(out, "diffusers"), vae, text_encoder, unet, tokenizer)
+
+    clip_dir = None
+    if cfg.clip_steps:
+        t = time.time()
+        clip = train_clip(cfg, images, attributes, tokenizer, gen, rng)
+        timings["clip"] = time.time() - t
+        clip_dir = os.path.join(out, "clip")
+        save_clip(clip_dir, clip, tokenizer)
+        log.info("clip: %.0f s", timings["clip"])
+
+    t = time.time()
+    onnx_dir = export_pipeline(os.path.join(out, "diffusers"), os.path.join(out, "onnx"), clip_source=clip_dir)
+    timings["export"] = time.time() - t
+    log.info("export: %.0f s -> %s", timings["export"], onnx_dir)
+    with open(os.path.join(out, "train.json"), "w") as f:
+        json.dump({"config": dataclasses.asdict(cfg), "timings_s": timings, "scaling_factor": scaling_factor,
+                   "params": {"vae": n_params(vae), "text_encoder": n_params(text_encoder), "unet": n_params(unet)}},
+                  f, indent=2)
+    return onnx_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="output folder (diffusers/, clip/, onnx/, train.log)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--evaluate", metavar="ONNX_DIR", help="only check an exported folder's prompt accuracy")
+    for field in dataclasses.fields(TrainConfig):  # every setting is a flag: --unet-steps 100 ...
+        if field.name != "seed" and field.type in (int, float, "int", "float"):
+            parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
+    args = parser.parse_args(argv)
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(args.out, "train.log")))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
+    if args.evaluate:
+        result = evaluate(args.evaluate, cfg.eval_prompts, cfg.eval_steps, cfg.eval_guidance)
+        print(json.dumps(result, indent=2))
+        return
+    if not args.out:
+        parser.error("--out is required to train")
+    t0 = time.time()
+    onnx_dir = train(args.out, cfg)
+    log.info("total: %.0f s", time.time() - t0)
+    result = evaluate(onnx_dir, cfg.eval_prompts, cfg.eval_steps, cfg.eval_guidance)
+    log.info("prompt accuracy (ddim %d steps, guidance %g): %s", cfg.eval_steps, cfg.eval_guidance, json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Ray workers: the same token as in-process, an actor killed mid-run, a stale model refused, no Ray.
+
+Every Ray here is local (127.0.0.1, 2 CPUs, no dashboard) and shut down by the test that made it.
+"""
+import json
+import shutil
+import sys
+import time
+
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+
+import edge_ti
+from edge_ti import objective
+from edge_ti.errors import EdgeTIError
+from edge_ti.train import TrainSettings, train
+from edge_ti.workers import InProcess, RayPool, ray_scorer, scorer_factory
+
+SETTINGS = dict(budget=48, popsize=8, heldout_triples=6, eval_every=2, patience=0, seed=1)
+
+
+@pytest.fixture(scope="module")
+def concept_dir(tmp_path_factory):
+    """Three 'photos' of a red disc on a blue background."""
+    folder = tmp_path_factory.mktemp("concept")
+    for i, (cx, cy) in enumerate([(12, 14), (20, 18), (16, 10)]):
+        y, x = np.mgrid[0:40, 0:40]
+        img = np.zeros((40, 40, 3), np.uint8)
+        img[...] = (30, 40, 200)
+        img[(x - cx) ** 2 + (y - cy) ** 2 < 64] = (220, 30, 30)
+        Image.fromarray(img).save(folder / f"{i}.png")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def in_process_run(tiny_sd, concept_dir, tmp_path_factory):
+    """The reference: embedding and history of the default scorer."""
+    out = str(tmp_path_factory.mktemp("in-process") / "c.safetensors")
+    result = train(edge_ti.open_model(tiny_sd[1]), [concept_dir], "<c>", out, init_word="cat",
+                   settings=TrainSettings(**SETTINGS))
+    return result.embedding["<c>"], result
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray on this machine only, for the tests that make pools on an existing connection (after the
+    first test, which starts and stops its own)."""
+    assert not ray.is_initialized()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 << 20,
+             _node_ip_address="127.0.0.1", log_to_driver=False, logging_level="warning")
+    yield
+    ray.shutdown()
+
+
+def _history(result):
+    with open(result.paths["log"]) as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "elapsed"} for line in f]
+
+
+def test_ray_training_matches_in_process(tiny_sd, concept_dir, in_process_run, tmp_path):
+    expected, reference = in_process_run
+    assert not ray.is_initialized()
+    result = train(edge_ti.open_model(tiny_sd[1]), [concept_dir], "<c>", str(tmp_path / "c.safetensors"),
+                   init_word="cat", settings=TrainSettings(**SETTINGS),
+                   make_scorer=ray_scorer(local_workers=2))  # starts its own local Ray with 2 actors
+    assert not ray.is_initialized()  # ... and shuts it down at the end
+    assert np.array_equal(result.embedding["<c>"], expected)
+    assert _history(result) == _history(reference)
+    assert (result.best_heldout, result.generations) == (reference.best_heldout, reference.generations)
+
+
+def test_pool_losses_bitwise_any_chunking_and_a_slow_actor(tiny_sd, local_ray):
+    model = edge_ti.open_model(tiny_sd[1])
+    rng = np.random.default_rng(0)
+    latents = rng.normal(size=(3, 4, 16, 16)).astype(np.float32)
+    prompt_ids = model.tokenize(["a photo of <t>", "a <t> on a table"], {"<t>": np.zeros((1, 32))})
+    triples = objective.draw_triples(rng, 4, 3, 2, 1000, (4, 16, 16))
+    candidates = rng.normal(0, 0.05, (12, 1, 32)).astype(np.float32)
+    expected = InProcess(model, prompt_ids, latents, 20).population_loss(candidates, triples)
+    pool = RayPool(model, prompt_ids, latents, 20, workers=2)
+    try:
+        for chunk in (None, 1, 5, 12):
+            pool.chunk = chunk
+            assert np.array_equal(pool.population_loss(candidates, triples), expected)
+        assert all(slot.chunks > 0 for slot in pool._slots)  # both actors took work
+        # a slow node: worker 0 is stuck for 4 s; worker 1 scores the population, with copies of the
+        # chunks stuck on worker 0, and the generation does not wait for it
+        pool.chunk = 1
+        stuck = pool._slots[0].actor.__ray_call__.remote(lambda self: time.sleep(4))
+        start = time.perf_counter()
+        assert np.array_equal(pool.population_loss(candidates, triples), expected)
+        assert time.perf_counter() - start < 3.5 and pool.backups >= 1
+        ray.get(stuck)
+    finally:
+        pool.close()
+    assert ray.is_initialized()  # a pool on an existing connection leaves it connected
+
+
+class _KillingPool(RayPool):
+    """Kills the actor it just sent the first chunk of population_loss call `kill_call` to."""
+    kill_call = 3
+
+    def _send(self, slot, task, ref):
+        super()._send(slot, task, ref)
+        if task.kind == "score" and task.call == self.kill_call and not hasattr(self, "killed"):
+            self.killed = slot.index
+            ray.kill(slot.actor)
+
+
+@pytest.mark.parametrize("max_restarts", [None, 0])
+def test_actor_killed_mid_run_same_result(tiny_sd, concept_dir, in_process_run, tmp_path, local_ray, max_restarts):
+    expected, reference = in_process_run
+    pools = []
+
+    def make_scorer(model, prompt_ids, latents, max_batch):
+        pools.append(_KillingPool(model, prompt_ids, latents, max_batch, workers=2, max_restarts=max_restarts))
+        return pools[-1]
+
+    result = train(edge_ti.open_model(tiny_sd[1]), [concept_dir], "<c>", str(tmp_path / "c.safetensors"),
+                   init_word="cat", settings=TrainSettings(**SETTINGS), make_scorer=make_scorer)
+    pool, = pools
+    assert pool.killed is not None and pool.lost == 1
+    # replaced (a new actor under the same number), or not: the survivor finished the run alone
+    assert pool.restarts == (1 if max_restarts is None else 0)
+    assert np.array_equal(result.embedding["<c>"], expected)
+    assert _history(result) == _history(reference)
+    assert pool._slots == []  # train closed it
+
+
+def test_worker_with_other_model_files_refused(tiny_sd, tmp_path, local_ray):
+    model = edge_ti.open_model(tiny_sd[1])
+    prompt_ids = model.tokenize(["a photo of <t>"], {"<t>": np.zeros((1, 32))})
+    latents = np.zeros((1, 4, 16, 16), np.float32)
+    same = shutil.copytree(tiny_sd[1], tmp_path / "same")            # another node's identical copy
+    RayPool(model, prompt_ids, latents, 20, workers=1, model_path=str(same)).close()
+    stale = shutil.copytree(tiny_sd[1], tmp_path / "stale")          # another node's different UNet
+    unet = stale / "unet" / "model.onnx"
+    data = bytearray(unet.read_bytes())
+    data[-100] ^= 0xFF
+    unet.write_bytes(bytes(data))
+    with pytest.raises(EdgeTIError) as err:
+        RayPool(model, prompt_ids, latents, 20, workers=2, model_path=str(stale))
+    message = str(err.value)
+    assert "\n" not in message and "refused" in message
+    assert "unet/model.onnx differs from the driver's copy" in message
+    assert ray.is_initialized()  # refused at start: the pool cleaned up, the connection is the caller's
+
+
+def test_without_ray_one_line_error(tiny_sd, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it was never installed
+    assert scorer_factory("in-process") is InProcess
+    for workers in ("ray", "ray-local:2"):
+        with pytest.raises(EdgeTIError, match=r"^the Ray workers need Ray: pip install 'edge-ti\[ray\]'$"):
+            scorer_factory(workers)
+    model = edge_ti.open_model(tiny_sd[1])
+    with pytest.raises(EdgeTIError, match=r"pip install 'edge-ti\[ray\]'"):
+        RayPool(model, np.zeros((1, 77), np.int64), np.zeros((1, 4, 16, 16), np.float32), 20, local_workers=2)
+    with pytest.raises(EdgeTIError, match="choose in-process, ray or ray-local:N"):
+        scorer_factory("ray-local:zero")
