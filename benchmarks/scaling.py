@@ -108,122 +108,145 @@ def auto_chunk(P, W):
     return max(1, P // (4 * W))                               # RayPool's default
 
 
+def where_it_stops(P, t_chunk, driver_per_chunk, round_trip, per_generation, most=2000):
+    """(floor seconds, fewest workers within 10% of it, what bounds it) over 1..most workers."""
+    walls = {}
+    W = 1
+    while W <= most:
+        walls[W] = simulate(P, W, auto_chunk(P, W), t_chunk, driver_per_chunk, round_trip, per_generation)
+        W = W + 1 if W < 32 else int(W * 1.25)
+    floor = min(w for w, _ in walls.values())
+    W_stop = min(W for W, (w, _) in walls.items() if w <= 1.1 * floor)
+    busy = walls[W_stop][1]
+    return floor, W_stop, "driver" if busy > 0.5 else "population" if W_stop >= P / 1.1 else "work"
+
+
+def measure_pool(pool, candidates, triples, chunk, generations, into):
+    """Run `generations` generations at `chunk`; add walls, compute, chunks and driver CPU seconds to INTO."""
+    pool.chunk = chunk
+    pool.population_loss(candidates, triples)                  # warm at this chunk size
+    compute0, cpu0 = pool.compute_seconds, time.process_time()
+    for _ in range(generations):
+        start = time.perf_counter()
+        pool.population_loss(candidates, triples)
+        into["walls"].append(time.perf_counter() - start)
+    into["compute"] += (pool.compute_seconds - compute0) / len(pool._slots)   # per actor
+    into["chunks"] += math.ceil(len(candidates) / chunk) * generations
+    into["cpu"] += time.process_time() - cpu0
+
+
+def summary(m, workers):
+    """-> generation wall median, compute s/chunk, other wall s/chunk, driver CPU s/chunk."""
+    per_chunk = workers / m["chunks"]                          # chunks one actor ran
+    return (float(np.median(m["walls"])), m["compute"] * per_chunk, (sum(m["walls"]) - m["compute"]) * per_chunk,
+            m["cpu"] / m["chunks"])
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir", nargs="?", default=None)
     parser.add_argument("--popsize", type=int, default=20)
     parser.add_argument("--triples", type=int, default=4)
-    parser.add_argument("--generations", type=int, default=8, help="measured generations per setting")
+    parser.add_argument("--generations", type=int, default=3, help="measured generations per setting and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all settings (the load drifts)")
     parser.add_argument("--dim", type=int, default=256, help="z dimension for the cma ask/tell cost")
     parser.add_argument("--sim-popsizes", type=int, nargs="+", default=[20, 100, 500])
     parser.add_argument("--sim-workers", type=int, nargs="+", default=[1, 2, 4, 20, 100])
     parser.add_argument("--eval-scales", type=float, nargs="+", default=[1, 100],
                         help="also simulate with t(c) times these factors (a heavier model, same overheads)")
     args = parser.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray's import: 127.0.0.1 only
     import ray
 
     tmp = tempfile.TemporaryDirectory()
     os.environ.setdefault("EDGE_TI_CACHE", os.path.join(tmp.name, "cache"))
     model_dir = args.model_dir or build_tiny(tmp.name)
     model = edge_ti.open_model(model_dir, threads=1)
-    P = args.popsize
+    P, G = args.popsize, args.generations
     prompt_ids, latents, triples, candidates = problem(model, P, args.triples)
     print(f"model {args.model_dir or 'tiny (tests/conftest.py: tiny_pipeline(text_gain=10.0))'}, "
           f"latent {tuple(latents.shape[1:])}, popsize {P}, {args.triples} triples/generation, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
 
-    # 1. t(c) on one thread, in this process
-    scorer = InProcess(model, prompt_ids, latents, 20)
-    scorer.population_loss(candidates[:2], triples)           # sessions, patched text encoder
-    repeat = max(3, args.generations)
-    sizes = sorted({1, 2, 5, P})
-    t_of = {c: best_of(lambda: scorer.population_loss(candidates[:c], triples), repeat)[0] for c in sizes}
-    b, a = np.polyfit(sizes, [t_of[c] for c in sizes], 1)
-    a = max(a, 0.0)
-    print("\n| chunk c | t(c) ms, median | fit a + b c |\n|---|---|---|")
-    for c in sizes:
-        print(f"| {c} | {t_of[c] * 1e3:.2f} | {(a + b * c) * 1e3:.2f} |")
-    print(f"per candidate evaluation (b): {b * 1e3:.2f} ms; per call (a): {a * 1e3:.2f} ms")
-
-    # 2-4. a local Ray on 127.0.0.1
+    inproc = InProcess(model, prompt_ids, latents, 20)
+    inproc.population_loss(candidates, triples)                # sessions, patched text encoder
+    inproc_walls = []
+    sizes = {1: sorted({1, 2, 5, P}), 2: sorted({1, auto_chunk(P, 2)})}
+    runs = {(W, c): {"walls": [], "compute": 0.0, "chunks": 0, "cpu": 0.0} for W in sizes for c in sizes[W]}
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 << 20,
              _node_ip_address="127.0.0.1", log_to_driver=False, logging_level="warning")
     try:
-        rows = []
-        for W in (1, 2):
-            pool = RayPool(model, prompt_ids, latents, 20, workers=W)
-            try:
-                pool.population_loss(candidates, triples)     # warm
-                chunk = pool.chunk = auto_chunk(P, W)
-                med, low = best_of(lambda: pool.population_loss(candidates, triples), args.generations)
-                pool.chunk = 1                                # the driver's CPU per message, 1 candidate each
-                cpu0 = time.process_time()
-                med1, _ = best_of(lambda: pool.population_loss(candidates, triples), args.generations)
-                cpu = (time.process_time() - cpu0) / (args.generations * P)
-                if W == 1:
-                    one_actor = pool._slots[0].actor
-                    payload = candidates[:1]
-                    ray.get(one_actor.ping.remote(payload))
-                    rtt, _ = best_of(lambda: ray.get(one_actor.ping.remote(payload)), 200)
-                    driver_per_chunk = cpu
-                rows.append((W, chunk, med, low, med1, cpu))
-            finally:
-                pool.close()
-        triples_put, _ = best_of(lambda: ray.put(triples), 50)
+        # the load of a shared machine drifts: measure in rounds, each setting a few generations a round
+        for _ in range(args.rounds):
+            inproc_walls += [best_of(lambda: inproc.population_loss(candidates, triples), 1)[0]
+                             for _ in range(G)]
+            for W in (1, 2):
+                pool = RayPool(model, prompt_ids, latents, 20, workers=W)
+                try:
+                    for c in sizes[W]:
+                        measure_pool(pool, candidates, triples, c, G, runs[W, c])
+                    if W == 1:
+                        actor = pool._slots[0].actor
+                        ray.get(actor.ping.remote(candidates[:1]))
+                        round_trip = best_of(lambda: ray.get(actor.ping.remote(candidates[:1])), 200)[0]
+                finally:
+                    pool.close()
+        triples_put = best_of(lambda: ray.put(triples), 50)[0]
     finally:
         ray.shutdown()
-    inproc = {}
-    for threads in (1, 2):
-        m = edge_ti.open_model(model_dir, threads=threads)
-        s = InProcess(m, prompt_ids, latents, 20)
-        s.population_loss(candidates, triples)
-        inproc[threads] = best_of(lambda: s.population_loss(candidates, triples), args.generations)
+    one = {c: summary(runs[1, c], 1) for c in sizes[1]}
+    two = {c: summary(runs[2, c], 2) for c in sizes[2]}
+    inproc_wall = float(np.median(inproc_walls))
 
-    print(f"\nround trip driver<->actor (ping with one candidate, median of 200): {rtt * 1e3:.2f} ms")
-    print(f"driver CPU per chunk inside population_loss (1 actor): {driver_per_chunk * 1e3:.2f} ms")
+    b, a = np.polyfit(sizes[1], [one[c][1] for c in sizes[1]], 1)   # t(c) = a + b c
+    a = max(a, 0.0)
+    t_chunk = lambda c: a + b * c  # noqa: E731
+    driver_per_chunk = one[1][3]
+    print(f"\nper candidate evaluation inside a 1-thread actor (b): {b * 1e3:.2f} ms; per chunk (a): {a * 1e3:.2f} ms")
+    print(f"round trip driver<->actor, ping carrying one candidate (median of 200): {round_trip * 1e3:.2f} ms")
+    print(f"driver CPU per chunk in RayPool.population_loss (chunk 1, 1 actor): {driver_per_chunk * 1e3:.2f} ms")
     print(f"ray.put(triples) per generation: {triples_put * 1e3:.3f} ms")
 
-    # measured on this machine
-    print(f"\n| scorer | chunk | generation ms, median | min | chunk=1 median | driver CPU ms/chunk | "
-          f"simulated ms |\n|---|---|---|---|---|---|---|")
-    t_chunk = lambda c: a + b * c  # noqa: E731
-    for threads in (1, 2):
-        med, low = inproc[threads]
-        print(f"| in-process, {threads} thread(s) | {P} | {med * 1e3:.1f} | {low * 1e3:.1f} | | | |")
-    for W, chunk, med, low, med1, cpu in rows:
-        sim, _ = simulate(P, W, chunk, t_chunk, driver_per_chunk, rtt, triples_put)
-        print(f"| Ray, {W} actor(s) x 1 thread | {chunk} | {med * 1e3:.1f} | {low * 1e3:.1f} | {med1 * 1e3:.1f} | "
-              f"{cpu * 1e3:.2f} | {sim * 1e3:.1f} |")
+    print(f"\nmeasured generation on this machine (1-thread sessions; medians of {args.rounds} rounds x {G} "
+          "generations); simulated = the model below with these costs")
+    print("| scorer | chunk | generation ms (median) | compute ms/chunk | other wall ms/chunk | "
+          "driver CPU ms/chunk | simulated ms |\n|---|---|---|---|---|---|---|")
+    print(f"| in-process | {P} | {inproc_wall * 1e3:.1f} | | | | |")
+    for W, results in ((1, one), (2, two)):
+        for c, (wall, compute, other, cpu) in results.items():
+            sim = simulate(P, W, c, t_chunk, driver_per_chunk, round_trip, triples_put)[0]
+            print(f"| Ray, {W} actor(s) | {c} | {wall * 1e3:.1f} | {compute * 1e3:.2f} | {other * 1e3:.2f} | "
+                  f"{cpu * 1e3:.2f} | {sim * 1e3:.1f} |")
 
-    # the simulation
     def ask_tell(popsize):
         es = cma.CMAEvolutionStrategy(np.zeros(args.dim), 0.5, {"popsize": popsize, "seed": 1, "verbose": -9})
-        def one():
+
+        def one_generation():
             zs = es.ask()
             es.tell(zs, [float(np.sum(np.square(z))) for z in zs])
-        one()
-        return best_of(one, 5)[0]
+        one_generation()
+        return best_of(one_generation, 5)[0]
 
+    cma_costs = {p: ask_tell(p) for p in args.sim_popsizes}
     for scale in args.eval_scales:
-        label = "measured t(c)" if scale == 1 else f"t(c) x {scale:g} (a heavier model; overheads as measured)"
-        print(f"\nsimulated generation, {label}: ms (speedup over 1 worker, bound)")
-        print("| popsize | cma ask+tell ms | " + " | ".join(f"{W} workers" for W in args.sim_workers) + " |")
-        print("|---|---|" + "---|" * len(args.sim_workers))
+        label = "the measured t(c)" if scale == 1 else f"t(c) x {scale:g} (a heavier model; overheads as measured)"
+        print(f"\nsimulated generation ms (speedup over 1 worker), {label}; auto chunk; per generation the driver "
+              f"also runs cma ask + tell at dim {args.dim}")
+        print("| popsize | cma ms | " + " | ".join(f"{W} workers" for W in args.sim_workers) +
+              " | floor ms | stops scaling at | bound |")
+        print("|---|---|" + "---|" * len(args.sim_workers) + "---|---|---|")
         for sim_P in args.sim_popsizes:
-            cma_cost = ask_tell(sim_P)
-            cells, base = [], None
-            for W in args.sim_workers:
-                chunk = auto_chunk(sim_P, W)
-                wall, driver_busy = simulate(sim_P, W, chunk, lambda c: scale * t_chunk(c), driver_per_chunk, rtt,
-                                             cma_cost + triples_put)
-                base = base or wall
-                bound = ("driver" if driver_busy > 0.5 else "population" if math.ceil(sim_P / chunk) < 2 * W
-                         else "work")
-                cells.append(f"{wall * 1e3:.1f} ({base / wall:.1f}x, {bound})")
-            print(f"| {sim_P} | {cma_cost * 1e3:.1f} | " + " | ".join(cells) + " |")
-    print("\nbound: driver = the driver is busy over half the generation (chunks x per-chunk cost + cma); "
-          "population = fewer than 2 chunks per worker (chunk is already 1 candidate: more workers idle); "
-          "work = the workers' compute.")
+            scaled = lambda c: scale * t_chunk(c)  # noqa: E731
+            g = cma_costs[sim_P] + triples_put
+            walls = [simulate(sim_P, W, auto_chunk(sim_P, W), scaled, driver_per_chunk, round_trip, g)[0]
+                     for W in args.sim_workers]
+            floor, W_stop, bound = where_it_stops(sim_P, scaled, driver_per_chunk, round_trip, g)
+            print(f"| {sim_P} | {cma_costs[sim_P] * 1e3:.1f} | " +
+                  " | ".join(f"{w * 1e3:.0f} ({walls[0] / w:.1f}x)" for w in walls) +
+                  f" | {floor * 1e3:.0f} | {W_stop} workers | {bound} |")
+    print("\nstops scaling at: the fewest workers within 10% of the best time over 1..2000 workers; bound: "
+          "driver = the driver is busy over half that generation (messages + cma); population = about one "
+          "candidate per worker; work = neither.")
     tmp.cleanup()
 
 

@@ -156,15 +156,7 @@ def evaluate(model_dir, embedding_file, images, prompts_file, class_word, init_w
     class_word = class_word or init_word or recorded_word
     if not class_word:
         raise EdgeTIError(f"{embedding_file}: no recorded init word; give --class-word (e.g. mug)")
-    prompts = None
-    if prompts_file:
-        try:
-            with open(prompts_file, encoding="utf-8") as f:
-                prompts = [line.strip() for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as err:
-            raise EdgeTIError(f"{prompts_file}: cannot read ({err})") from None
-        if not prompts:
-            raise EdgeTIError(f"{prompts_file}: no prompts")
+    prompts = _read_lines(prompts_file, "prompts") if prompts_file else None
     n_prompts = len(prompts or [0] * 4)
     total = steps * n_prompts * (2 if init_embedding is not None else 1)
     with click.progressbar(length=total, label="generating", file=sys.stderr) as bar:
@@ -179,6 +171,18 @@ def evaluate(model_dir, embedding_file, images, prompts_file, class_word, init_w
         with atomic_path(json_out) as tmp, open(tmp, "w") as f:
             json.dump(results, f, indent=2)
         click.echo(f"wrote {json_out}")
+
+
+def _read_lines(path, what):
+    """A text file's non-empty lines, or a one-line error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise EdgeTIError(f"{path}: cannot read {what} ({err})") from None
+    if not lines:
+        raise EdgeTIError(f"{path}: no {what}")
+    return lines
 
 
 def _duration(text):
@@ -201,7 +205,8 @@ def _duration(text):
               help="auto: from the images through CLIP (needs clip/ in the model folder)")
 @click.option("--init-top-k", type=int, default=None, help="--init auto: attend only to each image's k best words")
 @click.option("--vectors", default=TrainSettings.vectors, show_default=True, help="vectors per token")
-@click.option("--template", type=click.Choice(list(TEMPLATES)), default=TrainSettings.template, show_default=True)
+@click.option("--template", default=TrainSettings.template, show_default=True,
+              help="object, style, or a text file of prompt templates, one per line, each with {} for the token")
 @click.option("--subspace", type=click.Choice(["pca", "prior", "full"]), default=TrainSettings.subspace,
               show_default=True)
 @click.option("--dim", default=TrainSettings.dim, show_default=True, help="intrinsic dimension per vector")
@@ -230,6 +235,8 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
     from . import init as initialization
     from .train import output_paths, train as run_training
 
+    if template not in TEMPLATES:
+        template = _read_lines(template, "prompt templates")
     model = open_model(model_dir, device=device, threads=threads)
     settings = TrainSettings(vectors=vectors, template=template, subspace=subspace, dim=dim, popsize=popsize,
                              sigma=sigma, budget=budget, max_time=_duration(max_time), seed=seed, triples=triples,
@@ -256,6 +263,33 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
                f"(+{result.heldout_evaluations} held-out), {result.elapsed:.1f} s")
     click.echo(f"held-out loss: init {result.init_heldout:.6f} -> learned {result.best_heldout:.6f}")
     click.echo(f"wrote {paths['embedding']} (log {paths['log']}, curve {paths['curve']})")
+
+
+@cli.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="edge-ti-demo", show_default=True,
+              help="folder for the concept images, the embedding, generations, grids and the loss curve")
+@click.option("--budget", default=1000, show_default=True, help="candidate evaluations")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--n", "n", default=16, show_default=True, help="images generated from the init and the learned token")
+def demo(out_dir, budget, seed, n):
+    """Learn a held-out shapes-world concept ("a striped blue star") offline, then measure it."""
+    from . import demo as shapes_demo
+
+    click.echo(f"concept: {shapes_demo.CONCEPT} (the model never saw a blue star); init word "
+               f"{shapes_demo.INIT_WORD!r}; writing to {out_dir}/")
+    with click.progressbar(length=budget, label="learning", file=sys.stderr) as bar:
+        report = shapes_demo.run(out_dir, budget=budget, seed=seed, n=n,
+                                 on_generation=lambda record, state: bar.update(state.evaluations - bar.pos))
+    result = report["result"]
+    click.echo(f"{result.stop_reason}; {result.evaluations} evaluations in {result.elapsed:.0f} s; "
+               f"held-out loss {result.init_heldout:.5f} -> {result.best_heldout:.5f}")
+    names = list(shapes_demo.CONCEPT)
+    click.echo(f"analyzer accuracy of {n} generations of {shapes_demo.PROMPT.format(shapes_demo.TOKEN)!r}:")
+    click.echo(f"{'':<8}" + "".join(f"{name:>9}" for name in names))
+    for row in ("init", "learned"):
+        click.echo(f"{row:<8}" + "".join(f"{report[row][name]:>9.2f}" for name in names))
+    click.echo(f"wrote {out_dir}/: concept/, init/, learned/, init-grid.png, learned-grid.png, "
+               f"concept.safetensors, concept.loss.png")
 
 
 def main():

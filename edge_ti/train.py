@@ -52,7 +52,7 @@ TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 @dataclass
 class TrainSettings:
     vectors: int = 1              # vectors per token; 1 as in the paper and diffusers' default
-    template: str = "object"      # object or style prompt templates
+    template: object = "object"   # "object", "style", or a list of templates with one {}
     subspace: str = "pca"         # pca | prior | full (see subspace.py)
     dim: int = 256                # intrinsic dimension per vector: the paper's 256 (capped at D)
     popsize: int = 20             # the paper's population size (= cma's default for dim 256)
@@ -82,6 +82,19 @@ class TrainResult:
     elapsed: float
     stop_reason: str
     paths: dict                   # embedding, log, curve, checkpoint
+
+
+def prompt_templates(template):
+    """"object" | "style" | templates (each with one {}) -> the list of templates."""
+    if isinstance(template, str):
+        if template not in TEMPLATES:
+            raise EdgeTIError(f"unknown template {template!r}: choose object, style or give templates")
+        return TEMPLATES[template]
+    templates = list(template)
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise EdgeTIError(f"each prompt template needs exactly one {{}} for the token: {bad[:3] or 'none given'}")
+    return templates
 
 
 def output_paths(out):
@@ -114,8 +127,7 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
     (edge_ti.workers: in this process by default).
     """
     settings = settings or TrainSettings()
-    if settings.template not in TEMPLATES:
-        raise EdgeTIError(f"unknown template {settings.template!r}: choose object or style")
+    templates = prompt_templates(settings.template)
     if settings.crn not in ("redraw", "fixed"):
         raise EdgeTIError(f"unknown crn {settings.crn!r}: choose redraw or fixed")
     paths = output_paths(out)
@@ -142,7 +154,7 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
     W = subspace.basis(settings.subspace, table, dim, sigma, seed=settings.seed)  # (D, dim)
 
     # 3. prompts and the common random numbers
-    prompts = [t.format(token) for t in TEMPLATES[settings.template]]
+    prompts = [t.format(token) for t in templates]
     prompt_ids = model.tokenize(prompts, {token: e0})                  # (K, 77), token ids from V on
     T_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
 

@@ -6,10 +6,15 @@ tokenized prompts, the concept latents) and turns candidates + common random num
 
 Each candidate's loss does not depend on which others share its batch (checked bitwise in the
 tests), so a scorer may split a population any way it likes and the search stays the same.
+
+    InProcess     here, the whole population in one call (the default)
+    RayPool       on Ray actors, one machine or many (the optional `ray` extra; ray_scorer() makes
+                  one for train(), scorer_factory() maps the CLI's --workers)
 """
 import collections
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -52,7 +57,11 @@ RAY_MISSING = "the Ray workers need Ray: pip install 'edge-ti[ray]'"
 LOCAL_OBJECT_STORE = 128 << 20    # bytes: the store holds latents, prompts and triples (kilobytes to a few MB)
 
 
-def _import_ray():
+def _import_ray(local_only=False):
+    if local_only and "ray" not in sys.modules:
+        # Ray resolves 127.0.0.1 to the machine's network address (to let other nodes join) unless
+        # this is set before its import: then a one-machine Ray listens on 127.0.0.1 only
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
@@ -109,9 +118,11 @@ class _Worker:
                 "providers": self.model.providers if self.model else None}
 
     def score(self, candidates, triples):
-        """candidates [c, n, D] -> loss [c], exactly what InProcess gives these rows."""
-        return objective.population_loss(self.model, candidates, self.prompt_ids, self.latents, triples,
-                                         self.max_batch)
+        """candidates [c, n, D] -> (loss [c], exactly what InProcess gives these rows; seconds it took)."""
+        start = time.perf_counter()
+        losses = objective.population_loss(self.model, candidates, self.prompt_ids, self.latents, triples,
+                                           self.max_batch)
+        return losses, time.perf_counter() - start
 
     def ping(self, payload=None):
         """A round trip and nothing else (benchmarks/scaling.py measures the per-message cost)."""
@@ -122,6 +133,7 @@ class _Worker:
 class _Slot:
     actor: object
     index: int                                    # worker number, kept by a replacement
+    place: object                                 # its _Place, kept by a replacement
     where: str = "starting"
     ready: bool = False                           # said hello with the driver's model files
     dead: bool = False
@@ -143,40 +155,53 @@ class _Task:
     sent: float = 0.0
 
 
-class RayPool:
-    """Score populations on Ray actors; the losses are InProcess's, bit for bit.
+@dataclass(frozen=True)
+class _Place:
+    """Where one actor runs and with what: a node (None: anywhere), a device, onnxruntime threads."""
+    node: str
+    device: str
+    threads: int
 
-    address: a running cluster ("auto", "ray://head:10001", host:port); None: RAY_ADDRESS, else
-    "auto" -- or, with local_workers, a new local Ray on this machine with that many actors.
-    workers: number of actors [local_workers; on a cluster, its CPUs // threads_per_worker, or its GPUs
-    for device="cuda"]. chunk: candidates per message [auto: about four chunks per actor]. depth:
-    messages queued per actor (2: it never waits for the driver between chunks). An actor that dies
-    has its chunks rescored on the others and is replaced (at most max_restarts times in all [workers]);
-    a chunk running more than backup_after x the median chunk time gets a copy on an idle actor, and
-    the first answer wins. If Ray was already connected the pool leaves it so; otherwise close() shuts
-    down what it started.
+
+class RayPool:
+    """Score populations on Ray actors; on one provider the losses are InProcess's, bit for bit.
+
+    address: a running cluster ("auto", "ray://head:10001", host:port); None: RAY_ADDRESS, else "auto"
+    -- or, with local_workers=N, a new Ray on this machine only (127.0.0.1) with N actors.
+    Actors: `workers` (or local_workers) of threads_per_worker [1] threads each, placed by Ray; else,
+    on a cluster, one per node with all its CPUs as threads (or CPUs // threads_per_worker of them),
+    and with device="auto" one CUDA actor per GPU on GPU nodes, CPU elsewhere. Only actors on the same
+    provider and CPU kind as the driver's in-process run reproduce it bitwise; a mixed cluster
+    reproduces it to float rounding. model_path: the folder as every node sees it [model.path]; its
+    files must be the driver's (fingerprints, checked when each actor starts).
+    chunk: candidates per message [about four chunks per actor]. depth: messages queued per actor
+    (2: it need not wait for the driver between chunks). An actor that dies has its chunks rescored
+    on the others and is replaced (max_restarts in all [one per actor]); a chunk stuck behind an
+    actor whose current chunk runs backup_after x the median gets a copy on an idle actor, and the
+    first answer wins. close() kills the actors, and shuts Ray down if the pool started it.
     """
 
     def __init__(self, model, prompt_ids, latents, max_batch, address=None, local_workers=None,
-                 threads_per_worker=1, device="cpu", workers=None, model_path=None, chunk=None, depth=2,
+                 threads_per_worker=None, device="cpu", workers=None, model_path=None, chunk=None, depth=2,
                  max_restarts=None, backup_after=2.0, start_timeout=300.0):
-        ray = self._ray = _import_ray()
+        ray = self._ray = _import_ray(local_only=bool(local_workers))
         self.device, self.threads, self.chunk, self.depth = device, threads_per_worker, chunk, depth
         self.backup_after, self.start_timeout = backup_after, start_timeout
         self.model_path = os.path.abspath(model_path or model.path)
         self.expected = model_fingerprints(model.path)                # the driver's copy decides
-        self._started_ray = False
+        self._started_ray, self._slots, self._tasks = False, [], {}
         if not ray.is_initialized():
             self._connect(address, local_workers)
         try:
-            n = workers or local_workers or self._cluster_workers()
-            self.max_restarts = n if max_restarts is None else max_restarts
+            places = self._places(workers or local_workers)
+            self.max_restarts = len(places) if max_restarts is None else max_restarts
             self.restarts, self.backups, self.lost, self._last_loss = 0, 0, 0, None
+            self.compute_seconds = 0.0                             # actors' scoring time (of chunks used)
             self._shared = (ray.put(np.ascontiguousarray(prompt_ids)), ray.put(np.ascontiguousarray(latents)),
                             max_batch)
-            self._tasks, self._slots, self._call = {}, [], 0
-            for i in range(n):
-                self._start(i)
+            self._call = 0
+            for i, place in enumerate(places):
+                self._start(i, place)
             self._wait_for_hellos()
         except BaseException:
             self.close()
@@ -186,7 +211,7 @@ class RayPool:
     def _connect(self, address, local_workers):
         ray = self._ray
         if local_workers:  # a private Ray on this machine, localhost only, no dashboard
-            ray.init(address="local", num_cpus=local_workers * self.threads, include_dashboard=False,
+            ray.init(address="local", num_cpus=local_workers * (self.threads or 1), include_dashboard=False,
                      object_store_memory=LOCAL_OBJECT_STORE, _node_ip_address="127.0.0.1",
                      log_to_driver=False, logging_level=logging.WARNING)
         else:
@@ -198,21 +223,39 @@ class RayPool:
                                   "start one with `ray start --head` or use --workers ray-local:N") from None
         self._started_ray = True
 
-    def _cluster_workers(self):
-        resources = self._ray.cluster_resources()
-        n = int(resources.get("GPU", 0)) if self.device == "cuda" else int(resources.get("CPU", 0) // self.threads)
-        if n < 1:
-            raise EdgeTIError(f"the Ray cluster has no room for a {self.device} worker "
-                              f"({self.threads} CPU each); its resources: {resources}")
-        return n
+    def _places(self, count):
+        """One _Place per actor: COUNT anywhere, or laid out over the cluster's nodes."""
+        if count:
+            return [_Place(None, "cpu" if self.device == "auto" else self.device, self.threads or 1)] * count
+        places = []
+        for node in self._ray.nodes():
+            resources = node.get("Resources", {})
+            cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+            if not node.get("Alive") or cpus < 1:
+                continue
+            if self.device == "cuda" or (self.device == "auto" and gpus):
+                threads = self.threads or max(1, cpus // max(gpus, 1))
+                places += [_Place(node["NodeID"], "cuda", threads)] * gpus
+            else:
+                threads = min(self.threads or cpus, cpus)
+                places += [_Place(node["NodeID"], "cpu" if self.device == "auto" else self.device, threads)] * (
+                    cpus // threads)
+        if not places:
+            raise EdgeTIError(f"the Ray cluster has no node for a {self.device} worker "
+                              f"(resources: {self._ray.cluster_resources()})")
+        return places
 
-    def _start(self, index):
+    def _start(self, index, place):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        options = {"num_cpus": place.threads, "num_gpus": 1 if place.device == "cuda" else 0}
+        if place.node:  # soft: a replacement may go elsewhere if the node is gone
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(place.node, soft=True)
         if not hasattr(self, "_actor_class"):
-            self._actor_class = self._ray.remote(_Worker).options(
-                num_cpus=self.threads, num_gpus=1 if self.device == "cuda" else 0)
-        actor = self._actor_class.remote(
-            self.model_path, self.device, self.threads, self.expected, *self._shared)
-        slot = _Slot(actor, index)
+            self._actor_class = self._ray.remote(_Worker)
+        actor = self._actor_class.options(**options).remote(
+            self.model_path, place.device, place.threads, self.expected, *self._shared)
+        slot = _Slot(actor, index, place)
         self._slots.append(slot)
         self._send(slot, _Task(slot, "hello"), actor.hello.remote())
 
@@ -256,7 +299,7 @@ class RayPool:
             self.restarts += 1
             log.warning("Ray worker %d (%s) lost: %s; its chunks go to the others, starting a replacement",
                         slot.index, slot.where, reason)
-            self._start(slot.index)
+            self._start(slot.index, slot.place)
         else:
             log.warning("Ray worker %d (%s) lost: %s; no restarts left, %d worker(s) go on",
                         slot.index, slot.where, reason, len(self._live()))
@@ -295,10 +338,36 @@ class RayPool:
             log.info("Ray worker %d on %s: %s", slot.index, slot.where, ", ".join(value["providers"]))
         elif ours and not generation["done"][task.chunk]:
             start, stop = generation["bounds"][task.chunk]
-            generation["losses"][start:stop] = value
+            generation["losses"][start:stop], seconds = value
+            self.compute_seconds += seconds
             generation["done"][task.chunk] = True
+            generation["left"] -= 1
             generation["times"].append(elapsed)
             slot.chunks += 1
+
+    def _send_backups(self, generation, send):
+        """Idle actors take copies of the chunks queued on an actor whose current chunk has run more
+        than backup_after x the median chunk (the first answer wins). -> seconds until the next look,
+        or None to wait for an answer."""
+        idle = [s for s in self._live() if not s.running]
+        if not idle or not generation["times"]:
+            return None
+        limit = self.backup_after * float(np.median(generation["times"]))
+        now, timeout = time.perf_counter(), None
+        for slot in self._live():
+            tasks = [self._tasks[r] for r in slot.running]
+            stuck = [t.chunk for t in tasks if t.kind == "score" and t.call == generation["call"]
+                     and not generation["done"][t.chunk] and generation["copies"][t.chunk] == 1]
+            if not stuck:
+                continue
+            late_by = slot.busy_for(self._tasks, now) - limit
+            if late_by <= 0:
+                timeout = min(timeout or np.inf, max(0.001, -late_by))
+                continue
+            while stuck and idle:
+                send(idle.pop(), stuck.pop())
+                self.backups += 1
+        return timeout
 
     # ---- the scorer interface ----
     def population_loss(self, candidates, triples):
@@ -311,46 +380,31 @@ class RayPool:
         generation = {"call": self._call, "bounds": [(s, min(s + size, P)) for s in range(0, P, size)],
                       "losses": np.zeros(P, dtype=np.float64), "times": []}
         n_chunks = len(generation["bounds"])
-        generation.update(done=[False] * n_chunks, copies=[0] * n_chunks, todo=collections.deque(range(n_chunks)))
+        generation.update(done=[False] * n_chunks, left=n_chunks, copies=[0] * n_chunks,
+                          todo=collections.deque(range(n_chunks)))
         triples_ref = ray.put(triples)                           # once per generation, read by every actor
-        todo, done, copies = generation["todo"], generation["done"], generation["copies"]
+        todo = generation["todo"]
 
         def send(slot, c):
             start, stop = generation["bounds"][c]
-            copies[c] += 1
+            generation["copies"][c] += 1
             self._send(slot, _Task(slot, "score", self._call, c),
                        slot.actor.score.remote(candidates[start:stop], triples_ref))
 
-        while not all(done):
+        while generation["left"]:
             # 1. hand out chunks breadth-first: every free actor one, then a second (depth) ...
             for level in range(1, self.depth + 1):
                 for slot in self._live():
                     if todo and len(slot.running) < level:
                         send(slot, todo.popleft())
-            # 2. backups: an idle actor takes a copy of a chunk stuck on an actor whose current chunk
-            #    has run far longer than the median chunk (a slow or hung node); the first answer wins
-            timeout = None
-            idle = [s for s in self._live() if not s.running]
-            if not todo and idle and generation["times"]:
-                limit = self.backup_after * float(np.median(generation["times"]))
-                now = time.perf_counter()
-                for slot in self._live():
-                    stuck = [self._tasks[r].chunk for r in slot.running if self._tasks[r].kind == "score"
-                             and self._tasks[r].call == self._call and not done[self._tasks[r].chunk]]
-                    stuck = [c for c in stuck if copies[c] == 1]
-                    if not stuck:
-                        continue
-                    late_by = slot.busy_for(self._tasks, now) - limit
-                    if late_by <= 0:
-                        timeout = min(timeout or np.inf, max(0.001, -late_by))   # look again then
-                        continue
-                    while stuck and idle:
-                        send(idle.pop(), stuck.pop())
-                        self.backups += 1
+            # 2. backups for chunks stuck on a slow or hung actor
+            timeout = self._send_backups(generation, send) if not todo else None
             if not self._tasks:
-                raise EdgeTIError(f"no Ray workers left: all died and the restarts are used up (last: {self._last_loss})")
+                raise EdgeTIError(f"no Ray workers left: all died and the restarts are used up "
+                                  f"(last: {self._last_loss})")
             if not self._live():                                   # only replacements starting
                 timeout = self.start_timeout
+            # 3. take the next answer: losses, a hello, or a lost actor (its chunks go back to todo)
             ready, _ = ray.wait(list(self._tasks), num_returns=1, timeout=timeout)
             if not ready and not self._live():
                 raise EdgeTIError(f"no Ray workers left: no replacement started within {self.start_timeout:.0f} s")
@@ -385,13 +439,19 @@ def ray_scorer(**options):
 
 
 def scorer_factory(workers="in-process", ray_address=None, threads=None, device="cpu"):
-    """The CLI's --workers: in-process | ray (a running cluster) | ray-local:N -> a make_scorer."""
+    """The CLI's --workers: in-process | ray (a running cluster) | ray-local:N -> a make_scorer.
+
+    threads: per actor [ray-local: 1; ray: all of each node's CPUs, one actor per node]. device: every
+    actor's (auto: CUDA on GPU nodes, one actor per GPU; CPU elsewhere)."""
+    if ray_address and workers != "ray":
+        raise EdgeTIError("--ray-address goes with --workers ray")
     if workers == "in-process":
         return InProcess
     if workers == "ray":
         _import_ray()
-        return ray_scorer(address=ray_address, threads_per_worker=threads or 1, device=device)
-    if workers.startswith("ray-local:") and workers[len("ray-local:"):].isdigit() and int(workers[10:]) > 0:
+        return ray_scorer(address=ray_address, threads_per_worker=threads, device=device)
+    count = workers[len("ray-local:"):] if workers.startswith("ray-local:") else ""
+    if count.isdigit() and int(count) > 0:
         _import_ray()
-        return ray_scorer(local_workers=int(workers[10:]), threads_per_worker=threads or 1, device=device)
+        return ray_scorer(local_workers=int(count), threads_per_worker=threads, device=device)
     raise EdgeTIError(f"--workers {workers!r}: choose in-process, ray or ray-local:N")

@@ -101,7 +101,7 @@ class TrainConfig:
     clip_lr: float = 1e-3
     clip_dim: int = 64
     # the check after export
-    eval_prompts: int = 48
+    eval_prompts: int = 100        # per group (trained combinations, held-out ones)
     eval_steps: int = 25
     eval_guidance: float = 4.0
 
@@ -358,31 +358,63 @@ def train_clip(cfg, images, attributes, tokenizer, gen, rng):
 
 
 # ---------------------------------------------------------------- evaluation (numpy runtime)
-def evaluate(model_dir, n_prompts=48, steps=25, guidance=4.0, seed=1000, include_held_out=True):
-    """Generate one image per full caption with edge_ti.generate (onnxruntime) and analyze it.
+def reconstruction_accuracy(model_dir, n=1000, seed=2000):
+    """The analyzer on clean images and on their VAE reconstructions through the ONNX VAE.
 
-    Returns {"trained": {attribute: accuracy}, "held_out": {...}}: prompts of attribute sets drawn
-    from the training distribution, and (include_held_out) prompts that contain a HELD_OUT combination.
+    Images of the whole world (held-out combinations included); latents are the posterior means.
+    Returns {"clean": {attribute: accuracy}, "vae": {...}}.
+    """
+    import edge_ti
+    from edge_ti.generate import decode
+    from edge_ti.latents import encode_images
+
+    model = edge_ti.open_model(model_dir)
+    rng = np.random.default_rng(seed)
+    attributes = [world.sample_attributes(rng, exclude=()) for _ in range(n)]
+    images = np.stack([world.draw(a, rng) for a in attributes])               # [n, 32, 32, 3]
+    pixels = images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1      # [n, 3, 32, 32]
+    recon = decode(model, encode_images(model, pixels, batch=100))             # [n, 32, 32, 3]
+    return {"clean": analyzer.accuracy(images, attributes), "vae": analyzer.accuracy(recon, attributes)}
+
+
+def prompt_accuracy(model_dir, n_prompts=100, steps=25, guidance=4.0, seed=1000):
+    """One generation per full caption (edge_ti.generate, DDIM on onnxruntime), read back by the analyzer.
+
+    Returns {"trained": {attribute: accuracy}, "held_out": {...}}: captions of attribute sets from
+    the training distribution, and captions that contain one of HELD_OUT (the others drawn freely).
     """
     import edge_ti
     from edge_ti.generate import generate
 
     model = edge_ti.open_model(model_dir)
     rng = np.random.default_rng(seed)
+
+    def held_out():
+        combo = world.HELD_OUT[rng.integers(len(world.HELD_OUT))]
+        return world.sample_attributes(rng, exclude=(), **combo)
+
     results = {}
-    groups = {"trained": lambda: world.sample_attributes(rng)}
-    if include_held_out:
-        def held_out():
-            combo = world.HELD_OUT[rng.integers(len(world.HELD_OUT))]
-            return world.sample_attributes(rng, exclude=(), **combo)
-        groups["held_out"] = held_out
-    for name, sample in groups.items():
+    for name, sample in (("trained", lambda: world.sample_attributes(rng)), ("held_out", held_out)):
         attributes = [sample() for _ in range(n_prompts)]
         images = np.concatenate([generate(model, world.caption(a), steps=steps, guidance=guidance,
                                           sampler="ddim", seed=seed + i, n=1)
-                                 for i, a in enumerate(attributes)])
+                                 for i, a in enumerate(attributes)])               # [n_prompts, 32, 32, 3]
         results[name] = analyzer.accuracy(images, attributes)
     return results
+
+
+def evaluate(model_dir, cfg):
+    """Both checks, logged and returned."""
+    t = time.time()
+    recon = reconstruction_accuracy(model_dir)
+    log.info("analyzer accuracy, clean: %s", json.dumps(recon["clean"]))
+    log.info("analyzer accuracy, VAE reconstructions: %s", json.dumps(recon["vae"]))
+    prompts = prompt_accuracy(model_dir, cfg.eval_prompts, cfg.eval_steps, cfg.eval_guidance)
+    log.info("prompt accuracy (ddim %d steps, guidance %g, %d prompts per group): %s",
+             cfg.eval_steps, cfg.eval_guidance, cfg.eval_prompts, json.dumps(prompts))
+    log.info("evaluation: %.0f s", time.time() - t)
+    return {"reconstruction": recon, "prompts": prompts,
+            "settings": {"steps": cfg.eval_steps, "guidance": cfg.eval_guidance, "prompts": cfg.eval_prompts}}
 
 
 # ---------------------------------------------------------------- main
@@ -475,16 +507,14 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
     if args.evaluate:
-        result = evaluate(args.evaluate, cfg.eval_prompts, cfg.eval_steps, cfg.eval_guidance)
-        print(json.dumps(result, indent=2))
+        print(json.dumps(evaluate(args.evaluate, cfg), indent=2))
         return
     if not args.out:
         parser.error("--out is required to train")
     t0 = time.time()
     onnx_dir = train(args.out, cfg)
     log.info("total: %.0f s", time.time() - t0)
-    result = evaluate(onnx_dir, cfg.eval_prompts, cfg.eval_steps, cfg.eval_guidance)
-    log.info("prompt accuracy (ddim %d steps, guidance %g): %s", cfg.eval_steps, cfg.eval_guidance, json.dumps(result))
+    evaluate(onnx_dir, cfg)
 
 
 if __name__ == "__main__":

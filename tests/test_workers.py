@@ -3,20 +3,23 @@
 Every Ray here is local (127.0.0.1, 2 CPUs, no dashboard) and shut down by the test that made it.
 """
 import json
+import os
 import shutil
 import sys
 import time
 
 import numpy as np
 import pytest
-import ray
-from PIL import Image
 
-import edge_ti
-from edge_ti import objective
-from edge_ti.errors import EdgeTIError
-from edge_ti.train import TrainSettings, train
-from edge_ti.workers import InProcess, RayPool, ray_scorer, scorer_factory
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray's import: bind 127.0.0.1 only
+import ray  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import edge_ti  # noqa: E402
+from edge_ti import objective  # noqa: E402
+from edge_ti.errors import EdgeTIError  # noqa: E402
+from edge_ti.train import TrainSettings, train  # noqa: E402
+from edge_ti.workers import InProcess, RayPool, _Place, ray_scorer, scorer_factory  # noqa: E402
 
 SETTINGS = dict(budget=48, popsize=8, heldout_triples=6, eval_every=2, patience=0, seed=1)
 
@@ -50,6 +53,7 @@ def local_ray():
     assert not ray.is_initialized()
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 << 20,
              _node_ip_address="127.0.0.1", log_to_driver=False, logging_level="warning")
+    assert [node["NodeManagerAddress"] for node in ray.nodes()] == ["127.0.0.1"]
     yield
     ray.shutdown()
 
@@ -62,9 +66,16 @@ def _history(result):
 def test_ray_training_matches_in_process(tiny_sd, concept_dir, in_process_run, tmp_path):
     expected, reference = in_process_run
     assert not ray.is_initialized()
+    addresses = []
+
+    def make_scorer(*args):
+        scorer = ray_scorer(local_workers=2)(*args)  # starts its own Ray, this machine only, 2 actors
+        addresses.extend(node["NodeManagerAddress"] for node in ray.nodes())
+        return scorer
+
     result = train(edge_ti.open_model(tiny_sd[1]), [concept_dir], "<c>", str(tmp_path / "c.safetensors"),
-                   init_word="cat", settings=TrainSettings(**SETTINGS),
-                   make_scorer=ray_scorer(local_workers=2))  # starts its own local Ray with 2 actors
+                   init_word="cat", settings=TrainSettings(**SETTINGS), make_scorer=make_scorer)
+    assert addresses == ["127.0.0.1"]
     assert not ray.is_initialized()  # ... and shuts it down at the end
     assert np.array_equal(result.embedding["<c>"], expected)
     assert _history(result) == _history(reference)
@@ -79,8 +90,10 @@ def test_pool_losses_bitwise_any_chunking_and_a_slow_actor(tiny_sd, local_ray):
     triples = objective.draw_triples(rng, 4, 3, 2, 1000, (4, 16, 16))
     candidates = rng.normal(0, 0.05, (12, 1, 32)).astype(np.float32)
     expected = InProcess(model, prompt_ids, latents, 20).population_loss(candidates, triples)
-    pool = RayPool(model, prompt_ids, latents, 20, workers=2)
+    pool = RayPool(model, prompt_ids, latents, 20, threads_per_worker=1)  # laid out on the nodes: 2 CPUs, 2 actors
     try:
+        node = ray.get_runtime_context().get_node_id()
+        assert [s.place for s in pool._slots] == [_Place(node, "cpu", 1)] * 2
         for chunk in (None, 1, 5, 12):
             pool.chunk = chunk
             assert np.array_equal(pool.population_loss(candidates, triples), expected)

@@ -1,0 +1,122 @@
+"""int8 / fp16 copies of a model folder score candidates like fp32; the optimized-session cache.
+
+Tolerances, on the tiny model (a 2% relative UNet output error for int8, 0.1% for fp16):
+losses within 1% (int8) and 0.1% (fp16) of fp32, and the ranking of 12 candidates kept
+(Spearman >= 0.8 for int8, >= 0.95 for fp16). The loss is mostly irreducible noise, so candidates
+differ by ~1e-3 relative: the ranking check is the one that matters for the search.
+"""
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+import edge_ti
+from edge_ti import objective, quantize
+from edge_ti.errors import EdgeTIError
+from edge_ti.session import SessionSettings, create_session, files_fingerprint
+
+
+def _snapshot(folder):
+    return sorted((os.path.relpath(os.path.join(d, f), folder), os.path.getsize(os.path.join(d, f)),
+                   os.path.getmtime(os.path.join(d, f))) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def _spearman(a, b):
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _losses(onnx_dir, P=12):
+    model = edge_ti.open_model(onnx_dir)
+    rng = np.random.default_rng(0)
+    e0 = model.token_embeddings[model.tokenizer(["cat"])[0][1]][None]                   # (1, D)
+    candidates = (e0[None] + rng.normal(0, 0.5 * model.token_embeddings.std(),
+                                        (P, 1, model.hidden_size))).astype(np.float32)  # (P, 1, D)
+    prompt_ids = model.tokenize(["a photo of a <t>", "a rendition of the <t>"], {"<t>": e0})
+    latents = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
+    triples = objective.draw_triples(np.random.default_rng(1), 3, 2, 2, 1000, latents.shape[1:])
+    return objective.population_loss(model, candidates, prompt_ids, latents, triples, max_batch=8)
+
+
+@pytest.mark.parametrize("mode, rtol, rho", [("int8", 1e-2, 0.8), ("fp16", 1e-3, 0.95)])
+def test_quantized_scores_like_fp32(tiny_sd, tmp_path, mode, rtol, rho):
+    _, onnx_dir = tiny_sd
+    before = _snapshot(onnx_dir)
+    out = quantize.quantize_model(onnx_dir, str(tmp_path / mode), mode=mode)
+    assert _snapshot(onnx_dir) == before  # the source folder is only read
+    assert sorted(os.listdir(out)) == sorted(os.listdir(onnx_dir) + ["edge_ti_quantization.json"])
+    assert json.load(open(os.path.join(out, "edge_ti_quantization.json")))["mode"] == mode
+    reference, ours = _losses(onnx_dir), _losses(out)
+    assert np.all(np.abs(ours - reference) <= rtol * np.abs(reference)), np.abs(ours / reference - 1).max()
+    assert _spearman(reference, ours) >= rho
+    for part in ("unet", "text_encoder"):  # int8 / fp16 weights: smaller files
+        size = lambda d: os.path.getsize(os.path.join(d, part, "model.onnx"))
+        assert size(out) < size(onnx_dir), part
+    if mode == "int8":
+        ops = {n.op_type for n in onnx.load(os.path.join(out, "unet", "model.onnx")).graph.node}
+        assert "MatMulInteger" in ops and "ConvInteger" not in ops
+
+
+def test_refuses_bad_outputs(tiny_sd, tmp_path):
+    _, onnx_dir = tiny_sd
+    before = _snapshot(onnx_dir)
+    with pytest.raises(EdgeTIError, match="inside"):
+        quantize.quantize_model(onnx_dir, os.path.join(onnx_dir, "int8"))
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    with pytest.raises(EdgeTIError, match="already exists"):
+        quantize.quantize_model(onnx_dir, str(existing))
+    with pytest.raises(EdgeTIError, match="unknown mode"):
+        quantize.quantize_model(onnx_dir, str(tmp_path / "x"), mode="int4")
+    with pytest.raises(EdgeTIError, match="unknown part"):
+        quantize.quantize_model(onnx_dir, str(tmp_path / "x"), parts=("decoder",))
+    with pytest.raises(EdgeTIError, match="not an ONNX"):
+        quantize.quantize_model(str(tmp_path), str(tmp_path / "x"))
+    assert _snapshot(onnx_dir) == before
+    assert not (tmp_path / "x").exists()
+
+
+def test_failure_leaves_nothing(tiny_sd, tmp_path, monkeypatch):
+    _, onnx_dir = tiny_sd
+
+    def fail_after_writing(src, dst, *args):
+        with open(dst, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(quantize, "quantize_int8", fail_after_writing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        quantize.quantize_model(onnx_dir, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []  # neither OUT nor the temporary folder
+
+
+def test_session_cache_same_outputs(tiny_sd, tmp_path):
+    _, onnx_dir = tiny_sd
+    path = os.path.join(onnx_dir, "unet", "model.onnx")
+    rng = np.random.default_rng(0)
+    plain = create_session(path, ["CPUExecutionProvider"], SessionSettings(cache=False))
+    feeds = {"sample": rng.standard_normal((2, 4, 16, 16), dtype=np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
+    feeds["timestep"] = np.array(500, dtype=np.int64 if "int64" in plain.get_inputs()[1].type else np.float32)
+    want = plain.run(None, feeds)[0]
+    cache = tmp_path / "sessions"
+    first = create_session(path, ["CPUExecutionProvider"], SessionSettings(), str(cache))  # optimizes, saves
+    (entry,) = os.listdir(cache)                                       # one entry, no temporary left
+    assert sorted(os.listdir(cache / entry)) == ["model.onnx", "model.onnx.data"]
+    second = create_session(path, ["CPUExecutionProvider"], SessionSettings(), str(cache))  # loads the saved graph
+    assert os.listdir(cache) == [entry]
+    for session in (first, second):
+        assert np.allclose(session.run(None, feeds)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_fingerprint_covers_external_weights(tmp_path):
+    # optimum keeps a large UNet's weights in model.onnx_data beside an unchanged graph file
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.onnx_data").write_bytes(b"\0" * 100)
+    a = files_fingerprint(str(tmp_path / "model.onnx"))
+    (tmp_path / "config.json").write_text('{"note": 1}')
+    assert files_fingerprint(str(tmp_path / "model.onnx")) == a       # configs do not matter
+    (tmp_path / "model.onnx_data").write_bytes(b"\1" + b"\0" * 99)
+    assert files_fingerprint(str(tmp_path / "model.onnx")) != a       # weights do
