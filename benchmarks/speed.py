@@ -68,6 +68,31 @@ def load_average():
     return os.getloadavg()[0]
 
 
+def busy_cpu_seconds():
+    """CPU seconds all processes have used since boot (user + nice + system + irq + softirq + steal)."""
+    with open("/proc/stat", encoding="utf-8") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def others_cores(seconds=3.0):
+    """How many cores other processes keep busy right now (this process sleeps meanwhile)."""
+    before = busy_cpu_seconds()
+    time.sleep(seconds)
+    return (busy_cpu_seconds() - before) / seconds
+
+
+def wait_for_quiet(threshold, max_wait):
+    """Wait (up to max_wait seconds) until others use at most `threshold` cores; -> what they use."""
+    deadline = time.time() + max_wait
+    busy = others_cores()
+    while busy > threshold and time.time() < deadline:
+        time.sleep(10)
+        busy = others_cores()
+    return busy
+
+
 def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux
 
@@ -287,19 +312,33 @@ def child(spec):
 
 
 # ---------------------------------------------------------------- the driver
+QUIET = {"threshold": 0.3, "max_wait": 600}
+
+
 def run_row(args, log):
-    """Run one row in a fresh interpreter; -> its result dict, or {"error": ...}."""
+    """Run one row in a fresh interpreter; -> its result dict, or {"error": ...}.
+
+    Before: wait until other processes use at most QUIET["threshold"] cores. During: the cores the
+    others used, from /proc/stat minus this row's own CPU time (its rusage): the row's noise.
+    """
+    quiet_before = wait_for_quiet(QUIET["threshold"], QUIET["max_wait"])
     load = load_average()
     start = time.perf_counter()
+    busy0, own0 = busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--row", json.dumps(args)],
                           capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    own1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = (own1.ru_utime + own1.ru_stime) - (own0.ru_utime + own0.ru_stime)
+    others = max(0.0, (busy_cpu_seconds() - busy0 - own) / wall)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if proc.returncode or line is None:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         result = {"error": f"exit {proc.returncode}: {' | '.join(tail)[-300:]}"}
     else:
         result = json.loads(line[len("RESULT "):])
-    result.update(load_before=load, wall=time.perf_counter() - start)
+    result.update(load_before=load, others_before=quiet_before, others_during=others, wall=wall,
+                  own_cores=own / wall)
     log.write(json.dumps({"args": args, "result": result}) + "\n")
     log.flush()
     return result
@@ -350,9 +389,13 @@ def main():
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--sessions", action="store_true", help="session-option rows instead (32x32, batch 1)")
     parser.add_argument("--log", default=None, help="append every row's JSON here")
+    parser.add_argument("--quiet", type=float, default=QUIET["threshold"],
+                        help="before each row, wait until other processes use at most this many cores")
+    parser.add_argument("--max-wait", type=float, default=QUIET["max_wait"], help="... but no longer (seconds)")
     args = parser.parse_args()
     if args.row:
         return child(args.row)
+    QUIET.update(threshold=args.quiet, max_wait=args.max_wait)
 
     os.environ.setdefault("EDGE_TI_CACHE", os.path.join(args.models, "cache"))
     cpu = cpu_description()
@@ -383,7 +426,7 @@ def main():
               f"text_encoder {folder_gb(os.path.join(p, 'text_encoder')):.2f} GB, all {folder_gb(p):.2f} GB")
 
     header = ("| row | latent | batch | s / candidate eval | x grad step (time) | peak RSS GB | x grad step (RSS) "
-              "| UNet s / sample | text enc. s / prompt | GFLOP/s | % of peak | load |")
+              "| UNet s / sample | text enc. s / prompt | GFLOP/s | % of peak | other procs (cores) |")
     print(header + "\n|" + "---|" * 12, flush=True)
     results = {}
 
@@ -398,7 +441,7 @@ def main():
         text = f"{r['text_seconds'] / B:.3f}" if "text_seconds" in r else ""
         gflops = work_flops / r["seconds"] / 1e9
         print(f"| {name} | {L} | {B} | {per:.3f} | {ratio} | {r['peak_rss_gb']:.2f} | {mem} | {unet} | {text} "
-              f"| {gflops:.0f} | {100 * gflops / cpu['peak_gflops']:.0f}% | {r['load_before']:.2f} |", flush=True)
+              f"| {gflops:.0f} | {100 * gflops / cpu['peak_gflops']:.0f}% | {r['others_during']:.2f} |", flush=True)
 
     for L in args.latents:
         fwd_flops = flops[f"unet{L}"] + flops["text"]  # one candidate evaluation
@@ -433,7 +476,7 @@ def main():
         print("\n# one training generation: 20 candidates x 4 triples (TrainSettings defaults), "
               "a training evaluation = one candidate on 4 triples")
         print("| variant | latent | s / generation | s / training evaluation | UNet samples | peak RSS GB "
-              "| GFLOP/s | est. `edge-ti train` (5000 evaluations + held-out) | load |")
+              "| GFLOP/s | est. `edge-ti train` (5000 evaluations + held-out) | other procs (cores) |")
         print("|---|---|---|---|---|---|---|---|---|")
         for (_, v, L), r in generations.items():
             if "error" in r:
@@ -446,7 +489,7 @@ def main():
             heldout = 50 * 2 * 32 * r["seconds"] / samples
             total = 250 * r["seconds"] + heldout
             print(f"| {v} | {L} | {r['seconds']:.1f} | {per:.2f} | {samples} | {r['peak_rss_gb']:.2f} "
-                  f"| {work / r['seconds'] / 1e9:.0f} | {total / 3600:.1f} h | {r['load_before']:.2f} |")
+                  f"| {work / r['seconds'] / 1e9:.0f} | {total / 3600:.1f} h | {r['others_during']:.2f} |")
     summary(args, results, paths, cpu)
 
 
@@ -479,7 +522,7 @@ def session_rows(args, common, onnx_dir, log):
     import shutil
     paths = ensure_variants(onnx_dir, args.variants)
     cache = os.path.join(os.environ["EDGE_TI_CACHE"], "sessions")
-    print("| variant | session settings | load s | s / eval | UNet s | peak RSS GB | load avg |")
+    print("| variant | session settings | load s | s / eval | UNet s | peak RSS GB | other procs (cores) |")
     print("|---|---|---|---|---|---|---|", flush=True)
     trials = [("cold cache (optimize + save)", {"cache": True}, True),
               ("warm cache (load optimized graph)", {"cache": True}, False),
@@ -503,7 +546,7 @@ def session_rows(args, common, onnx_dir, log):
                 print(f"| {v} | {name} | failed: {r['error']} ||||", flush=True)
                 continue
             print(f"| {v} | {name} | {r['load_seconds']:.1f} | {r['seconds']:.3f} | {r['unet_seconds']:.3f} "
-                  f"| {r['peak_rss_gb']:.2f} | {r['load_before']:.2f} |", flush=True)
+                  f"| {r['peak_rss_gb']:.2f} | {r['others_during']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

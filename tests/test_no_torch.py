@@ -53,11 +53,18 @@ def test_cli_without_torch(tiny_sd, tmp_path):
 
 
 def test_generate_cli_without_torch(tiny_sd, tmp_path):
-    emb = str(tmp_path / "t.safetensors")
+    """A diffusers-style and an A1111-style (emb_params, named by its file) embedding in one prompt."""
+    from safetensors.numpy import save_file
     import edge_ti
+    emb = str(tmp_path / "t.safetensors")
     edge_ti.save_embedding(emb, {"<t>": np.full((1, 32), 0.02, np.float32)})
+    a1111 = str(tmp_path / "mystyle.safetensors")
+    save_file({"emb_params": np.full((2, 32), -0.03, np.float32)}, a1111)
     out = tmp_path / "images"
-    proc = run_blocked("edge_ti", "generate", tiny_sd[1], "a photo of <t>", "--embedding", emb, "--steps", "3",
-                       "--n", "2", "--sampler", "dpmpp-2m", "--out", str(out))
+    proc = run_blocked("edge_ti", "generate", tiny_sd[1], "a photo of <t> in mystyle", "--embedding", emb,
+                       "--embedding", a1111, "--steps", "3", "--n", "2", "--sampler", "dpmpp-2m", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(out)) == ["seed0-00.png", "seed0-01.png", "seed0-grid.png"]
+    proc = run_blocked("edge_ti", "tokenize", tiny_sd[1], "a <t> in mystyle", "--embedding", emb, "--embedding", a1111)
+    ids = proc.stdout.split()  # BOS a <t> in mystyle(2 vectors) EOS
+    assert len(ids) == 7 and ids[2] == "600" and ids[4:6] == ["601", "602"], ids

@@ -1,0 +1,68 @@
+"""The gradient baseline (export/gradient_ti.py) on the tiny model: its loss is edge-ti's, and it moves only the token."""
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+
+import edge_ti  # noqa: E402
+from edge_ti import latents as lat  # noqa: E402
+from edge_ti import objective  # noqa: E402
+from edge_ti_export import gradient_ti  # noqa: E402
+
+
+def _concept_images():
+    images = []
+    for cx, cy in [(12, 14), (20, 18), (16, 10)]:  # a red disc on blue, as tests/test_train.py
+        y, x = np.mgrid[0:40, 0:40]
+        img = np.zeros((40, 40, 3), np.uint8)
+        img[...] = (30, 40, 200)
+        img[(x - cx) ** 2 + (y - cy) ** 2 < 64] = (220, 30, 30)
+        images.append(Image.fromarray(img))
+    return images
+
+
+def test_loss_equals_edge_ti_objective(tiny_sd):
+    """Same latents, noise, timesteps and prompts: torch's loss = objective.population_loss."""
+    source, onnx_dir = tiny_sd
+    model = edge_ti.open_model(onnx_dir)
+    pixels = lat.load_images(_concept_images(), model.resolution, flip=True)       # (6, 3, 32, 32)
+    latents = lat.encode_images(model, pixels)                                      # (6, 4, 16, 16)
+    prompts = [t.format("<t>") for t in gradient_ti.OBJECT_TEMPLATES[:5]]
+    triples = objective.draw_triples(np.random.default_rng(3), 6, len(latents), len(prompts), 1000,
+                                     latents.shape[1:])
+    e = np.random.default_rng(4).normal(0, 0.5, (2, model.hidden_size)).astype(np.float32)  # 2 vectors
+    ids = model.tokenize(prompts, {"<t>": e})
+    expected = objective.population_loss(model, e[None], ids, latents, triples)[0]
+
+    components = gradient_ti.load_components(source)
+    gradient_ti.add_placeholder(components, "<t>", init_embedding=e, vectors=2)
+    input_ids = gradient_ti.prompt_ids(components["tokenizer"],
+                                       [prompts[k].replace("<t>", "<t> <t>_1") for k in triples.prompt_index])
+    with torch.no_grad():
+        loss = gradient_ti.denoising_loss(components, input_ids, torch.from_numpy(latents[triples.latent_index]),
+                                          torch.from_numpy(triples.noise), torch.from_numpy(triples.timesteps))
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_few_steps_move_only_the_token_rows(tiny_sd):
+    source, _ = tiny_sd
+    components = gradient_ti.load_components(source)
+    before = components["text_encoder"].get_input_embeddings().weight.detach().clone()   # (V, D)
+    unet_before = [p.detach().clone() for p in components["unet"].parameters()]
+    seen = []
+    settings = gradient_ti.GradientSettings(vectors=2, batch=2, max_steps=3, lr=5e-2, seed=0)
+    result = gradient_ti.train(source, _concept_images(), "<t>", init_word="cat", settings=settings,
+                               snapshot_steps=[1], on_step=lambda record, rows: seen.append(record["step"]),
+                               components=components)
+    after = components["text_encoder"].get_input_embeddings().weight.detach()            # (V + 2, D)
+    V = before.shape[0]
+    assert result.steps == 3 and result.samples == 6 and seen == [1, 2, 3]
+    assert torch.equal(after[:V], before)                      # the vocabulary is restored every step
+    assert not np.allclose(after[V:].numpy(), result.init)    # the two token rows moved
+    assert np.array_equal(result.embedding["<t>"], after[V:].numpy())
+    assert all(torch.equal(a, b) for a, b in zip(components["unet"].parameters(), unet_before))
+    assert [s.step for s in result.snapshots] == [1, 3] and len(result.losses) == 3
+    # init from the word: the mean of its token rows, for each vector
+    word_ids = components["tokenizer"].encode("cat", add_special_tokens=False)
+    assert np.allclose(result.init, before[word_ids].mean(0).numpy()[None].repeat(2, 0))
