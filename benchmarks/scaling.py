@@ -9,7 +9,8 @@ Without MODEL_DIR it builds the tests' tiny model (needs the export extra). It m
   2. the per-message costs: a driver<->actor round trip (ping carrying a chunk's candidates), and
      the driver's own CPU seconds per chunk inside RayPool.population_loss (serial: one driver);
   3. the per-generation driver costs: cma ask + tell at dim 256 for each popsize, ray.put(triples);
-  4. a generation's wall time with a local Ray of 1 and 2 one-thread actors (and in-process);
+  4. a generation's wall time with a local Ray of 1 and 2 one-thread actors, in-process, and in 1
+     and 2 plain processes at once (what this machine's cores give without Ray);
 then simulates RayPool's dispatch (chunks handed out as actors answer, 2 queued per actor) with
 those costs for 1 to 100 workers, and says what bounds each row: the work, the population (fewer
 chunks than workers), or the driver (busy most of the generation).
@@ -55,6 +56,28 @@ def problem(model, popsize, n_triples, seed=0):
     triples = objective.draw_triples(rng, n_triples, len(latents), len(prompts), 1000, latents.shape[1:])
     candidates = (e0[None] + rng.normal(0, 0.05, (popsize, *e0.shape))).astype(np.float32)  # (P, 1, D)
     return prompt_ids, latents, triples, candidates
+
+
+def _score_alone(job):
+    """In a fresh process: the median in-process generation (1 thread), after a barrier so all start together."""
+    model_dir, P, n_triples, repeat, barrier = job
+    model = edge_ti.open_model(model_dir, threads=1)
+    prompt_ids, latents, triples, candidates = problem(model, P, n_triples)
+    scorer = InProcess(model, prompt_ids, latents, 20)
+    scorer.population_loss(candidates, triples)
+    barrier.wait()
+    return best_of(lambda: scorer.population_loss(candidates, triples), repeat)[0]
+
+
+def concurrent_in_process(model_dir, n, P, n_triples, repeat):
+    """Median generation of n plain processes scoring at once, no Ray: what this machine's cores give."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        barrier = manager.Barrier(n)
+        with context.Pool(n) as pool:
+            return float(np.median(pool.map(_score_alone, [(model_dir, P, n_triples, repeat, barrier)] * n)))
 
 
 def best_of(f, repeat):
@@ -194,6 +217,7 @@ def main():
         triples_put = best_of(lambda: ray.put(triples), 50)[0]
     finally:
         ray.shutdown()
+    alone = {n: concurrent_in_process(model_dir, n, P, args.triples, args.rounds * G) for n in (1, 2)}
     one = {c: summary(runs[1, c], 1) for c in sizes[1]}
     two = {c: summary(runs[2, c], 2) for c in sizes[2]}
     inproc_wall = float(np.median(inproc_walls))
@@ -212,6 +236,8 @@ def main():
     print("| scorer | chunk | generation ms (median) | compute ms/chunk | other wall ms/chunk | "
           "driver CPU ms/chunk | simulated ms |\n|---|---|---|---|---|---|---|")
     print(f"| in-process | {P} | {inproc_wall * 1e3:.1f} | | | | |")
+    for n, wall in alone.items():
+        print(f"| in-process, {n} plain process(es) at once, no Ray | {P} | {wall * 1e3:.1f} | | | | |")
     for W, results in ((1, one), (2, two)):
         for c, (wall, compute, other, cpu) in results.items():
             sim = simulate(P, W, c, t_chunk, driver_per_chunk, round_trip, triples_put)[0]

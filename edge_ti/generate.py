@@ -27,27 +27,6 @@ from .files import atomic_path
 
 log = logging.getLogger(__name__)
 
-# onnxruntime's input types -> numpy: fp16 exports take float16 samples, old exports int64 timesteps
-_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-           "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
-
-def _inputs(session):
-    """{input name: (numpy dtype, rank)} of an onnxruntime session."""
-    return {i.name: (_DTYPES.get(i.type, np.float32), len(i.shape)) for i in session.get_inputs()}
-
-
-def _unet(session, inputs, sample, t, hidden):
-    """One UNet call: sample [B, C, h, w], timestep t, hidden [B, 77, D] -> model output float32 [B, C, h, w]."""
-    t_dtype, t_rank = inputs["timestep"]
-    timestep = np.asarray(t, dtype=t_dtype)                                 # [] (optimum's export)
-    if t_rank == 1:
-        timestep = np.full(sample.shape[:1], timestep, dtype=t_dtype)        # [B] (older exports)
-    feed = {"sample": sample.astype(inputs["sample"][0]), "timestep": timestep,
-            "encoder_hidden_states": hidden.astype(inputs["encoder_hidden_states"][0])}
-    return session.run(None, feed)[0].astype(np.float32)
-
-
 def denoise(model, prompt, embeddings=None, negative_prompt="", steps=30, guidance=7.5, sampler="ddim",
             seed=0, n=4, size=None, latents=None, progress=None, noise=None):
     """The sampling loop: prompt -> final latents float32 [n, C, h, w] (not yet divided by scaling_factor).
@@ -81,15 +60,13 @@ def denoise(model, prompt, embeddings=None, negative_prompt="", steps=30, guidan
     else:
         hidden = np.repeat(model.encode_text([prompt], embeddings), n, 0)   # [n, 77, D]
 
-    unet = model.session("unet")
-    inputs = _inputs(unet)
     log.info("sampling %d x %dpx: %s, %d steps, guidance %g", n, size, sampler_name, steps, guidance)
     x = latents * np.float32(sampler.init_noise_sigma)                      # [n, C, h, w], x_T
     for i, t in enumerate(sampler.timesteps):
         model_input = sampler.scale_model_input(x, i)                       # [n, C, h, w]
         if guided:
             model_input = np.concatenate([model_input, model_input])        # [2n, C, h, w]
-        model_output = _unet(unet, inputs, model_input, t, hidden)          # [2n or n, C, h, w]
+        model_output = model.unet(model_input, t, hidden)                   # [2n or n, C, h, w]
         if guided:
             out_uncond, out_cond = model_output[:n], model_output[n:]       # [n, C, h, w] each
             model_output = out_uncond + guidance * (out_cond - out_uncond)  # eq. 6
@@ -102,7 +79,7 @@ def denoise(model, prompt, embeddings=None, negative_prompt="", steps=30, guidan
 def decode(model, latents):
     """Final latents [n, C, h, w] -> uint8 images [n, H, W, 3], decoded one at a time to bound memory."""
     vae = model.session("vae_decoder")
-    dtype = _inputs(vae)["latent_sample"][0]
+    dtype = model.input_types("vae_decoder")["latent_sample"][0]
     images = []
     for z in latents / np.float32(model.scaling_factor):                    # [C, h, w]
         sample = vae.run(None, {"latent_sample": z[None].astype(dtype)})[0].astype(np.float32)  # [1, 3, H, W]

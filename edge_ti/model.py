@@ -20,6 +20,10 @@ from .tokenizer import ClipTokenizer, placeholder_ids
 
 log = logging.getLogger(__name__)
 
+# onnxruntime's input types -> numpy: fp16 exports take float16 samples, old exports int64 timesteps
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "directml": "DmlExecutionProvider"}
 
 
@@ -175,6 +179,25 @@ class Model:
         if part not in cached:
             cached[part] = self._session(os.path.join(self.path, part, "model.onnx"))
         return cached[part]
+
+    def input_types(self, part):
+        """{input name: (numpy dtype, rank)} of a part's session."""
+        cached = self.__dict__.setdefault("_input_types", {})
+        if part not in cached:
+            cached[part] = {i.name: (ORT_DTYPES.get(i.type, np.float32), len(i.shape))
+                            for i in self.session(part).get_inputs()}
+        return cached[part]
+
+    def unet(self, sample, timestep, hidden):
+        """One UNet call: sample [B, C, h, w], a timestep, hidden [B, 77, D] -> float32 [B, C, h, w]."""
+        inputs = self.input_types("unet")
+        t_dtype, t_rank = inputs["timestep"]
+        t = np.asarray(timestep, dtype=t_dtype)                               # [] (optimum's export)
+        if t_rank == 1:
+            t = np.full(sample.shape[:1], t, dtype=t_dtype)                   # [B] (older exports)
+        feed = {"sample": sample.astype(inputs["sample"][0]), "timestep": t,
+                "encoder_hidden_states": hidden.astype(inputs["encoder_hidden_states"][0])}
+        return self.session("unet").run(None, feed)[0].astype(np.float32)
 
     # ---- the public text path ----
     def check_embeddings(self, embeddings, source="embedding"):

@@ -58,15 +58,6 @@ def noisy_latents_and_targets(latents, triples, alphas_bar, prediction_type):
     return x_t.astype(np.float32), target.astype(np.float32)
 
 
-def _unet(session, sample, timestep, hidden):
-    feeds = {"sample": sample, "encoder_hidden_states": hidden}
-    timestep_input = next(i for i in session.get_inputs() if i.name == "timestep")
-    dtype = np.int64 if "int64" in timestep_input.type else np.float32
-    shape = () if len(timestep_input.shape) == 0 else (len(sample),)
-    feeds["timestep"] = np.full(shape, timestep, dtype=dtype)
-    return session.run(None, feeds)[0]
-
-
 def population_loss(model, candidates, prompt_ids, latents, triples, max_batch=20):
     """candidates [P, n, D] -> loss [P]: each candidate's mean squared error over the same triples.
 
@@ -80,7 +71,6 @@ def population_loss(model, candidates, prompt_ids, latents, triples, max_batch=2
     row_of_prompt = {int(k): r for r, k in enumerate(used)}
     alphas_bar = alphas_cumprod(model.scheduler_config)
     x_t, target = noisy_latents_and_targets(latents, triples, alphas_bar, model.prediction_type)
-    unet = model.session("unet")
     squared_error = np.zeros(P, dtype=np.float64)
     for t in np.unique(triples.timesteps):
         rows = np.flatnonzero(triples.timesteps == t)                     # triples at this timestep
@@ -90,8 +80,8 @@ def population_loss(model, candidates, prompt_ids, latents, triples, max_batch=2
             chunk = pairs[start:start + max_batch]
             sample = np.stack([x_t[i] for _, i in chunk])                           # (B, C, h, w)
             states = np.stack([hidden[p, row_of_prompt[int(triples.prompt_index[i])]] for p, i in chunk])  # (B, L, D)
-            pred = _unet(unet, sample, float(t), states)                            # (B, C, h, w)
-            err = ((pred.astype(np.float32) - np.stack([target[i] for _, i in chunk])) ** 2).mean(axis=(1, 2, 3))
+            pred = model.unet(sample, float(t), states)                             # (B, C, h, w)
+            err = ((pred - np.stack([target[i] for _, i in chunk])) ** 2).mean(axis=(1, 2, 3))
             for (p, _), e in zip(chunk, err):
                 squared_error[p] += e
     return (squared_error / len(triples.timesteps)).astype(np.float64)  # mean over triples

@@ -226,7 +226,14 @@ class RayPool:
     def _places(self, count):
         """One _Place per actor: COUNT anywhere, or laid out over the cluster's nodes."""
         if count:
-            return [_Place(None, "cpu" if self.device == "auto" else self.device, self.threads or 1)] * count
+            place = _Place(None, "cpu" if self.device == "auto" else self.device, self.threads or 1)
+            have = self._ray.cluster_resources()
+            cpus, gpus = count * place.threads, count if place.device == "cuda" else 0
+            if cpus > have.get("CPU", 0) or gpus > have.get("GPU", 0):
+                raise EdgeTIError(f"{count} {place.device} worker(s) of {place.threads} thread(s) need {cpus} CPUs"
+                                  f"{f' and {gpus} GPUs' if gpus else ''}; the Ray cluster has "
+                                  f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs")
+            return [place] * count
         places = []
         for node in self._ray.nodes():
             resources = node.get("Resources", {})
@@ -264,11 +271,15 @@ class RayPool:
         self._tasks[ref] = task
         slot.running.append(ref)
 
-    def _wait_for_hellos(self):
-        deadline = time.perf_counter() + self.start_timeout
+    def _wait_for_hellos(self, grace=10.0):
+        """Until every actor said hello, or `grace` seconds after the first did (the late ones join
+        when they are ready), or start_timeout."""
+        deadline, first = time.perf_counter() + self.start_timeout, None
         while any(not s.ready for s in self._slots):
-            ready, _ = self._ray.wait(list(self._tasks), num_returns=1,
-                                      timeout=max(0.0, deadline - time.perf_counter()))
+            now = time.perf_counter()
+            first = first or (now if self._live() else None)
+            end = deadline if first is None else min(deadline, first + grace)
+            ready, _ = self._ray.wait(list(self._tasks), num_returns=1, timeout=max(0.0, end - now))
             if not ready:
                 break
             self._answer(ready[0], None)

@@ -142,7 +142,7 @@ def test_actor_killed_mid_run_same_result(tiny_sd, concept_dir, in_process_run, 
     assert pool._slots == []  # train closed it
 
 
-def test_worker_with_other_model_files_refused(tiny_sd, tmp_path, local_ray):
+def test_refused_at_start_other_model_files_or_no_room(tiny_sd, tmp_path, local_ray):
     model = edge_ti.open_model(tiny_sd[1])
     prompt_ids = model.tokenize(["a photo of <t>"], {"<t>": np.zeros((1, 32))})
     latents = np.zeros((1, 4, 16, 16), np.float32)
@@ -153,6 +153,10 @@ def test_worker_with_other_model_files_refused(tiny_sd, tmp_path, local_ray):
     data = bytearray(unet.read_bytes())
     data[-100] ^= 0xFF
     unet.write_bytes(bytes(data))
+    for options, message in [(dict(workers=3), "need 3 CPUs; the Ray cluster has 2 CPUs"),
+                             (dict(workers=1, device="cuda"), "need 1 CPUs and 1 GPUs")]:
+        with pytest.raises(EdgeTIError, match=message):  # at once, not after a wait for room
+            RayPool(model, prompt_ids, latents, 20, **options)
     with pytest.raises(EdgeTIError) as err:
         RayPool(model, prompt_ids, latents, 20, workers=2, model_path=str(stale))
     message = str(err.value)

@@ -1,0 +1,652 @@
+"""Quality: edge-ti against gradient textual inversion on the shapes world, where every image's truth is known.
+
+    python benchmarks/quality.py --work /tmp/quality [--seeds 0 1 2 3 4] [--time 60] [--workers 2]
+    python benchmarks/quality.py --work /tmp/quality --report       # tables + curves from what ran
+
+For each concept (CONCEPTS: attribute concepts built on held-out combinations, and styles that
+must transfer to any shape) and seed, K concept images are drawn with the concept's attributes
+fixed and the others random. On the same model, images and seed:
+
+    edge-ti         edge_ti.train with its defaults (pca subspace, 1 vector, CMA-ES, redrawn CRN)
+    gradient        export/gradient_ti.py: diffusers' textual-inversion recipe (AdamW on the token rows)
+    init            the init word's embedding alone (what both methods start from)
+    oracle          the concept's caption words' own token embeddings as a multi-vector token
+    edge-ti:prior, edge-ti:full, edge-ti:3vec, edge-ti:fixed   (ablations; maybe on fewer seeds)
+
+Every training runs in its own subprocess (its peak RSS from os.wait4: the rusage of that child
+alone, which is getrusage(RUSAGE_CHILDREN) of a parent with one child), with the same thread count
+for torch and onnxruntime and the same wall-time budget. Both snapshot their current embedding at
+fixed fractions of the budget (edge-ti: its best held-out candidate so far), so accuracy can be
+drawn against wall time. Then, per snapshot:
+
+    accuracy        N generations (DDIM, guidance as the model's own check) from prompts with the
+                    token, each read back by edge_ti.shapes.analyzer: the fraction of the target
+                    attributes it shows (objects: the concept's attributes; styles: the concept's
+                    attributes plus the shape the prompt names), averaged over the images
+    held-out loss   edge_ti.objective on fresh images of the concept (not the training images) and
+                    a fixed set of triples, the same for every method of a (concept, seed)
+    wall time       seconds from calling the trainer (model loading and latents included) to the snapshot
+    UNet samples    edge-ti: candidate evaluations x triples + held-out checks; gradient: steps x batch
+                    (forward + backward samples)
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TOKEN = "<c>"
+
+
+# ---------------------------------------------------------------- concepts
+@dataclass
+class Concept:
+    name: str
+    kind: str                     # object (prompts "a photo of <c>") or style ("a {shape} in the style of <c>")
+    attributes: dict              # fixed in every concept image; the rest is drawn at random
+    init_word: str                # the plausible class word a user would give
+
+
+CONCEPTS = [
+    # objects: 3-4 attributes around a (shape, color) pair the model never saw together
+    Concept("striped-green-triangle", "object", {"shape": "triangle", "color": "green", "pattern": "striped"}, "triangle"),
+    Concept("dotted-blue-star", "object", {"shape": "star", "color": "blue", "pattern": "dotted"}, "star"),
+    Concept("big-yellow-circle-gray", "object",
+            {"shape": "circle", "color": "yellow", "size": "big", "background": "gray"}, "circle"),
+    Concept("striped-red-hexagon-left", "object",
+            {"shape": "hexagon", "color": "red", "pattern": "striped", "position": "left"}, "hexagon"),
+    # a trained (shape, color) pair, 4 attributes: the control
+    Concept("big-dotted-pink-cross", "object",
+            {"shape": "cross", "color": "pink", "size": "big", "pattern": "dotted"}, "cross"),
+    # styles: must transfer to any shape (concept images vary shape and color)
+    Concept("style-striped-white", "style", {"pattern": "striped", "background": "white"}, "pattern"),
+    Concept("style-dotted-black", "style", {"pattern": "dotted", "background": "black"}, "pattern"),
+    Concept("style-cyan-dotted-brown", "style", {"color": "cyan", "pattern": "dotted", "background": "brown"},
+            "pattern"),
+]
+BY_NAME = {c.name: c for c in CONCEPTS}
+
+OBJECT_PROMPTS = ["a photo of a {}", "a rendering of a {}", "a close-up photo of a {}", "a good photo of a {}"]
+STYLE_PROMPT = "a {shape} in the style of {token}"
+
+# the methods: how each trains (edge-ti TrainSettings overrides; gradient settings)
+METHODS = {
+    "edge-ti": {"kind": "edge-ti", "settings": {}},
+    "gradient": {"kind": "gradient", "settings": {}},
+    "edge-ti:prior": {"kind": "edge-ti", "settings": {"subspace": "prior"}},
+    "edge-ti:full": {"kind": "edge-ti", "settings": {"subspace": "full"}},
+    "edge-ti:3vec": {"kind": "edge-ti", "settings": {"vectors": 3}},
+    "edge-ti:fixed": {"kind": "edge-ti", "settings": {"crn": "fixed"}},
+    # tried when the target was missed: a smaller subspace, fewer triples per generation
+    "edge-ti:dim16": {"kind": "edge-ti", "settings": {"dim": 16}},
+    "edge-ti:2triples": {"kind": "edge-ti", "settings": {"triples": 2}},
+}
+MAIN = ["edge-ti", "gradient"]
+ABLATIONS = ["edge-ti:prior", "edge-ti:full", "edge-ti:3vec", "edge-ti:fixed"]
+
+
+def default_paths():
+    """(onnx, diffusers) of the shapes model: the shipped one, else the full training run, else the quick one."""
+    candidates = [(os.path.join(ROOT, "edge_ti", "shapes", "model"), os.path.join(ROOT, "export", "shapes_diffusers")),
+                  ("/tmp/shp/full/onnx", "/tmp/shp/full/diffusers"),
+                  ("/tmp/shp/quick/onnx", "/tmp/shp/quick/diffusers")]
+    onnx = next((o for o, _ in candidates if os.path.isfile(os.path.join(o, "unet", "model.onnx"))), None)
+    diffusers = next((d for _, d in candidates if os.path.isfile(os.path.join(d, "model_index.json"))), None)
+    return onnx, diffusers
+
+
+def exclusions(concept):
+    """The held-out combinations other than the concept's own (its images may contain only that one)."""
+    from edge_ti.shapes.draw import HELD_OUT
+    return tuple(c for c in HELD_OUT if not all(concept.attributes.get(k) == v for k, v in c.items()))
+
+
+def draw_concept(concept, seed, k, salt):
+    """K images uint8 [K, 32, 32, 3] of the concept and their attribute dicts."""
+    from edge_ti.shapes import draw as world
+    rng = np.random.default_rng([seed, CONCEPTS.index(concept), salt])
+    attributes = [world.sample_attributes(rng, exclude=exclusions(concept), **concept.attributes) for _ in range(k)]
+    return np.stack([world.draw(a, rng) for a in attributes]), attributes
+
+
+def oracle_text(concept):
+    """The concept in caption words: "striped green triangle", "dotted, black background"."""
+    from edge_ti.shapes.draw import POSITION_WORDS
+    a = concept.attributes
+    words = [a[n] for n in ("size", "pattern", "color") if n in a]
+    if "shape" in a:
+        words.append(a["shape"])
+    if "position" in a:
+        words.append(POSITION_WORDS[a["position"]])
+    text = " ".join(words)
+    if "background" in a:
+        text += f", {a['background']} background"
+    return text
+
+
+def eval_prompts(concept, n):
+    """[(prompt, target attributes, count)] with counts summing to n."""
+    from edge_ti.shapes.draw import SHAPES
+    if concept.kind == "object":
+        items = [(p.format(TOKEN), dict(concept.attributes)) for p in OBJECT_PROMPTS]
+    else:
+        items = [(STYLE_PROMPT.format(shape=s, token=TOKEN), {**concept.attributes, "shape": s}) for s in SHAPES]
+    counts = [n // len(items) + (i < n % len(items)) for i in range(len(items))]
+    return [(p, t, c) for (p, t), c in zip(items, counts) if c]
+
+
+# ---------------------------------------------------------------- children
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def child_train(spec):
+    """One training in this process: writes spec['out'] + .npz (snapshots) and .json (numbers)."""
+    method = METHODS[spec["method"]]
+    concept = BY_NAME[spec["concept"]]
+    template = "object" if concept.kind == "object" else "style"
+    images = [os.path.join(spec["images"], f) for f in sorted(os.listdir(spec["images"]))]
+    budget, fractions = spec["time"], spec["fractions"]
+    marks = sorted(f * budget for f in fractions if f < 1)
+    snapshots = []                            # (wall, samples, embedding [n, D])
+    load0 = os.getloadavg()[0]
+    start = time.perf_counter()
+    if method["kind"] == "edge-ti":
+        import edge_ti
+        from edge_ti import init as initialization, subspace
+        from edge_ti.train import TrainSettings, train
+        model = edge_ti.open_model(spec["onnx"], threads=spec["threads"])
+        settings = TrainSettings(template=template, seed=spec["seed"], max_time=budget,
+                                 **{**spec.get("edge_settings", {}), **method["settings"]})
+        # e0 and W as edge_ti.train builds them, to turn a snapshot's best z into its embedding
+        table = model.token_embeddings
+        e0 = initialization.from_word(model, concept.init_word, settings.vectors)
+        dim = min(settings.dim, table.shape[1]) if settings.subspace != "full" else table.shape[1]
+        sigma = settings.sigma or (0.5 * float(table.std()) if settings.subspace == "full" else 0.5)
+        W = subspace.basis(settings.subspace, table, dim, sigma, seed=settings.seed)
+        samples = lambda s: s.evaluations * settings.triples + s.heldout_evaluations * settings.heldout_triples  # noqa: E731
+
+        def on_generation(record, state):
+            wall = time.perf_counter() - start
+            while marks and wall >= marks[0]:
+                marks.pop(0)
+                snapshots.append((wall, samples(state), subspace.embeddings_from_z(e0, W, state.best_z[None])[0]))
+
+        result = train(model, images, TOKEN, spec["out"], init_word=concept.init_word, settings=settings,
+                       on_generation=on_generation)
+        wall = time.perf_counter() - start
+        final = result.embedding[TOKEN]
+        total_samples = result.evaluations * settings.triples + result.heldout_evaluations * settings.heldout_triples
+        extra = {"generations": result.generations, "evaluations": result.evaluations,
+                 "heldout_evaluations": result.heldout_evaluations, "search_seconds": result.elapsed,
+                 "stop_reason": result.stop_reason, "init_heldout": result.init_heldout,
+                 "best_heldout": result.best_heldout}
+        init = e0
+    else:
+        from edge_ti_export import gradient_ti
+        settings = gradient_ti.GradientSettings(template=template, seed=spec["seed"], max_time=budget,
+                                                threads=spec["threads"], max_steps=10 ** 9,
+                                                **spec.get("gradient_settings", {}))
+
+        def on_step(record, rows):
+            wall = time.perf_counter() - start
+            while marks and wall >= marks[0]:
+                marks.pop(0)
+                snapshots.append((wall, record["step"] * settings.batch, rows.copy()))
+
+        result = gradient_ti.train(spec["diffusers"], images, TOKEN, init_word=concept.init_word,
+                                   settings=settings, on_step=on_step)
+        wall = time.perf_counter() - start
+        final, total_samples, init = result.embedding[TOKEN], result.samples, result.init
+        extra = {"steps": result.steps, "setup_seconds": result.setup_seconds, "loop_seconds": result.elapsed,
+                 "batch": settings.batch, "lr": settings.lr * settings.batch if settings.scale_lr else settings.lr,
+                 "first_loss": float(np.mean(result.losses[:20])), "last_loss": float(np.mean(result.losses[-20:]))}
+    snapshots.append((wall, total_samples, final))
+    np.savez(spec["out"] + ".npz", wall=np.array([s[0] for s in snapshots]),
+             samples=np.array([s[1] for s in snapshots]), embeddings=np.stack([s[2] for s in snapshots]),
+             init=np.asarray(init, np.float32))
+    with open(spec["out"] + ".json", "w") as f:
+        json.dump({"wall": wall, "samples": int(total_samples), "peak_rss_mb_self": peak_rss_mb(),
+                   "load_before": load0, "load_after": os.getloadavg()[0], **extra}, f)
+
+
+def child_eval(spec):
+    """Accuracy and held-out loss of every snapshot of every method of one (concept, seed)."""
+    import edge_ti
+    from edge_ti import latents as lat, objective
+    from edge_ti.generate import generate
+    from edge_ti.shapes.analyzer import analyze
+    from edge_ti.train import TEMPLATES
+    concept = BY_NAME[spec["concept"]]
+    model = edge_ti.open_model(spec["onnx"], threads=spec["threads"])
+    # held-out: fresh images of the concept, a fixed set of triples (the same for every method)
+    images, _ = draw_concept(concept, spec["seed"], spec["heldout_images"], salt=1)
+    from PIL import Image
+    pixels = lat.load_images([Image.fromarray(im) for im in images], model.resolution)
+    latents = lat.encode_images(model, pixels)                                   # (K, C, h, w)
+    templates = TEMPLATES["object" if concept.kind == "object" else "style"]
+    prompts = [t.format(TOKEN) for t in templates]
+    T_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
+    triples = objective.draw_triples(np.random.default_rng([spec["seed"], CONCEPTS.index(concept), 2]),
+                                     spec["heldout_triples"], len(latents), len(prompts), T_train, latents.shape[1:])
+
+    def heldout(embeddings):                                                     # [P, n, D] -> [P]
+        ids = model.tokenize(prompts, {TOKEN: embeddings[0]})
+        return objective.population_loss(model, embeddings, ids, latents, triples).tolist()
+
+    memo = {}
+
+    def accuracy(embedding):  # snapshots taken at one callback are equal: generate once
+        key = np.ascontiguousarray(embedding).tobytes()
+        if key not in memo:
+            memo[key] = generated_accuracy(embedding)
+        return memo[key]
+
+    def generated_accuracy(embedding):
+        scores, alls = [], []
+        for k, (prompt, target, count) in enumerate(eval_prompts(concept, spec["eval_images"])):
+            generated = generate(model, prompt, {TOKEN: embedding}, steps=spec["eval_steps"],
+                                 guidance=spec["guidance"], sampler="ddim", seed=1000 * spec["seed"] + k, n=count)
+            for image in generated:
+                read = analyze(image)
+                hits = [read[name] == value for name, value in target.items()]
+                scores.append(float(np.mean(hits)))
+                alls.append(float(all(hits)))
+        return float(np.mean(scores)), float(np.mean(alls))
+
+    out = {}
+    table = model.token_embeddings
+    oracle = table[model.tokenizer.token_ids(oracle_text(concept))]              # (words, D)
+    runs = {"oracle": {"embeddings": oracle[None], "wall": [0.0], "samples": [0]}} if set(spec["methods"]) & set(MAIN) else {}
+    for method in spec["methods"]:
+        data = np.load(os.path.join(spec["run_dir"], method + ".safetensors.npz"))
+        runs[method] = {"embeddings": data["embeddings"], "wall": data["wall"].tolist(),
+                        "samples": data["samples"].tolist()}
+        if method in MAIN and "init" not in runs:  # both start from the init word's rows
+            runs["init"] = {"embeddings": data["init"][None], "wall": [0.0], "samples": [0]}
+    for name, run in runs.items():
+        losses = heldout(run["embeddings"])
+        accs = [accuracy(e) for e in run["embeddings"]]
+        out[name] = {"wall": run["wall"], "samples": run["samples"], "heldout": losses,
+                     "accuracy": [a for a, _ in accs], "all": [b for _, b in accs]}
+    out["oracle_text"] = oracle_text(concept)
+    with open(spec["out"], "w") as f:
+        json.dump(out, f)
+
+
+# ---------------------------------------------------------------- the driver
+def run_child(kind, spec, log_path):
+    """Run a child in a fresh interpreter; -> (exit code, wall seconds, peak RSS MiB of that child)."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", kind, json.dumps(spec)],
+                                stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (the pool runs several)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def run_unit(args, concept, seed, methods, group):
+    """Train METHODS on one (concept, seed), then evaluate them; -> the unit's record (also on disk)."""
+    unit_dir = os.path.join(args.work, "runs", f"{concept.name}-{seed}")
+    record_path = os.path.join(args.work, "units", f"{concept.name}-{seed}-{group}.json")
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            return json.load(f)
+    os.makedirs(unit_dir, exist_ok=True)
+    image_dir = os.path.join(unit_dir, "images")
+    if not os.path.isdir(image_dir):
+        from PIL import Image
+        images, _ = draw_concept(concept, seed, args.images, salt=0)
+        os.makedirs(image_dir + ".tmp", exist_ok=True)
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(os.path.join(image_dir + ".tmp", f"{i:02d}.png"))
+        os.replace(image_dir + ".tmp", image_dir)
+    common = {"concept": concept.name, "seed": seed, "onnx": args.onnx, "diffusers": args.diffusers,
+              "threads": args.threads}
+    record = {"concept": concept.name, "kind": concept.kind, "seed": seed, "group": group, "runs": {}}
+    for method in methods:
+        out = os.path.join(unit_dir, method + ".safetensors")
+        spec = {**common, "method": method, "images": image_dir, "out": out, "time": args.time,
+                "fractions": args.fractions if method in MAIN else [1.0],
+                "gradient_settings": {"batch": args.batch, "lr": args.lr},
+                "edge_settings": {}}
+        code, wall, rss = run_child("train", spec, out + ".log")
+        if code:
+            raise RuntimeError(f"{concept.name} seed {seed} {method}: exit {code}, see {out}.log")
+        with open(out + ".json") as f:
+            record["runs"][method] = {**json.load(f), "process_wall": wall, "peak_rss_mb": rss}
+        print(f"  {concept.name} seed {seed} {method}: {record['runs'][method]['wall']:.1f} s, "
+              f"{rss:.0f} MiB", flush=True)
+    spec = {**common, "methods": methods, "run_dir": unit_dir, "out": os.path.join(unit_dir, f"eval-{group}.json"),
+            "heldout_images": args.heldout_images, "heldout_triples": args.heldout_triples,
+            "eval_images": args.eval_images, "eval_steps": args.eval_steps, "guidance": args.guidance}
+    code, wall, _ = run_child("eval", spec, spec["out"] + ".log")
+    if code:
+        raise RuntimeError(f"{concept.name} seed {seed} eval: exit {code}, see {spec['out']}.log")
+    with open(spec["out"]) as f:
+        record["eval"] = json.load(f)
+    record["eval_seconds"] = wall
+    os.makedirs(os.path.dirname(record_path), exist_ok=True)
+    with open(record_path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(record_path + ".tmp", record_path)
+    return record
+
+
+def run_all(args):
+    import edge_ti
+    edge_ti.open_model(args.onnx).token_embeddings  # patch the text encoder once, before the children race
+    concepts = [BY_NAME[n] for n in args.concepts]
+    units = [(c, s, args.main_methods, "main") for s in args.seeds for c in concepts]
+    units += [(c, s, args.ablation_methods, "ablation") for s in args.ablation_seeds for c in concepts
+              if args.ablation_methods]
+    with open(os.path.join(args.work, "settings.json"), "w") as f:
+        json.dump({k: v for k, v in vars(args).items()}, f, indent=1)
+    start = time.time()
+    with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+        futures = {pool.submit(run_unit, args, *u): u for u in units}
+        for future in concurrent.futures.as_completed(futures):
+            c, s, _, group = futures[future]
+            try:
+                future.result()
+                print(f"done {c.name} seed {s} {group} ({time.time() - start:.0f} s)", flush=True)
+            except Exception as err:  # report and go on: one failed unit must not lose the rest
+                print(f"FAILED {c.name} seed {s} {group}: {err}", flush=True)
+
+
+# ---------------------------------------------------------------- report
+def load_units(work):
+    folder = os.path.join(work, "units")
+    return [json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder)) if f.endswith(".json")]
+
+
+def at_or_before(run, limit):
+    """Index of the last snapshot taken at or before wall time LIMIT (None if none)."""
+    ok = [i for i, w in enumerate(run["wall"]) if w <= limit]
+    return ok[-1] if ok else None
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def sem(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.std(xs, ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else float("nan")
+
+
+def unit_rows(unit):
+    """Per-method numbers of one unit: final accuracy etc., and edge-ti at <= 0.5 x gradient's wall time."""
+    ev, runs = unit["eval"], unit["runs"]
+    rows = {}
+    for name in ("init", "oracle"):
+        if name in ev:
+            rows[name] = {"acc": ev[name]["accuracy"][0], "all": ev[name]["all"][0], "heldout": ev[name]["heldout"][0]}
+    for method, r in runs.items():
+        e = ev[method]
+        rows[method] = {"acc": e["accuracy"][-1], "all": e["all"][-1], "heldout": e["heldout"][-1], "wall": e["wall"][-1],
+                        "loop": r.get("search_seconds", r.get("loop_seconds")),
+                        "process_wall": r["process_wall"], "rss": r["peak_rss_mb"], "samples": e["samples"][-1]}
+    if "gradient" in runs and "edge-ti" in runs:
+        i = at_or_before(ev["edge-ti"], 0.5 * ev["gradient"]["wall"][-1])
+        if i is not None:
+            rows["edge-ti@half"] = {"acc": ev["edge-ti"]["accuracy"][i], "all": ev["edge-ti"]["all"][i],
+                                    "heldout": ev["edge-ti"]["heldout"][i], "wall": ev["edge-ti"]["wall"][i],
+                                    "samples": ev["edge-ti"]["samples"][i], "rss": runs["edge-ti"]["peak_rss_mb"]}
+        j = at_or_before(ev["gradient"], 0.5 * ev["gradient"]["wall"][-1] + 1e-9)
+        if j is not None and j < len(ev["gradient"]["wall"]) - 1:
+            rows["gradient@half"] = {"acc": ev["gradient"]["accuracy"][j], "all": ev["gradient"]["all"][j],
+                                     "heldout": ev["gradient"]["heldout"][j], "wall": ev["gradient"]["wall"][j],
+                                     "samples": ev["gradient"]["samples"][j], "rss": runs["gradient"]["peak_rss_mb"]}
+    return rows
+
+
+ORDER = ["init", "oracle", "gradient", "gradient@half", "edge-ti", "edge-ti@half"] + [m for m in METHODS if m not in MAIN]
+
+
+def fmt(x, spec):
+    return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
+
+
+def table(groups, title):
+    """Markdown: one row per method, means (± standard error over the units) of each column."""
+    lines = [f"| {title} | accuracy | all attributes | held-out loss | wall s | loop s | process s | peak RSS MiB | "
+             f"UNet samples | runs |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for method in ORDER:
+        rows = groups.get(method)
+        if not rows:
+            continue
+        col = lambda k: [r.get(k) for r in rows]  # noqa: E731
+        lines.append(f"| {method} | {fmt(mean(col('acc')), '.3f')} ± {fmt(sem(col('acc')), '.3f')} | "
+                     f"{fmt(mean(col('all')), '.3f')} | {fmt(mean(col('heldout')), '.5f')} | "
+                     f"{fmt(mean(col('wall')), '.1f')} | {fmt(mean(col('loop')), '.1f')} | "
+                     f"{fmt(mean(col('process_wall')), '.1f')} | "
+                     f"{fmt(mean(col('rss')), '.0f')} | {fmt(mean(col('samples')), '.0f')} | {len(rows)} |")
+    return "\n".join(lines)
+
+
+def report(args):
+    units = load_units(args.work)
+    by_method, by_concept, paired = {}, {}, []
+    for unit in units:
+        rows = unit_rows(unit)
+        for method, row in rows.items():
+            if unit["group"] == "ablation" and method in ("init", "oracle"):
+                continue  # counted once, from the main unit
+            by_method.setdefault(method, []).append(row)
+            by_concept.setdefault(unit["concept"], {}).setdefault(method, []).append(row)
+        if "gradient" in rows and "edge-ti@half" in rows:
+            paired.append((unit, rows))
+    out = [f"units: {len(units)} ({sum(u['group'] == 'main' for u in units)} main, "
+           f"{sum(u['group'] == 'ablation' for u in units)} ablation)", "", "### Summary (all concepts)", "",
+           table(by_method, "method"), ""]
+    for kind in ("object", "style"):
+        groups = {}
+        for unit in units:
+            if unit["kind"] == kind:
+                for method, row in unit_rows(unit).items():
+                    if not (unit["group"] == "ablation" and method in ("init", "oracle")):
+                        groups.setdefault(method, []).append(row)
+        out += [f"### {kind} concepts", "", table(groups, "method"), ""]
+    # the target, per concept and overall
+    out += ["### The target: edge-ti at <= 0.5x gradient's wall time vs gradient at its full time", "",
+            "| concept | seeds | gradient acc | edge-ti@half acc | edge-ti final acc | edge-ti@half wall / gradient wall "
+            "| edge-ti RSS / gradient RSS | accuracy met |", "|---|---|---|---|---|---|---|---|"]
+    for concept in [c.name for c in CONCEPTS]:
+        pairs = [r for u, r in paired if u["concept"] == concept]
+        if not pairs:
+            continue
+        g = mean([r["gradient"]["acc"] for r in pairs])
+        h = mean([r["edge-ti@half"]["acc"] for r in pairs])
+        e = mean([r["edge-ti"]["acc"] for r in pairs])
+        tw = mean([r["edge-ti@half"]["wall"] / r["gradient"]["wall"] for r in pairs])
+        m = mean([r["edge-ti"]["rss"] / r["gradient"]["rss"] for r in pairs])
+        out.append(f"| {concept} | {len(pairs)} | {g:.3f} | {h:.3f} | {e:.3f} | {tw:.2f} | {m:.2f} | "
+                   f"{'yes' if h >= g else 'no'} |")
+    if paired:
+        g = mean([r["gradient"]["acc"] for _, r in paired])
+        h = mean([r["edge-ti@half"]["acc"] for _, r in paired])
+        diffs = [r["edge-ti@half"]["acc"] - r["gradient"]["acc"] for _, r in paired]
+        tw = mean([r["edge-ti@half"]["wall"] / r["gradient"]["wall"] for _, r in paired])
+        m = mean([r["edge-ti"]["rss"] / r["gradient"]["rss"] for _, r in paired])
+        wins = sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), sum(d < 0 for d in diffs)
+        out += [f"| **all** | {len(paired)} | {g:.3f} | {h:.3f} | "
+                f"{mean([r['edge-ti']['acc'] for _, r in paired]):.3f} | {tw:.2f} | {m:.2f} | "
+                f"{'yes' if h >= g else 'no'} |", "",
+                f"paired difference edge-ti@half - gradient: {mean(diffs):+.3f} ± {sem(diffs):.3f} (standard error, "
+                f"{len(diffs)} pairs); edge-ti@half better / equal / worse in {wins[0]} / {wins[1]} / {wins[2]}"]
+    # per concept, every method
+    out += ["", "### Per concept (accuracy, mean over seeds; held-out loss below it)", "",
+            "| concept | " + " | ".join(ORDER) + " |", "|---|" + "---|" * len(ORDER)]
+    for concept in [c.name for c in CONCEPTS]:
+        groups = by_concept.get(concept)
+        if not groups:
+            continue
+        cells = [f"{mean([r['acc'] for r in groups[m]]):.3f} ({len(groups[m])})" if m in groups else "-" for m in ORDER]
+        out.append(f"| {concept} | " + " | ".join(cells) + " |")
+        cells = [f"{mean([r['heldout'] for r in groups[m]]):.5f}" if m in groups else "-" for m in ORDER]
+        out.append("| (held-out loss) | " + " | ".join(cells) + " |")
+    # the numbers behind the curves
+    main = [u for u in units if u["group"] == "main"]
+    out += ["", "### Curves: snapshots at fractions of the budget (main units, mean over concepts x seeds)", "",
+            "| method | snapshot | wall s | UNet samples | accuracy | held-out loss vs init |", "|---|---|---|---|---|---|"]
+    for method in ("gradient", "edge-ti"):
+        acc, loss = curve_points(main, method, "accuracy"), curve_points(main, method, "heldout%")
+        samples = curve_points(main, method, "samples")
+        for i, ((w, a, se), (_, l, lse), (_, n, _)) in enumerate(zip(acc, loss, samples)):
+            label = "final" if i == len(acc) - 1 else f"{i + 1}"
+            out.append(f"| {method} | {label} | {w:.1f} | {n:.0f} | {a:.3f} ± {se:.3f} | {l:+.2f}% ± {lse:.2f} |")
+    text = "\n".join(out)
+    print(text)
+    curves(units, args.curves)
+    return text
+
+
+# ---------------------------------------------------------------- curves (pillow)
+COLORS = {"edge-ti": (200, 40, 20), "gradient": (40, 60, 200), "init": (120, 120, 120), "oracle": (40, 150, 60)}
+
+
+def relative_heldout(unit, method):
+    """Held-out loss of each snapshot relative to the init's, in percent (loss levels differ by concept)."""
+    base = unit["eval"]["init"]["heldout"][0]  # main units always have the init
+    return [100.0 * (v / base - 1.0) for v in unit["eval"][method]["heldout"]]
+
+
+def curve_points(units, method, key):
+    """Mean (wall, value) per snapshot index over the units that have it (± standard error of the value)."""
+    by_index = {}
+    for unit in units:
+        e = unit["eval"].get(method)
+        if unit["group"] != "main" or not e:
+            continue
+        values = relative_heldout(unit, method) if key == "heldout%" else e[key]
+        for i, (w, v) in enumerate(zip(e["wall"], values)):
+            by_index.setdefault(i, []).append((w, v))
+    return [(mean([w for w, _ in p]), mean([v for _, v in p]), sem([v for _, v in p])) for _, p in sorted(by_index.items())]
+
+
+def _panel(draw, box, title, series, levels, xmax, yrange, ylabel):
+    from PIL import ImageDraw  # noqa: F401
+    left, top, right, bottom = box
+    draw.rectangle(box, outline=(0, 0, 0))
+    draw.text((left + 4, top + 3), title, fill=(0, 0, 0))
+    y0, y1 = yrange
+    fx = lambda x: left + 6 + x / xmax * (right - left - 12)  # noqa: E731
+    fy = lambda y: bottom - 6 - (y - y0) / (y1 - y0) * (bottom - top - 24)  # noqa: E731
+    for frac in (0, 0.25, 0.5, 0.75, 1.0):
+        y = y0 + frac * (y1 - y0)
+        draw.line([(left, fy(y)), (left + 4, fy(y))], fill=(0, 0, 0))
+        draw.text((left - 44, fy(y) - 6), f"{y:.3g}", fill=(0, 0, 0))
+    for frac in (0, 0.25, 0.5, 0.75, 1.0):
+        x = frac * xmax
+        draw.line([(fx(x), bottom), (fx(x), bottom - 4)], fill=(0, 0, 0))
+        draw.text((fx(x) - 10, bottom + 4), f"{x:.0f}", fill=(0, 0, 0))
+    for name, value in levels.items():  # init and oracle: horizontal dashed lines
+        if value is None or np.isnan(value):
+            continue
+        for x in np.arange(0, xmax, xmax / 60):
+            draw.line([(fx(x), fy(value)), (fx(min(x + xmax / 120, xmax)), fy(value))], fill=COLORS[name])
+    for name, points in series.items():
+        xy = [(fx(w), fy(v)) for w, v, _ in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=COLORS[name], width=2)
+        for (x, y), (_, v, s) in zip(xy, points):
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLORS[name])
+            if not np.isnan(s):
+                clip = lambda y: min(max(y, top + 20), bottom)  # noqa: E731
+                draw.line([(x, clip(fy(v - s))), (x, clip(fy(v + s)))], fill=COLORS[name])
+    legend = list(series) + [n for n in levels if levels[n] is not None]
+    for i, name in enumerate(legend):
+        draw.text((left + 10 + 90 * i, top + 16), name + (" (level)" if name in levels else ""), fill=COLORS[name])
+    draw.text((left + 4, bottom + 16), f"wall seconds since the trainer was called; y: {ylabel}", fill=(0, 0, 0))
+
+
+def curves(units, path):
+    from PIL import Image, ImageDraw
+    main = [u for u in units if u["group"] == "main"]
+    if not main:
+        return
+    groups = [("all concepts", main), ("object concepts", [u for u in main if u["kind"] == "object"]),
+              ("style concepts", [u for u in main if u["kind"] == "style"])]
+    width, panel_h = 900, 260
+    image = Image.new("RGB", (width, 20 + len(groups) * (panel_h + 40) + panel_h + 40), "white")
+    draw = ImageDraw.Draw(image)
+    xmax = max(max(u["eval"][m]["wall"][-1] for m in ("edge-ti", "gradient") if m in u["eval"]) for u in main)
+    for row, (title, us) in enumerate(groups):
+        if not us:
+            continue
+        series = {m: curve_points(us, m, "accuracy") for m in ("edge-ti", "gradient")}
+        levels = {n: mean([u["eval"][n]["accuracy"][0] for u in us if n in u["eval"]]) for n in ("init", "oracle")}
+        top = 10 + row * (panel_h + 40)
+        _panel(draw, (60, top, width - 20, top + panel_h), f"accuracy vs wall time: {title} ({len(us)} runs each)",
+               series, levels, xmax, (0.0, 1.0), "analyzer accuracy (mean ± s.e.)")
+    series = {m: curve_points(main, m, "heldout%") for m in ("edge-ti", "gradient")}
+    levels = {n: mean([relative_heldout(u, n)[0] for u in main if n in u["eval"]]) for n in ("init", "oracle")}
+    values = [v for pts in series.values() for _, v, _ in pts] + [v for v in levels.values() if not np.isnan(v)]
+    lo, hi = min(values), max(values)
+    pad = 0.05 * (hi - lo or 1e-3)
+    top = 10 + len(groups) * (panel_h + 40)
+    _panel(draw, (60, top, width - 20, top + panel_h), "held-out loss vs wall time: all concepts", series, levels,
+           xmax, (lo - pad, hi + pad), "held-out loss (fresh images), % change from the init's")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image.save(path)
+    print(f"\ncurves: {path}")
+
+
+# ---------------------------------------------------------------- main
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        {"train": child_train, "eval": child_eval}[sys.argv[2]](json.loads(sys.argv[3]))
+        return
+    onnx, diffusers = default_paths()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", required=True, help="folder for images, runs and unit records (resumable)")
+    p.add_argument("--onnx", default=onnx, help="the shapes model's ONNX folder")
+    p.add_argument("--diffusers", default=diffusers, help="the same model as a diffusers folder (for gradient TI)")
+    p.add_argument("--concepts", nargs="+", default=[c.name for c in CONCEPTS], choices=[c.name for c in CONCEPTS])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--main-methods", nargs="+", default=MAIN, choices=MAIN, help=argparse.SUPPRESS)  # tuning
+    p.add_argument("--ablation-methods", nargs="*", default=ABLATIONS, choices=[m for m in METHODS if m not in MAIN],
+                   help="edge-ti variants run on --ablation-seeds (none: no ablations)")
+    p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--time", type=float, default=60.0, help="wall-time budget of every training, seconds")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25, 0.5],
+                   help="snapshots of edge-ti and gradient at these fractions of --time (plus the final)")
+    p.add_argument("--images", type=int, default=6, help="concept images per (concept, seed)")
+    p.add_argument("--batch", type=int, default=4, help="gradient TI batch size")
+    p.add_argument("--lr", type=float, default=5e-4, help="gradient TI learning rate before x batch")
+    p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads per process")
+    p.add_argument("--workers", type=int, default=2, help="units run side by side (one process each)")
+    p.add_argument("--eval-images", type=int, default=12)
+    p.add_argument("--eval-steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--heldout-images", type=int, default=6)
+    p.add_argument("--heldout-triples", type=int, default=96)
+    p.add_argument("--report", action="store_true", help="only print the tables and draw the curves")
+    p.add_argument("--curves", default=os.path.join(HERE, "results", "quality_curves.png"))
+    args = p.parse_args()
+    if not args.report:
+        if not (args.onnx and args.diffusers):
+            p.error("no shapes model found: give --onnx and --diffusers")
+        args.onnx, args.diffusers = os.path.abspath(args.onnx), os.path.abspath(args.diffusers)
+        os.makedirs(args.work, exist_ok=True)
+        os.environ.setdefault("EDGE_TI_CACHE", os.path.join(os.path.abspath(args.work), "cache"))
+        print(f"model {args.onnx} (torch: {args.diffusers}); {len(args.concepts)} concepts x seeds {args.seeds}, "
+              f"ablations {args.ablation_methods} on seeds {args.ablation_seeds}; {args.time:g} s per training, "
+              f"{args.threads} thread(s) per process, {args.workers} workers", flush=True)
+        run_all(args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
