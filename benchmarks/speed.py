@@ -213,7 +213,6 @@ def _population(model, P, L, seed=0, n_latents=1):
 
 def row_ort(args):
     from edge_ti import objective
-    from edge_ti.objective import _unet
     start = time.perf_counter()
     model = _open_model(args)
     unet = _Timed(model.session("unet"))
@@ -242,7 +241,7 @@ def row_ort(args):
         rng = np.random.default_rng(2)
         sample = rng.standard_normal((1, 4, L, L)).astype(np.float32)
         hidden = model.encode_text([PROMPT.replace("<t>", "cat")])
-        np.save(args["dump"], _unet(unet.session, sample, 500.0, hidden))
+        np.save(args["dump"], model.unet(sample, 500.0, hidden))
     return result
 
 
@@ -300,7 +299,26 @@ def row_flops(args):
     return out
 
 
-ROWS = {"torch_fwd": row_torch_fwd, "torch_grad": row_torch_grad, "ort": row_ort,
+def row_gemm(args):
+    """The GEMM rate torch reaches on this CPU: a practical peak to set the others against."""
+    import torch
+    torch.set_num_threads(args["threads"])
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds, times = _timed(lambda: [torch.mm(a, b) for _ in range(10)], args["reps"])
+    return {"seconds": seconds, "times": times, "gflops": 10 * 2 * n ** 3 / seconds / 1e9}
+
+
+def row_prepare(args):
+    """Create the sessions once: the optimized graphs land in the cache, untimed."""
+    start = time.perf_counter()
+    model = _open_model(args)
+    model.session("unet")
+    model.text_encoder
+    return {"seconds": time.perf_counter() - start}
+
+
+ROWS = {"gemm": row_gemm, "prepare": row_prepare, "torch_fwd": row_torch_fwd, "torch_grad": row_torch_grad, "ort": row_ort,
         "generation": row_generation, "flops": row_flops}
 
 
@@ -312,10 +330,25 @@ def child(spec):
 
 
 # ---------------------------------------------------------------- the driver
-QUIET = {"threshold": 0.3, "max_wait": 600}
+QUIET = {"threshold": 0.3, "max_wait": 600, "tries": 3}
 
 
 def run_row(args, log):
+    """Run a row until other processes stayed under QUIET["threshold"] cores during it (at most
+    QUIET["tries"] times); -> the least disturbed result."""
+    best = None
+    for _ in range(QUIET["tries"]):
+        result = _run_row_once(args, log)
+        if "error" in result:
+            return result
+        if best is None or result["others_during"] < best["others_during"]:
+            best = result
+        if result["others_during"] <= QUIET["threshold"]:
+            break
+    return best
+
+
+def _run_row_once(args, log):
     """Run one row in a fresh interpreter; -> its result dict, or {"error": ...}.
 
     Before: wait until other processes use at most QUIET["threshold"] cores. During: the cores the
@@ -392,10 +425,12 @@ def main():
     parser.add_argument("--quiet", type=float, default=QUIET["threshold"],
                         help="before each row, wait until other processes use at most this many cores")
     parser.add_argument("--max-wait", type=float, default=QUIET["max_wait"], help="... but no longer (seconds)")
+    parser.add_argument("--tries", type=int, default=QUIET["tries"],
+                        help="rerun a row disturbed by other processes (over --quiet cores) up to this often")
     args = parser.parse_args()
     if args.row:
         return child(args.row)
-    QUIET.update(threshold=args.quiet, max_wait=args.max_wait)
+    QUIET.update(threshold=args.quiet, max_wait=args.max_wait, tries=args.tries)
 
     os.environ.setdefault("EDGE_TI_CACHE", os.path.join(args.models, "cache"))
     cpu = cpu_description()
@@ -420,10 +455,18 @@ def main():
     print(f"# GFLOPs: text encoder (1 prompt) {flops['text'] / 1e9:.1f}; "
           + "; ".join(f"UNet {L}x{L} {flops[f'unet{L}'] / 1e9:.1f}" for L in args.latents)
           + f"; fwd+bwd = {flops['grad_factor']:.2f} x fwd", flush=True)
+    gemm = run_row({**common, "kind": "gemm", "reps": 3}, log)
+    if "error" not in gemm:
+        print(f"# measured: torch fp32 GEMM 2048^3 on {args.threads} threads: {gemm['gflops']:.0f} GFLOP/s "
+              f"({100 * gemm['gflops'] / cpu['peak_gflops']:.0f}% of the nominal peak; others used "
+              f"{gemm['others_during']:.2f} cores)", flush=True)
     paths = ensure_variants(onnx_dir, args.variants)
     for v, p in paths.items():
+        prep = run_row({**common, "kind": "prepare", "onnx": p}, log)
         print(f"# {v}: {p}: unet {folder_gb(os.path.join(p, 'unet')):.2f} GB, "
-              f"text_encoder {folder_gb(os.path.join(p, 'text_encoder')):.2f} GB, all {folder_gb(p):.2f} GB")
+              f"text_encoder {folder_gb(os.path.join(p, 'text_encoder')):.2f} GB, all {folder_gb(p):.2f} GB; "
+              f"sessions {prep.get('seconds', float('nan')):.0f} s, peak {prep.get('peak_rss_gb', float('nan')):.2f} GB",
+              flush=True)
 
     header = ("| row | latent | batch | s / candidate eval | x grad step (time) | peak RSS GB | x grad step (RSS) "
               "| UNet s / sample | text enc. s / prompt | GFLOP/s | % of peak | other procs (cores) |")

@@ -224,16 +224,26 @@ def _duration(text):
 @click.option("--max-batch", default=TrainSettings.max_batch, show_default=True, help="UNet samples per call")
 @click.option("--no-flip", is_flag=True, help="do not add mirror images")
 @click.option("--seed", default=TrainSettings.seed, show_default=True)
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+@click.option("--threads", type=int, default=None,
+              help="onnxruntime intra-op threads; with Ray, per actor [ray-local: 1; ray: the node's CPUs]")
 @DEVICE
+@click.option("--workers", default="in-process", show_default=True, metavar="in-process|ray|ray-local:N",
+              help="where candidates are scored: here; on the Ray cluster at --ray-address (one actor per node); "
+                   "or on N actors of a Ray started on this machine")
+@click.option("--ray-address", default=None, help="the cluster for --workers ray [default: RAY_ADDRESS, else auto]")
+@click.option("--worker-device", type=click.Choice([*PROVIDERS, "auto"]), default=None,
+              help="the Ray actors' device [--device]; auto: CUDA on GPU nodes, one actor per GPU, CPU elsewhere")
 @click.option("--resume", is_flag=True, help="continue from OUT's checkpoint after a crash or kill")
 @click.option("--out", required=True, type=click.Path(), help="the embedding file to write (.safetensors)")
 def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, template, subspace, dim, popsize, sigma,
           budget, max_time, triples, crn, heldout_triples, patience, max_batch, no_flip, seed, threads, device,
-          resume, out):
+          workers, ray_address, worker_device, resume, out):
     """Learn TOKEN from IMAGES (files or folders) with forward passes only; write OUT."""
     from . import init as initialization
     from .train import output_paths, train as run_training
+    from .workers import scorer_factory
+
+    make_scorer = scorer_factory(workers, ray_address=ray_address, threads=threads, device=worker_device or device)
 
     if template not in TEMPLATES:
         template = _read_lines(template, "prompt templates")
@@ -257,7 +267,8 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
         def on_generation(record, state):
             bar.update(state.evaluations - bar.pos, record)
         result = run_training(model, images, token, out, init_word=init_word, init_embedding=init_embedding,
-                              settings=settings, resume=resume, on_generation=on_generation)
+                              settings=settings, resume=resume, on_generation=on_generation,
+                              make_scorer=make_scorer)
     paths = output_paths(out)
     click.echo(f"{result.stop_reason}; {result.generations} generations, {result.evaluations} evaluations "
                f"(+{result.heldout_evaluations} held-out), {result.elapsed:.1f} s")

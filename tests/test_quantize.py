@@ -120,3 +120,26 @@ def test_fingerprint_covers_external_weights(tmp_path):
     assert files_fingerprint(str(tmp_path / "model.onnx")) == a       # configs do not matter
     (tmp_path / "model.onnx_data").write_bytes(b"\1" + b"\0" * 99)
     assert files_fingerprint(str(tmp_path / "model.onnx")) != a       # weights do
+
+
+NO_TORCH = r'''
+import sys
+from edge_ti.quantize import quantize_model
+quantize_model(sys.argv[1], sys.argv[2], sys.argv[3])
+for name in ("torch", "diffusers", "transformers", "optimum"):
+    assert name not in sys.modules, name
+print("quantized")
+'''
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp16"])
+def test_quantize_without_torch(tiny_sd, tmp_path, mode):
+    import subprocess
+    import sys
+    script = tmp_path / "q.py"
+    script.write_text(NO_TORCH)
+    blocker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "without_torch.py")
+    proc = subprocess.run([sys.executable, blocker, str(script), tiny_sd[1], str(tmp_path / "out"), mode],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "quantized" in proc.stdout

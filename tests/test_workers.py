@@ -176,3 +176,24 @@ def test_without_ray_one_line_error(tiny_sd, monkeypatch):
         RayPool(model, np.zeros((1, 77), np.int64), np.zeros((1, 4, 16, 16), np.float32), 20, local_workers=2)
     with pytest.raises(EdgeTIError, match="choose in-process, ray or ray-local:N"):
         scorer_factory("ray-local:zero")
+
+
+def test_cli_ray_local_matches_in_process(tiny_sd, concept_dir, tmp_path):
+    """`edge-ti train --workers ray-local:2` (a Ray it starts and stops itself) writes the in-process token."""
+    import subprocess
+    out = str(tmp_path / "ray.safetensors")
+    args = ["--token", "<c>", "--init-word", "cat", "--budget", str(SETTINGS["budget"]), "--popsize",
+            str(SETTINGS["popsize"]), "--heldout-triples", str(SETTINGS["heldout_triples"]), "--patience", "0",
+            "--seed", str(SETTINGS["seed"])]
+    ref = str(tmp_path / "ref.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "edge_ti", "train", tiny_sd[1], concept_dir, *args, "--out", ref],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "edge_ti", "train", tiny_sd[1], concept_dir, *args,
+                           "--workers", "ray-local:2", "--out", out], capture_output=True, text=True,
+                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.array_equal(edge_ti.load_embedding(out)["<c>"], edge_ti.load_embedding(ref)["<c>"])
+    proc = subprocess.run([sys.executable, "-m", "edge_ti", "train", tiny_sd[1], concept_dir, *args,
+                           "--workers", "ray-local:zero", "--out", out], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
