@@ -96,6 +96,7 @@ class TrainConfig:
     unet_batch: int = 64
     unet_lr: float = 1e-3
     warmup: int = 100
+    max_loss_weight: float = 10.0  # cap of the 1 + 1/SNR loss weight (reached from t ~ 690 on)
     uncond_p: float = 0.1          # empty caption: the unconditional branch of guidance
     ema_decay: float = 0.998       # EMA of UNet + text encoder weights, warmed up as (1+t)/(10+t)
     # tiny CLIP for --init auto and metrics (0 steps: none)
@@ -330,6 +331,15 @@ def train_unet(cfg, means, stds, scaling_factor, attributes, ids_of, tokenizer, 
     log.info("text encoder: %.2fM parameters, unet: %.2fM parameters",
              n_params(text_encoder) / 1e6, n_params(unet) / 1e6)
     noise_scheduler = DDPMScheduler.from_config(make_scheduler().config)
+    # Loss weight per timestep: the eps error weighted as the v-prediction loss weighs it,
+    # 1 + 1/SNR(t) (Salimans & Ho 2022, eq. 9 with v = sqrt(a) eps - sqrt(1 - a) x0), capped at
+    # cfg.max_loss_weight and normalized to mean 1 over t. With the plain eps loss, the
+    # high-noise steps (where the caption alone decides where the shape goes) weigh ~SNR ~ 0.01
+    # and the first model ignored "left" / "right" entirely.
+    alphas_cumprod = noise_scheduler.alphas_cumprod                            # [T]
+    snr = alphas_cumprod / (1 - alphas_cumprod)                                 # [T]
+    weights = (1 + 1 / snr).clamp(max=cfg.max_loss_weight)                      # [T]
+    weights = weights / weights.mean()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema_text, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
@@ -348,7 +358,8 @@ def train_unet(cfg, means, stds, scaling_factor, attributes, ids_of, tokenizer, 
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)          # x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps
         hidden = text_encoder(ids_of(captions))[0]                              # [B, 77, D]
         pred = unet(noisy, timesteps, hidden).sample                           # [B, 4, 8, 8]
-        loss = F.mse_loss(pred, noise)
+        per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))                  # [B]
+        loss = (weights[timesteps] * per_sample).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -470,15 +481,19 @@ def save_clip(out, clip, tokenizer):
                        ).save_pretrained(out)
 
 
-def train(out, cfg):
-    """Every stage; returns the ONNX folder."""
+def _stage_random(seed):
+    """Each stage starts from its own seed (torch's global one for its weights, a generator for its
+    batches, a numpy one for its captions), so that reusing an earlier stage changes nothing later."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+
+
+def train(out, cfg, vae_dir=None):
+    """Every stage; returns the ONNX folder. vae_dir: skip the VAE stage, load that one instead."""
     from edge_ti_export.onnx_export import export_pipeline
     os.makedirs(out, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)  # denormal Adam moments slowed early steps 10x on this CPU
-    gen = torch.Generator().manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     timings = {}
     t = time.time()
 
@@ -491,7 +506,12 @@ def train(out, cfg):
     log.info("tokenizer: %d tokens", len(tokenizer))
 
     t = time.time()
-    vae = train_vae(cfg, images, gen)
+    if vae_dir:  # the VAE of an earlier run of this command with the same seed: the same weights
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+        log.info("vae: loaded from %s", vae_dir)
+    else:
+        vae = train_vae(cfg, images, *_stage_random(cfg.seed)[:1])
     means, stds = encode_all(vae, images)                                       # [N, 4, 8, 8] each
     scaling_factor = float(1 / means.std())
     vae.register_to_config(scaling_factor=scaling_factor)
@@ -501,7 +521,7 @@ def train(out, cfg):
 
     t = time.time()
     text_encoder, unet = train_unet(cfg, means, stds, scaling_factor, attributes, CaptionIds(tokenizer),
-                                    tokenizer, gen, rng)
+                                    tokenizer, *_stage_random(cfg.seed + 1))
     timings["unet"] = time.time() - t
     log.info("unet + text encoder: %.0f s", timings["unet"])
     save_pipeline(os.path.join(out, "diffusers"), vae, text_encoder, unet, tokenizer)
@@ -509,7 +529,7 @@ def train(out, cfg):
     clip_dir = None
     if cfg.clip_steps:
         t = time.time()
-        clip = train_clip(cfg, images, attributes, tokenizer, gen, rng)
+        clip = train_clip(cfg, images, attributes, tokenizer, *_stage_random(cfg.seed + 2))
         timings["clip"] = time.time() - t
         clip_dir = os.path.join(out, "clip")
         save_clip(clip_dir, clip, tokenizer)
@@ -531,6 +551,7 @@ def main(argv=None):
     parser.add_argument("--out", help="output folder (diffusers/, clip/, onnx/, train.log)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--evaluate", metavar="ONNX_DIR", help="only check an exported folder's prompt accuracy")
+    parser.add_argument("--vae", metavar="VAE_DIR", help="reuse DIR/vae of an earlier run with the same seed")
     for field in dataclasses.fields(TrainConfig):  # every setting is a flag: --unet-steps 100 ...
         if field.name != "seed" and field.type in (int, float, "int", "float"):
             parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
@@ -547,7 +568,7 @@ def main(argv=None):
     if not args.out:
         parser.error("--out is required to train")
     t0 = time.time()
-    onnx_dir = train(args.out, cfg)
+    onnx_dir = train(args.out, cfg, vae_dir=args.vae)
     log.info("total: %.0f s", time.time() - t0)
     evaluate(onnx_dir, cfg)
 

@@ -1,6 +1,8 @@
 """The shapes world: deterministic drawing, the analyzer reads it back, held-out combinations stay
 out of training samples, and the shipped model opens, tokenizes like transformers and draws colors."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from edge_ti.shapes import analyzer
 from edge_ti.shapes import draw as world
 
 MODEL = shapes.model_dir()
+WITHOUT_TORCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "without_torch.py")
 needs_model = pytest.mark.skipif(not os.path.isfile(os.path.join(MODEL, "model_index.json")),
                                  reason="the shipped shapes model is not built")
 
@@ -70,6 +73,15 @@ def test_caption():
     rng = np.random.default_rng(1)
     dropped = [world.caption(a, rng, drop_p=0.5) for _ in range(50)]
     assert len(set(dropped)) > 10
+
+
+def test_world_and_analyzer_without_torch(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("import numpy as np\nfrom edge_ti import shapes\n"
+                      "a = shapes.sample_attributes(np.random.default_rng(0))\n"
+                      "assert shapes.analyze(shapes.draw.draw(a)) == a\nprint('ok')\n")
+    proc = subprocess.run([sys.executable, WITHOUT_TORCH, str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
 
 
 @needs_model
