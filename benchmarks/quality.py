@@ -585,12 +585,13 @@ def curves(units, path):
     for row, (title, us) in enumerate(groups):
         if not us:
             continue
-        series = {m: curve_points(us, m, "accuracy") for m in ("edge-ti", "gradient")}
         levels = {n: mean([u["eval"][n]["accuracy"][0] for u in us if n in u["eval"]]) for n in ("init", "oracle")}
+        start = (0.0, levels["init"], float("nan"))  # both start from the init at wall time 0
+        series = {m: [start] + curve_points(us, m, "accuracy") for m in ("edge-ti", "gradient")}
         top = 10 + row * (panel_h + 40)
         _panel(draw, (60, top, width - 20, top + panel_h), f"accuracy vs wall time: {title} ({len(us)} runs each)",
                series, levels, xmax, (0.0, 1.0), "analyzer accuracy (mean ± s.e.)")
-    series = {m: curve_points(main, m, "heldout%") for m in ("edge-ti", "gradient")}
+    series = {m: [(0.0, 0.0, float("nan"))] + curve_points(main, m, "heldout%") for m in ("edge-ti", "gradient")}
     levels = {n: mean([relative_heldout(u, n)[0] for u in main if n in u["eval"]]) for n in ("init", "oracle")}
     values = [v for pts in series.values() for _, v, _ in pts] + [v for v in levels.values() if not np.isnan(v)]
     lo, hi = min(values), max(values)
