@@ -17,19 +17,6 @@ from edge_ti.train import TrainSettings, train
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def concept_dir(tmp_path_factory):
-    """Three 'photos' of a concept: a red disc on a blue background, at different places."""
-    folder = tmp_path_factory.mktemp("concept")
-    for i, (cx, cy) in enumerate([(12, 14), (20, 18), (16, 10)]):
-        y, x = np.mgrid[0:40, 0:40]
-        img = np.zeros((40, 40, 3), np.uint8)
-        img[...] = (30, 40, 200)
-        img[(x - cx) ** 2 + (y - cy) ** 2 < 64] = (220, 30, 30)
-        Image.fromarray(img).save(folder / f"{i}.png")
-    return str(folder)
-
-
 def test_subspace_maps_zero_to_e0_and_pca_is_ordered():
     rng = np.random.default_rng(0)
     table = rng.normal(size=(500, 16)).astype(np.float32) * np.linspace(2, 0.1, 16, dtype=np.float32)

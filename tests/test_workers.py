@@ -25,19 +25,6 @@ SETTINGS = dict(budget=48, popsize=8, heldout_triples=6, eval_every=2, patience=
 
 
 @pytest.fixture(scope="module")
-def concept_dir(tmp_path_factory):
-    """Three 'photos' of a red disc on a blue background."""
-    folder = tmp_path_factory.mktemp("concept")
-    for i, (cx, cy) in enumerate([(12, 14), (20, 18), (16, 10)]):
-        y, x = np.mgrid[0:40, 0:40]
-        img = np.zeros((40, 40, 3), np.uint8)
-        img[...] = (30, 40, 200)
-        img[(x - cx) ** 2 + (y - cy) ** 2 < 64] = (220, 30, 30)
-        Image.fromarray(img).save(folder / f"{i}.png")
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
 def in_process_run(tiny_sd, concept_dir, tmp_path_factory):
     """The reference: embedding and history of the default scorer."""
     out = str(tmp_path_factory.mktemp("in-process") / "c.safetensors")
