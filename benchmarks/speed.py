@@ -261,7 +261,12 @@ def row_generation(args):
     start = time.perf_counter()
     losses = objective.population_loss(model, candidates, prompt_ids, latents, triples, args["max_batch"])
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "times": [seconds], "evaluations": P, "losses": losses.tolist(),
+    result = {}
+    if args.get("alt"):  # the same population on the next generation's triples: the objective's own noise
+        alt = objective.draw_triples(rng, args["triples"], len(latents), len(prompts), 1000, latents.shape[1:])
+        result["losses_alt"] = objective.population_loss(model, candidates, prompt_ids, latents, alt,
+                                                         args["max_batch"]).tolist()
+    return {**result, "seconds": seconds, "times": [seconds], "evaluations": P, "losses": losses.tolist(),
             "distinct_timesteps": int(len(np.unique(triples.timesteps))),
             "prompts_used": int(len(np.unique(triples.prompt_index)))}
 
@@ -336,6 +341,8 @@ QUIET = {"threshold": 0.3, "max_wait": 600, "tries": 3}
 def run_row(args, log):
     """Run a row until other processes stayed under QUIET["threshold"] cores during it (at most
     QUIET["tries"] times); -> the least disturbed result."""
+    if args["kind"] in ("flops", "prepare"):  # counts and caches: not timed
+        return _run_row_once(args, log, quiet=False)
     best = None
     for _ in range(QUIET["tries"]):
         result = _run_row_once(args, log)
@@ -348,13 +355,13 @@ def run_row(args, log):
     return best
 
 
-def _run_row_once(args, log):
+def _run_row_once(args, log, quiet=True):
     """Run one row in a fresh interpreter; -> its result dict, or {"error": ...}.
 
     Before: wait until other processes use at most QUIET["threshold"] cores. During: the cores the
     others used, from /proc/stat minus this row's own CPU time (its rusage): the row's noise.
     """
-    quiet_before = wait_for_quiet(QUIET["threshold"], QUIET["max_wait"])
+    quiet_before = wait_for_quiet(QUIET["threshold"], QUIET["max_wait"]) if quiet else others_cores(0.5)
     load = load_average()
     start = time.perf_counter()
     busy0, own0 = busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -388,7 +395,8 @@ def ensure_variants(base, variants):
         if not os.path.isdir(out):
             print(f"# making {out}", flush=True)
             start = time.perf_counter()
-            quantize_model(base, out, mode=mode, conv=extra == "conv", per_channel=extra == "pc")
+            conv = {"conv": "dynamic", "static": "static"}.get(extra, "none")
+            quantize_model(base, out, mode=mode, conv=conv, per_channel=extra in ("pc", "static"))
             print(f"#   {time.perf_counter() - start:.0f} s", flush=True)
         paths[v] = out
     return paths
@@ -412,25 +420,29 @@ def main():
     parser.add_argument("--latents", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 20])
     parser.add_argument("--variants", nargs="+", default=["fp32", "int8", "fp16"],
-                        help="fp32, int8, int8-conv (Conv too), int8-pc (per channel), fp16")
+                        help="fp32, int8 (MatMul/Gemm), int8-pc (per channel), int8-conv (Conv too, dynamic), "
+                             "int8-static (Conv calibrated, per channel), fp16")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--max-batch", type=int, default=20)
     parser.add_argument("--max-samples", type=int, default=40,
                         help="skip ort rows whose timed work exceeds this many UNet samples x 64x64-equivalents")
-    parser.add_argument("--generation", action="store_true", help="also time one training generation (20 x 4)")
+    parser.add_argument("--generation", type=int, nargs="*", default=None, metavar="LATENT",
+                        help="also time one training generation (20 x 4) at these latent sizes")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--sessions", action="store_true", help="session-option rows instead (32x32, batch 1)")
     parser.add_argument("--log", default=None, help="append every row's JSON here")
-    parser.add_argument("--quiet", type=float, default=QUIET["threshold"],
-                        help="before each row, wait until other processes use at most this many cores")
+    parser.add_argument("--quiet", type=float, default=None,
+                        help="before each row, wait until other processes use at most this many cores "
+                             "(default: the cores the row's threads leave free + 0.3)")
     parser.add_argument("--max-wait", type=float, default=QUIET["max_wait"], help="... but no longer (seconds)")
     parser.add_argument("--tries", type=int, default=QUIET["tries"],
                         help="rerun a row disturbed by other processes (over --quiet cores) up to this often")
     args = parser.parse_args()
     if args.row:
         return child(args.row)
-    QUIET.update(threshold=args.quiet, max_wait=args.max_wait, tries=args.tries)
+    quiet = args.quiet if args.quiet is not None else max(0, os.cpu_count() - args.threads) + 0.3
+    QUIET.update(threshold=quiet, max_wait=args.max_wait, tries=args.tries)
 
     os.environ.setdefault("EDGE_TI_CACHE", os.path.join(args.models, "cache"))
     cpu = cpu_description()
@@ -442,16 +454,22 @@ def main():
           f"{cpu['cores']} cores @ {cpu['mhz']:.0f} MHz; simd: {cpu['simd']}")
     print(f"# fp32 peak {cpu['peak_gflops']:.0f} GFLOP/s = {cpu['cores']} cores x {cpu['mhz'] / 1e3:.2f} GHz x "
           f"{cpu['flops_per_cycle']} FLOP/cycle ({cpu['peak_how']})")
-    print(f"# onnxruntime {cpu['onnxruntime']}, threads {args.threads}, load average at start {load_average():.2f}",
-          flush=True)
+    print(f"# onnxruntime {cpu['onnxruntime']}, threads {args.threads}, load average at start {load_average():.2f}; "
+          f"a row is rerun (up to {QUIET['tries']} times) when other processes used over {QUIET['threshold']:.1f} "
+          "cores during it", flush=True)
     common = {"diffusers": diffusers_dir, "threads": args.threads, "max_batch": args.max_batch}
 
     if args.sessions:
         return session_rows(args, common, onnx_dir, log)
 
-    flops = run_row({**common, "kind": "flops", "latents": args.latents}, log)
-    if "error" in flops:
-        sys.exit(f"flops row failed: {flops['error']}")
+    flops_file = os.path.join(args.models, f"flops-{args.model}.json")  # counted once per model
+    flops = json.load(open(flops_file)) if os.path.isfile(flops_file) else {}
+    if not all(f"unet{L}" in flops for L in args.latents):
+        flops = run_row({**common, "kind": "flops", "latents": args.latents}, log)
+        if "error" in flops:
+            sys.exit(f"flops row failed: {flops['error']}")
+        with open(flops_file, "w") as f:
+            json.dump(flops, f)
     print(f"# GFLOPs: text encoder (1 prompt) {flops['text'] / 1e9:.1f}; "
           + "; ".join(f"UNet {L}x{L} {flops[f'unet{L}'] / 1e9:.1f}" for L in args.latents)
           + f"; fwd+bwd = {flops['grad_factor']:.2f} x fwd", flush=True)
@@ -498,21 +516,22 @@ def main():
                 show("torch fwd (UNet only)", L, B, r, grad, flops[f"unet{L}"] * B)
         for v, path in paths.items():
             for B in args.batches:
-                cost = B * (L / 64) ** 2 * (args.reps + 1)
+                cost = B * (L / 64) ** 2 * ((args.reps if B < 20 else 1) + 1)
                 if cost > args.max_samples:
                     print(f"| ort {v} | {L} | {B} | skipped: {cost:.0f} > --max-samples {args.max_samples} |||||||||")
                     continue
                 dump = os.path.join(args.models, f"out-{args.model}-{v}-{L}.npy") if B == 1 else None
                 r = run_row({**common, "kind": "ort", "onnx": path, "latent": L, "batch": B,
-                             "reps": args.reps, "dump": dump}, log)
+                             "reps": args.reps if B < 20 else 1, "dump": dump}, log)
                 results[(v, L, B)] = r
                 show(f"ort {v}", L, B, r, grad, fwd_flops * B)
-        if args.generation:
+        if args.generation and L in args.generation:
             for v in paths:
                 if v.startswith("fp16"):
                     continue
                 results[("generation", v, L)] = run_row({**common, "kind": "generation", "onnx": paths[v],
-                                                          "latent": L, "batch": 20, "triples": 4}, log)
+                                                          "latent": L, "batch": 20, "triples": 4,
+                                                          "alt": v == "fp32"}, log)
 
     generations = {k: r for k, r in results.items() if k[0] == "generation"}
     if generations:
@@ -549,6 +568,10 @@ def summary(args, results, paths, cpu):
                 y = np.load(out).astype(np.float64)
                 print(f"#   {v} {L}x{L}: {np.linalg.norm(y - y32) / np.linalg.norm(y32):.4%}")
     print("# Spearman rank correlation of the population's losses vs fp32 (same candidates, same triples)")
+    for key, r in results.items():
+        if "losses_alt" in r:
+            print(f"#   noise floor {key}: fp32 on these triples vs fp32 on the next generation's: "
+                  f"rho = {spearman(np.array(r['losses']), np.array(r['losses_alt'])):.3f}")
     for key, r in results.items():
         if key[0] == "fp32" or "losses" not in r or len(r["losses"]) < 4:
             continue

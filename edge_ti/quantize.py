@@ -32,6 +32,7 @@ from .errors import EdgeTIError
 log = logging.getLogger(__name__)
 
 MODES = ("int8", "fp16")
+CONV = ("none", "static", "dynamic")  # int8 Conv: float (none), calibrated (static) or ConvInteger (dynamic)
 PARTS = ("unet", "text_encoder", "vae_encoder", "vae_decoder")
 # at or above 2 GB a protobuf cannot hold the weights: they go to one external data file
 _EXTERNAL_THRESHOLD = 1 << 30
@@ -59,16 +60,73 @@ def _save(model, path):
         onnx.save(model, path)
 
 
-def quantize_int8(src, dst, conv=False, per_channel=False):
-    """Dynamic int8 quantization of MatMul/Gemm (and Conv if asked) of src into dst/model.onnx."""
+def quantize_int8(src, dst, conv="none", per_channel=False):
+    """Dynamic int8 quantization of MatMul/Gemm (and Conv if conv == "dynamic") of src into dst."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    op_types = ["MatMul", "Gemm"] + (["Conv"] if conv else [])
+    op_types = ["MatMul", "Gemm"] + (["Conv"] if conv == "dynamic" else [])
     large = _weights_bytes(src) > _EXTERNAL_THRESHOLD
     # quantize_dynamic reads external data from src's folder and writes model.onnx.data beside dst
     quantize_dynamic(src, dst, op_types_to_quantize=op_types, per_channel=per_channel,
                      weight_type=QuantType.QInt8, use_external_data_format=large,
                      extra_options={"MatMulConstBOnly": True})
+
+
+class _Feeds:
+    """onnxruntime's CalibrationDataReader protocol over a list of feed dicts."""
+
+    def __init__(self, feeds):
+        self.feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+def unet_calibration_feeds(model_dir, count=8, latent=32, seed=0):
+    """UNet inputs as training sees them: x_t of Gaussian x0 at timesteps spread over [0, 1000),
+    with the hidden states of object-template prompts from the folder's own text encoder."""
+    import numpy as np
+
+    from . import objective
+    from .model import open_model
+    model = open_model(model_dir)
+    rng = np.random.default_rng(seed)
+    prompts = ["a photo of a cat", "a rendering of a dog", "a close-up photo of the mug",
+               "a painting in the style of a cat"]
+    hidden = model.encode_text(prompts)                                   # (K, 77, D)
+    alphas_bar = objective.alphas_cumprod(model.scheduler_config)
+    feeds = []
+    for i in range(count):
+        t = int((i + rng.uniform()) * len(alphas_bar) / count)           # stratified over the schedule
+        x0 = rng.standard_normal((1, 4, latent, latent)).astype(np.float32)
+        eps = rng.standard_normal(x0.shape).astype(np.float32)
+        x_t = np.sqrt(alphas_bar[t]) * x0 + np.sqrt(1 - alphas_bar[t]) * eps  # DDPM q(x_t | x0)
+        unet = model.session("unet")
+        t_input = next(i for i in unet.get_inputs() if i.name == "timestep")
+        t_dtype = np.int64 if "int64" in t_input.type else np.float32
+        feeds.append({"sample": x_t.astype(np.float32),
+                      "timestep": np.full((1,) if t_input.shape else (), t, dtype=t_dtype),
+                      "encoder_hidden_states": hidden[i % len(prompts)][None]})
+    return feeds
+
+
+def quantize_int8_static_conv(src, dst, feeds, per_channel=True):
+    """Conv to int8 with activation ranges calibrated on feeds (QDQ: onnxruntime runs QLinearConv),
+    then MatMul/Gemm dynamic as in quantize_int8."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    large = _weights_bytes(src) > _EXTERNAL_THRESHOLD
+    staged = os.path.join(os.path.dirname(dst), ".conv-int8")
+    os.makedirs(staged)
+    try:
+        # uint8 activations x int8 weights: the u8s8 kernels of x86 VNNI (onnxruntime's CPU advice)
+        quantize_static(src, os.path.join(staged, "model.onnx"), _Feeds(feeds), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["Conv"], per_channel=per_channel,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large)
+        quantize_int8(os.path.join(staged, "model.onnx"), dst, per_channel=per_channel)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def _constants_to_initializers(graph):
@@ -102,8 +160,8 @@ def _copy_part(src_dir, dst_dir):
     shutil.copytree(src_dir, dst_dir)
 
 
-def quantize_model(model_dir, out_dir, mode="int8", parts=("unet", "text_encoder"), conv=False,
-                   per_channel=False):
+def quantize_model(model_dir, out_dir, mode="int8", parts=("unet", "text_encoder"), conv="none",
+                   per_channel=False, calibration=8):
     """Copy the ONNX folder MODEL_DIR to OUT_DIR with PARTS quantized (int8) or converted (fp16).
 
     Returns OUT_DIR. OUT_DIR must not exist and must not be inside MODEL_DIR; it appears only
@@ -119,6 +177,8 @@ def quantize_model(model_dir, out_dir, mode="int8", parts=("unet", "text_encoder
         raise EdgeTIError(f"{out_dir}: already exists; choose a new output folder")
     if os.path.commonpath([model_dir, out_dir]) == model_dir:
         raise EdgeTIError(f"{out_dir}: inside {model_dir}; edge-ti never writes into a model folder")
+    if conv not in CONV:
+        raise EdgeTIError(f"unknown conv mode {conv!r}: choose one of {', '.join(CONV)}")
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise EdgeTIError(f"unknown part(s) {', '.join(unknown)}: choose from {', '.join(PARTS)}")
@@ -132,8 +192,13 @@ def quantize_model(model_dir, out_dir, mode="int8", parts=("unet", "text_encoder
     try:
         record = {"mode": mode, "parts": list(parts), "source": model_dir}
         if mode == "int8":
-            record.update(op_types=["MatMul", "Gemm"] + (["Conv"] if conv else []), per_channel=per_channel,
-                          weights="int8 symmetric", activations="uint8 asymmetric, dynamic")
+            record.update(op_types=["MatMul", "Gemm"] + (["Conv"] if conv != "none" else []), conv=conv,
+                          per_channel=per_channel, weights="int8 symmetric",
+                          activations="uint8 asymmetric, dynamic" + (", Conv: static (calibrated)"
+                                                                     if conv == "static" else ""))
+            if conv == "static" and "unet" in parts:
+                feeds = unet_calibration_feeds(model_dir, count=calibration)
+                record["calibration"] = f"{calibration} UNet inputs: Gaussian x0, stratified timesteps"
         for entry in sorted(os.listdir(model_dir)):
             src = os.path.join(model_dir, entry)
             dst = os.path.join(tmp, entry)
@@ -147,8 +212,12 @@ def quantize_model(model_dir, out_dir, mode="int8", parts=("unet", "text_encoder
                     (shutil.copytree if os.path.isdir(os.path.join(src, name)) else shutil.copy2)(
                         os.path.join(src, name), os.path.join(dst, name))
             log.info("%s: %s -> %s", entry, mode, dst)
-            if mode == "int8":
-                quantize_int8(os.path.join(src, "model.onnx"), os.path.join(dst, "model.onnx"), conv, per_channel)
+            if mode == "int8" and conv == "static" and entry == "unet":
+                quantize_int8_static_conv(os.path.join(src, "model.onnx"), os.path.join(dst, "model.onnx"),
+                                          feeds, per_channel)
+            elif mode == "int8":
+                quantize_int8(os.path.join(src, "model.onnx"), os.path.join(dst, "model.onnx"),
+                              conv if entry == "unet" else "none", per_channel)
             else:
                 convert_fp16(os.path.join(src, "model.onnx"), os.path.join(dst, "model.onnx"))
         with open(os.path.join(tmp, "edge_ti_quantization.json"), "w", encoding="utf-8") as f:
