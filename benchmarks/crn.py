@@ -53,8 +53,8 @@ def main():
         args.model_dir, args.images = tiny_model_and_concept(keep)
     model = edge_ti.open_model(args.model_dir)
     print(f"model {args.model_dir}, budget {args.budget}, popsize {args.popsize}, triples {args.triples}/generation")
-    print(f"| crn | seed | init held-out | result held-out | gain | generations | seconds |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| crn | seed | init held-out | result held-out | gain | generations | seconds |")
+    print("|---|---|---|---|---|---|---|")
     gains = {}
     with tempfile.TemporaryDirectory() as tmp:
         for crn in ("fixed", "redraw"):

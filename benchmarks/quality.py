@@ -37,7 +37,7 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -88,6 +88,14 @@ METHODS = {
     # tried when the target was missed: a smaller subspace, fewer triples per generation
     "edge-ti:dim16": {"kind": "edge-ti", "settings": {"dim": 16}},
     "edge-ti:2triples": {"kind": "edge-ti", "settings": {"triples": 2}},
+    # the same UNet samples per generation (80) spent on fewer candidates, each ranked on more triples:
+    # on 4 triples the population's ranking hardly carries over to other triples (benchmarks/results/speed.md)
+    "edge-ti:p10t8": {"kind": "edge-ti", "settings": {"popsize": 10, "triples": 8}},
+    "edge-ti:p8t16-dim16": {"kind": "edge-ti", "settings": {"popsize": 8, "triples": 16, "dim": 16}},
+    "edge-ti:p8t32-dim16": {"kind": "edge-ti", "settings": {"popsize": 8, "triples": 32, "dim": 16}},
+    # the defaults again, for variants run at another time: the machine is shared, and a wall-time
+    # budget buys more or fewer evaluations with its load
+    "edge-ti:control": {"kind": "edge-ti", "settings": {}},
 }
 MAIN = ["edge-ti", "gradient"]
 ABLATIONS = ["edge-ti:prior", "edge-ti:full", "edge-ti:3vec", "edge-ti:fixed"]
@@ -318,7 +326,7 @@ def run_unit(args, concept, seed, methods, group):
         spec = {**common, "method": method, "images": image_dir, "out": out, "time": args.time,
                 "fractions": args.fractions if method in MAIN else [1.0],
                 "gradient_settings": {"batch": args.batch, "lr": args.lr},
-                "edge_settings": {}}
+                "edge_settings": {"max_batch": args.max_batch, **json.loads(args.edge_settings)}}
         code, wall, rss = run_child("train", spec, out + ".log")
         if code:
             raise RuntimeError(f"{concept.name} seed {seed} {method}: exit {code}, see {out}.log")
@@ -347,7 +355,7 @@ def run_all(args):
     edge_ti.open_model(args.onnx).token_embeddings  # patch the text encoder once, before the children race
     concepts = [BY_NAME[n] for n in args.concepts]
     units = [(c, s, args.main_methods, "main") for s in args.seeds for c in concepts]
-    units += [(c, s, args.ablation_methods, "ablation") for s in args.ablation_seeds for c in concepts
+    units += [(c, s, args.ablation_methods, args.ablation_group) for s in args.ablation_seeds for c in concepts
               if args.ablation_methods]
     with open(os.path.join(args.work, "settings.json"), "w") as f:
         json.dump({k: v for k, v in vars(args).items()}, f, indent=1)
@@ -441,21 +449,21 @@ def report(args):
     for unit in units:
         rows = unit_rows(unit)
         for method, row in rows.items():
-            if unit["group"] == "ablation" and method in ("init", "oracle"):
+            if unit["group"] != "main" and method in ("init", "oracle"):
                 continue  # counted once, from the main unit
             by_method.setdefault(method, []).append(row)
             by_concept.setdefault(unit["concept"], {}).setdefault(method, []).append(row)
         if "gradient" in rows and "edge-ti@half" in rows:
             paired.append((unit, rows))
     out = [f"units: {len(units)} ({sum(u['group'] == 'main' for u in units)} main, "
-           f"{sum(u['group'] == 'ablation' for u in units)} ablation)", "", "### Summary (all concepts)", "",
+           f"{sum(u['group'] != 'main' for u in units)} ablation)", "", "### Summary (all concepts)", "",
            table(by_method, "method"), ""]
     for kind in ("object", "style"):
         groups = {}
         for unit in units:
             if unit["kind"] == kind:
                 for method, row in unit_rows(unit).items():
-                    if not (unit["group"] == "ablation" and method in ("init", "oracle")):
+                    if not (unit["group"] != "main" and method in ("init", "oracle")):
                         groups.setdefault(method, []).append(row)
         out += [f"### {kind} concepts", "", table(groups, "method"), ""]
     # the target, per concept and overall
@@ -496,6 +504,7 @@ def report(args):
         out.append(f"| {concept} | " + " | ".join(cells) + " |")
         cells = [f"{mean([r['heldout'] for r in groups[m]]):.5f}" if m in groups else "-" for m in ORDER]
         out.append("| (held-out loss) | " + " | ".join(cells) + " |")
+    out += ablation_vs_control(units)
     # the numbers behind the curves
     main = [u for u in units if u["group"] == "main"]
     out += ["", "### Curves: snapshots at fractions of the budget (main units, mean over concepts x seeds)", "",
@@ -510,6 +519,43 @@ def report(args):
     print(text)
     curves(units, args.curves)
     return text
+
+
+def ablation_vs_control(units):
+    """Each variant against edge-ti:control (the defaults, run in the same period), paired by
+    (concept, seed): accuracy difference and held-out loss change from the init, in percent."""
+    runs = {}                                                  # (concept, seed) -> {method: row}
+    init = {}                                                  # (concept, seed) -> the init's held-out loss
+    for unit in units:
+        key = (unit["concept"], unit["seed"])
+        if unit["group"] == "main":
+            init[key] = unit["eval"]["init"]["heldout"][0]
+            continue
+        for method, row in unit_rows(unit).items():
+            if method not in ("init", "oracle"):
+                runs.setdefault(key, {})[method] = row
+    methods = sorted({m for r in runs.values() for m in r} - {"edge-ti:control"}, key=ORDER.index)
+    if not methods or not any("edge-ti:control" in r for r in runs.values()):
+        return []
+    out = ["", "### Variants against the defaults run in the same period (edge-ti:control), paired by concept "
+           "and seed", "",
+           "| method | pairs | accuracy | control accuracy | difference | held-out vs init | control held-out vs init "
+           "| evaluations | control evaluations |", "|---|---|---|---|---|---|---|---|---|"]
+    for method in methods:
+        pairs = [(r[method], r["edge-ti:control"], init[k]) for k, r in runs.items()
+                 if method in r and "edge-ti:control" in r and k in init]
+        if not pairs:
+            continue
+        diff = [a["acc"] - c["acc"] for a, c, _ in pairs]
+        gain = [100 * (a["heldout"] / i - 1) for a, _, i in pairs]
+        control_gain = [100 * (c["heldout"] / i - 1) for _, c, i in pairs]
+        out.append(f"| {method} | {len(pairs)} | {mean([a['acc'] for a, _, _ in pairs]):.3f} "
+                   f"| {mean([c['acc'] for _, c, _ in pairs]):.3f} | {mean(diff):+.3f} ± {sem(diff):.3f} "
+                   f"| {mean(gain):+.2f}% ± {sem(gain):.2f} | {mean(control_gain):+.2f}% ± {sem(control_gain):.2f} "
+                   f"| {mean([a['samples'] for a, _, _ in pairs]):.0f} | {mean([c['samples'] for _, c, _ in pairs]):.0f} |")
+    out.append("")
+    out.append("(evaluations: UNet samples, forward only; accuracy differences ± standard error over the pairs)")
+    return out
 
 
 # ---------------------------------------------------------------- curves (pillow)
@@ -620,6 +666,8 @@ def main():
     p.add_argument("--ablation-methods", nargs="*", default=ABLATIONS, choices=[m for m in METHODS if m not in MAIN],
                    help="edge-ti variants run on --ablation-seeds (none: no ablations)")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--ablation-group", default="ablation",
+                   help="record name of these ablation units: another name adds a second set to --work")
     p.add_argument("--time", type=float, default=60.0, help="wall-time budget of every training, seconds")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25, 0.5],
                    help="snapshots of edge-ti and gradient at these fractions of --time (plus the final)")
@@ -627,6 +675,12 @@ def main():
     p.add_argument("--batch", type=int, default=4, help="gradient TI batch size")
     p.add_argument("--lr", type=float, default=5e-4, help="gradient TI learning rate before x batch")
     p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads per process")
+    p.add_argument("--edge-settings", default="{}", metavar="JSON",
+                   help='TrainSettings overrides for every edge-ti run, e.g. \'{"popsize": 8, "triples": 32}\' '
+                        "(a variant's own settings still win)")
+    p.add_argument("--max-batch", type=int, default=20,
+                   help="edge-ti's UNet samples per call (20: the value of the committed runs, before the default "
+                        "became the memory cap, 64 at this model's 8x8 latents)")
     p.add_argument("--workers", type=int, default=2, help="units run side by side (one process each)")
     p.add_argument("--eval-images", type=int, default=12)
     p.add_argument("--eval-steps", type=int, default=20)

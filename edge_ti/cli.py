@@ -46,9 +46,58 @@ def _export_module(name):
 @click.option("--opset", type=int, default=None, help="ONNX opset (optimum's default if unset)")
 @click.option("--clip", "clip_dir", type=click.Path(), default=None,
               help="a local transformers CLIP folder (CLIPModel) to add as OUT/clip/, for --init auto and metrics")
-def export(source, out, opset, clip_dir):
+@click.option("--quantize", "quantize_mode", type=click.Choice(["int8"]), default=None,
+              help="write OUT with an int8 UNet and text encoder (see `edge-ti quantize`)")
+@click.option("--fp16", is_flag=True, help="write OUT with a float16 UNet and text encoder (CUDA / DirectML)")
+def export(source, out, opset, clip_dir, quantize_mode, fp16):
     """Export a local diffusers Stable Diffusion folder SOURCE to the ONNX folder OUT (optimum)."""
-    _export_module("onnx_export").export_pipeline(source, out, opset=opset, clip_source=clip_dir)
+    if quantize_mode and fp16:
+        raise EdgeTIError("choose one of --quantize int8 and --fp16")
+    if not (quantize_mode or fp16):
+        _export_module("onnx_export").export_pipeline(source, out, opset=opset, clip_source=clip_dir)
+        click.echo(f"wrote {out}")
+        return
+    import shutil
+    import tempfile
+
+    from .quantize import quantize_model
+    if os.path.exists(out):
+        raise EdgeTIError(f"{out}: already exists; choose a new output folder")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".tmp-export-")  # the fp32 export, removed afterwards
+    try:
+        fp32 = os.path.join(staging, "fp32")
+        _export_module("onnx_export").export_pipeline(source, fp32, opset=opset, clip_source=clip_dir)
+        quantize_model(fp32, out, **_QUANTIZE["fp16" if fp16 else quantize_mode], source_label=source)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    click.echo(f"wrote {out}")
+
+
+# what `--quantize int8` and `--fp16` mean, chosen by benchmarks/results/speed.md: int8 Conv (static)
+# is faster still, but ranked candidates unlike fp32 (Spearman ~0.6), so it is opt-in (`edge-ti quantize`)
+_QUANTIZE = {"int8": {"mode": "int8", "conv": "none", "per_channel": False}, "fp16": {"mode": "fp16"}}
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--mode", type=click.Choice(["int8", "fp16"]), default="int8", show_default=True)
+@click.option("--conv", type=click.Choice(["none", "static", "dynamic"]), default="none", show_default=True,
+              help="int8 Conv: kept float (none); calibrated on UNet inputs (static: ~2x faster on SD 1.5, but "
+                   "ranks candidates less like fp32); quantized at run time (dynamic: slower)")
+@click.option("--per-channel/--per-tensor", default=False, show_default=True, help="int8 weight scales")
+@click.option("--calibration", default=8, show_default=True, help="UNet inputs for --conv static")
+def quantize(model_dir, out, mode, conv, per_channel, calibration):
+    """Write OUT: a copy of the ONNX folder MODEL_DIR with the UNet and text encoder in int8 or float16.
+
+    int8 (CPU): MatMul/Gemm weights int8, activations quantized at run time (--conv adds Conv).
+    fp16: for CUDA / DirectML (onnxruntime's CPU provider has few float16 kernels). Check that a
+    quantized folder ranks candidates like the original with benchmarks/speed.py (its Spearman
+    lines) before a long run."""
+    from .quantize import quantize_model
+    quantize_model(model_dir, out, mode=mode, conv=conv, per_channel=per_channel, calibration=calibration)
     click.echo(f"wrote {out}")
 
 
@@ -221,7 +270,10 @@ def _duration(text):
 @click.option("--heldout-triples", default=TrainSettings.heldout_triples, show_default=True)
 @click.option("--patience", default=TrainSettings.patience, show_default=True,
               help="stop when the best held-out loss gained < 0.01%% over this many checks (0: never)")
-@click.option("--max-batch", default=TrainSettings.max_batch, show_default=True, help="UNet samples per call")
+@click.option("--max-batch", type=int, default=TrainSettings.max_batch,
+              help="UNet samples per call [auto: 4096 latent pixels per call: 4 at 32x32 (256 px), 1 at 64x64]")
+@click.option("--resolution", type=int, default=None,
+              help="train on images of this many pixels [the model's: 512 for SD 1.5; 256 is ~4x faster]")
 @click.option("--no-flip", is_flag=True, help="do not add mirror images")
 @click.option("--seed", default=TrainSettings.seed, show_default=True)
 @click.option("--threads", type=int, default=None,
@@ -236,8 +288,8 @@ def _duration(text):
 @click.option("--resume", is_flag=True, help="continue from OUT's checkpoint after a crash or kill")
 @click.option("--out", required=True, type=click.Path(), help="the embedding file to write (.safetensors)")
 def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, template, subspace, dim, popsize, sigma,
-          budget, max_time, triples, crn, heldout_triples, patience, max_batch, no_flip, seed, threads, device,
-          workers, ray_address, worker_device, resume, out):
+          budget, max_time, triples, crn, heldout_triples, patience, max_batch, resolution, no_flip, seed, threads,
+          device, workers, ray_address, worker_device, resume, out):
     """Learn TOKEN from IMAGES (files or folders) with forward passes only; write OUT."""
     from . import init as initialization
     from .train import output_paths, train as run_training
@@ -251,6 +303,7 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
     settings = TrainSettings(vectors=vectors, template=template, subspace=subspace, dim=dim, popsize=popsize,
                              sigma=sigma, budget=budget, max_time=_duration(max_time), seed=seed, triples=triples,
                              crn=crn, heldout_triples=heldout_triples, patience=patience, max_batch=max_batch,
+                             resolution=resolution,
                              flip=not no_flip)
     init_embedding = None
     if init_mode == "auto":

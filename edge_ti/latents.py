@@ -64,11 +64,12 @@ def load_images(inputs, size, flip=False):
     return np.ascontiguousarray(pixels)
 
 
-def encode_images(model, pixels, sample=False, seed=0, batch=4):
+def encode_images(model, pixels, sample=False, seed=0, batch=1):
     """pixels [N, 3, H, W] -> latents [N, 4, H/f, W/f] x scaling_factor, cached by content.
 
     sample=False takes the latent distribution's mean (deterministic); sample=True draws
     mean + std * noise with a seeded generator, as diffusers' training scripts sample.
+    One image per encoder call by default: at 512 px the SD VAE's activations are ~1 GB per image.
     """
     encoder_path = os.path.join(model.path, "vae_encoder", "model.onnx")
     key = hashlib.sha256()
@@ -83,6 +84,8 @@ def encode_images(model, pixels, sample=False, seed=0, batch=4):
     input_name = session.get_inputs()[0].name
     parameters = np.concatenate([session.run(None, {input_name: pixels[i:i + batch]})[0]
                                  for i in range(0, len(pixels), batch)])  # (N, 2C, h, w)
+    del session
+    model.release("vae_encoder")  # needed once per image set: free it before the UNet loads
     mean, logvar = np.split(parameters, 2, axis=1)                         # (N, C, h, w) each
     if sample:
         # DiagonalGaussianDistribution.sample: mean + std * eps, logvar clamped to [-30, 20]

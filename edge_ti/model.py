@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from . import text_encoder as te
 from .errors import EdgeTIError
+from .session import SessionSettings, create_session, session_options
 from .tokenizer import ClipTokenizer, placeholder_ids
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,18 @@ def providers_for(device):
     return [wanted] if device == "cpu" else [wanted, "CPUExecutionProvider"]
 
 
+# UNet activation memory grows with batch x latent pixels: calls are capped at this many latent
+# pixels, i.e. batch 4 at 32x32 (256 px; SD 1.5 peaks there at 4.9 GB fp32, 3.6 GB int8), 1 at
+# 64x64, 64 at 8x8 (benchmarks/results/speed.md: larger batches were not faster on SD 1.5)
+UNET_PIXELS_PER_CALL = 4096
+
+
+def auto_max_batch(latent_shape):
+    """The UNet batch cap for latents of shape [..., h, w]: at least 1."""
+    h, w = latent_shape[-2:]
+    return max(1, UNET_PIXELS_PER_CALL // (h * w))
+
+
 def _read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -69,7 +82,7 @@ def _read_json(path):
 class Model:
     """An ONNX Stable Diffusion folder with sessions created on first use."""
 
-    def __init__(self, path, device="cpu", threads=None):
+    def __init__(self, path, device="cpu", threads=None, session_settings=None):
         self.path = os.path.abspath(path)
         if not os.path.isdir(self.path):
             raise EdgeTIError(f"{path}: no such model folder")
@@ -81,6 +94,12 @@ class Model:
         self.device = device
         self.providers = providers_for(device)
         self.threads = threads
+        # the optimized-graph cache: CPU only (measured there; a graph optimized for CUDA or DirectML
+        # may hold provider-specific nodes), off with EDGE_TI_SESSION_CACHE=0 (a copy of each part on disk)
+        cache = device == "cpu" and os.environ.get("EDGE_TI_SESSION_CACHE", "1") != "0"
+        settings = session_settings or SessionSettings(cache=cache)
+        # threads given here win over the settings' own (the CLI's --threads)
+        self.session_settings = SessionSettings(**{**vars(settings), "threads": threads or settings.threads})
 
     # ---- configs, read once ----
     @functools.cached_property
@@ -155,17 +174,16 @@ class Model:
 
     # ---- sessions ----
     def session_options(self):
-        options = ort.SessionOptions()
-        if self.threads:
-            options.intra_op_num_threads = self.threads
-        options.log_severity_level = 3
-        return options
+        return session_options(self.session_settings)
 
     def _session(self, path):
+        """A session through edge_ti.session: tuned options, the optimized graph cached on disk."""
         if not os.path.isfile(path):
             raise EdgeTIError(f"{self.path}: missing {os.path.relpath(path, self.path)}")
         try:
-            return ort.InferenceSession(path, self.session_options(), providers=self.providers)
+            return create_session(path, self.providers, self.session_settings, self.cache_dir("sessions"))
+        except OSError as err:
+            raise EdgeTIError(f"{path}: {err.strerror or err}") from None
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
             raise EdgeTIError(f"{path}: onnxruntime cannot load it ({str(err).splitlines()[0]})") from None
 
@@ -180,6 +198,12 @@ class Model:
             cached[part] = self._session(os.path.join(self.path, part, "model.onnx"))
         return cached[part]
 
+    def release(self, part):
+        """Drop a part's session (its weights and memory arena): for parts used once, like the VAE
+        encoder before training, so their memory does not add to the UNet's."""
+        self.__dict__.get("_sessions", {}).pop(part, None)
+        self.__dict__.get("_input_types", {}).pop(part, None)
+
     def input_types(self, part):
         """{input name: (numpy dtype, rank)} of a part's session."""
         cached = self.__dict__.setdefault("_input_types", {})
@@ -188,8 +212,13 @@ class Model:
                             for i in self.session(part).get_inputs()}
         return cached[part]
 
-    def unet(self, sample, timestep, hidden):
-        """One UNet call: sample [B, C, h, w], a timestep, hidden [B, 77, D] -> float32 [B, C, h, w]."""
+    def unet(self, sample, timestep, hidden, max_batch=None):
+        """UNet at one timestep: sample [B, C, h, w], hidden [B, 77, D] -> float32 [B, C, h, w],
+        in calls of at most max_batch samples (default: auto_max_batch, the memory cap)."""
+        max_batch = max_batch or auto_max_batch(sample.shape)
+        if len(sample) > max_batch:
+            return np.concatenate([self.unet(sample[i:i + max_batch], timestep, hidden[i:i + max_batch], max_batch)
+                                   for i in range(0, len(sample), max_batch)])
         inputs = self.input_types("unet")
         t_dtype, t_rank = inputs["timestep"]
         t = np.asarray(timestep, dtype=t_dtype)                               # [] (optimum's export)
@@ -228,6 +257,6 @@ class Model:
         return hidden
 
 
-def open_model(path, device="cpu", threads=None):
+def open_model(path, device="cpu", threads=None, session_settings=None):
     """Open an ONNX Stable Diffusion folder (optimum layout) on cpu, cuda or directml."""
-    return Model(path, device=device, threads=threads)
+    return Model(path, device=device, threads=threads, session_settings=session_settings)

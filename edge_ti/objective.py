@@ -14,6 +14,7 @@ import numpy as np
 
 from . import schedulers
 from . import text_encoder as te
+from .model import auto_max_batch
 
 
 # DDPMScheduler's defaults: the training noise schedule, whatever sampler the config was saved for
@@ -58,13 +59,15 @@ def noisy_latents_and_targets(latents, triples, alphas_bar, prediction_type):
     return x_t.astype(np.float32), target.astype(np.float32)
 
 
-def population_loss(model, candidates, prompt_ids, latents, triples, max_batch=20):
+def population_loss(model, candidates, prompt_ids, latents, triples, max_batch=None):
     """candidates [P, n, D] -> loss [P]: each candidate's mean squared error over the same triples.
 
     The text encoder runs once for all candidates x the prompts the triples use; the UNet runs
-    once per distinct timestep with the whole population's samples, at most max_batch at a time.
+    once per distinct timestep with the whole population's samples, at most max_batch at a time
+    (default: the model's memory cap for this latent size, edge_ti.model.auto_max_batch).
     """
     P = candidates.shape[0]
+    max_batch = max_batch or auto_max_batch(latents.shape)
     used = np.unique(triples.prompt_index)                                # prompts this set needs
     hidden = te.encode_population(model.text_encoder, prompt_ids[used], candidates,
                                   model.vocab_size)                      # (P, K_used, L, D)
@@ -80,7 +83,7 @@ def population_loss(model, candidates, prompt_ids, latents, triples, max_batch=2
             chunk = pairs[start:start + max_batch]
             sample = np.stack([x_t[i] for _, i in chunk])                           # (B, C, h, w)
             states = np.stack([hidden[p, row_of_prompt[int(triples.prompt_index[i])]] for p, i in chunk])  # (B, L, D)
-            pred = model.unet(sample, float(t), states)                             # (B, C, h, w)
+            pred = model.unet(sample, float(t), states, max_batch)                  # (B, C, h, w)
             err = ((pred - np.stack([target[i] for _, i in chunk])) ** 2).mean(axis=(1, 2, 3))
             for (p, _), e in zip(chunk, err):
                 squared_error[p] += e

@@ -1,6 +1,7 @@
 """Smaller, faster copies of an ONNX model folder: int8 (dynamic quantization) or float16.
 
     quantize_model(MODEL_DIR, OUT_DIR, mode="int8")     # UNet + text encoder, MatMul/Gemm to int8
+    quantize_model(MODEL_DIR, OUT_DIR, mode="int8", conv="static", per_channel=True)  # + Conv, calibrated
 
 int8 is onnxruntime's dynamic quantization (onnxruntime.quantization.quantize_dynamic): the
 weights of MatMul/Gemm nodes with a constant B are stored as int8 with one scale per tensor (or
@@ -9,8 +10,11 @@ its own min/max, so no calibration images are needed:
     W_q = round(W / s_W),              s_W = max|W| / 127                 (symmetric int8 weights)
     x_q = round(x / s_x) + z_x,        s_x = (max x - min x) / 255        (asymmetric uint8 activations)
     y   = s_x s_W (x_q - z_x) W_q                                         (MatMulInteger, int32 accumulate)
-Conv is left in float by default: the UNet's 3x3 convolutions quantized the same way (ConvInteger)
-were slower and less accurate here (benchmarks/results/speed.md). The token-embedding table
+Conv is left in float by default. Quantized at run time (conv="dynamic", ConvInteger) the UNet's
+convolutions were slower; calibrated (conv="static": activation ranges from a few UNet inputs,
+QLinearConv) they are about twice as fast on SD 1.5 with a third of the memory, but the 2-5% output
+error reorders a population's candidates (Spearman ~0.6 against fp32 on the shapes-world model,
+0.98 for MatMul/Gemm alone): opt-in (benchmarks/results/speed.md). The token-embedding table
 (a Gather) is never quantized, so the text encoder's token injection works unchanged.
 
 fp16 converts the weights and arithmetic to float16 with float32 inputs and outputs (keep_io_types),
@@ -82,14 +86,18 @@ class _Feeds:
         return next(self.feeds, None)
 
 
-def unet_calibration_feeds(model_dir, count=8, latent=32, seed=0):
+def unet_calibration_feeds(model_dir, count=8, latent=None, seed=0):
     """UNet inputs as training sees them: x_t of Gaussian x0 at timesteps spread over [0, 1000),
-    with the hidden states of object-template prompts from the folder's own text encoder."""
+    with the hidden states of object-template prompts from the folder's own text encoder, at the
+    model's own latent size capped at 32x32 unless `latent` is given (MinMax calibration keeps every
+    activation of every feed in memory: SD 1.5 at 32x32 already peaks near 11 GB; conv activation
+    ranges barely depend on the image size)."""
     import numpy as np
 
     from . import objective
     from .model import open_model
     model = open_model(model_dir)
+    latent = latent or min(32, int(model.unet_config.get("sample_size", 64)))
     rng = np.random.default_rng(seed)
     prompts = ["a photo of a cat", "a rendering of a dog", "a close-up photo of the mug",
                "a painting in the style of a cat"]
@@ -156,12 +164,30 @@ def convert_fp16(src, dst):
     _save(model, dst)
 
 
-def _copy_part(src_dir, dst_dir):
-    shutil.copytree(src_dir, dst_dir)
+def _convert_part(mode, conv, part, src, dst, per_channel, feeds):
+    """One part's model.onnx src -> dst; Conv is quantized in the UNet only."""
+    if mode == "fp16":
+        convert_fp16(src, dst)
+    elif part == "unet" and conv == "static":
+        quantize_int8_static_conv(src, dst, feeds, per_channel)
+    else:
+        quantize_int8(src, dst, conv if part == "unet" else "none", per_channel)
+
+
+class _QuietRoot:
+    """onnxruntime.quantization warns through the root logger about things that do not apply here
+    ("consider pre-processing"): silence the root logger while it runs."""
+
+    def __enter__(self):
+        self.level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        logging.getLogger().setLevel(self.level)
 
 
 def quantize_model(model_dir, out_dir, mode="int8", parts=("unet", "text_encoder"), conv="none",
-                   per_channel=False, calibration=8):
+                   per_channel=False, calibration=8, source_label=None):
     """Copy the ONNX folder MODEL_DIR to OUT_DIR with PARTS quantized (int8) or converted (fp16).
 
     Returns OUT_DIR. OUT_DIR must not exist and must not be inside MODEL_DIR; it appears only
@@ -190,7 +216,8 @@ def quantize_model(model_dir, out_dir, mode="int8", parts=("unet", "text_encoder
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-quantize-")
     try:
-        record = {"mode": mode, "parts": list(parts), "source": model_dir}
+        record = {"mode": mode, "parts": list(parts), "source": source_label or model_dir}
+        feeds = None
         if mode == "int8":
             record.update(op_types=["MatMul", "Gemm"] + (["Conv"] if conv != "none" else []), conv=conv,
                           per_channel=per_channel, weights="int8 symmetric",
@@ -212,14 +239,9 @@ def quantize_model(model_dir, out_dir, mode="int8", parts=("unet", "text_encoder
                     (shutil.copytree if os.path.isdir(os.path.join(src, name)) else shutil.copy2)(
                         os.path.join(src, name), os.path.join(dst, name))
             log.info("%s: %s -> %s", entry, mode, dst)
-            if mode == "int8" and conv == "static" and entry == "unet":
-                quantize_int8_static_conv(os.path.join(src, "model.onnx"), os.path.join(dst, "model.onnx"),
-                                          feeds, per_channel)
-            elif mode == "int8":
-                quantize_int8(os.path.join(src, "model.onnx"), os.path.join(dst, "model.onnx"),
-                              conv if entry == "unet" else "none", per_channel)
-            else:
-                convert_fp16(os.path.join(src, "model.onnx"), os.path.join(dst, "model.onnx"))
+            with _QuietRoot():
+                _convert_part(mode, conv, entry, os.path.join(src, "model.onnx"), os.path.join(dst, "model.onnx"),
+                              per_channel, feeds)
         with open(os.path.join(tmp, "edge_ti_quantization.json"), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
         os.rename(tmp, out_dir)

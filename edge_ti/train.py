@@ -19,6 +19,7 @@ from .workers import InProcess
 from .embeddings import save_embedding
 from .errors import EdgeTIError
 from .files import atomic_path
+from .model import auto_max_batch
 from .plot import loss_curve
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class TrainSettings:
     min_improvement: float = 1e-4  # relative: the denoising loss is mostly irreducible noise, gains are small
     flip: bool = True             # add mirror images of the concept images (diffusers flips at random)
     latent_sample: bool = False   # VAE latent: the distribution's mean (False) or a seeded sample
-    max_batch: int = 20           # at most this many UNet samples per call (the memory cap)
+    max_batch: int = None         # UNet samples per call; None: the memory cap, edge_ti.model.auto_max_batch
+    resolution: int = None        # training images' size in pixels; None: the model's (SD 1.5: 512)
 
 
 @dataclass
@@ -135,7 +137,11 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
     D = table.shape[1]
 
     # 1. the concept latents, encoded once (cached on disk)
-    pixels = lat.load_images(images, model.resolution, flip=settings.flip)
+    resolution = settings.resolution or model.resolution
+    if resolution % model.vae_scale_factor:
+        raise EdgeTIError(f"resolution {resolution} is not a multiple of the VAE's scale factor "
+                          f"{model.vae_scale_factor}")
+    pixels = lat.load_images(images, resolution, flip=settings.flip)
     latents = lat.encode_images(model, pixels, sample=settings.latent_sample, seed=settings.seed)  # (N, C, h, w)
 
     # 2. e0 and the subspace e = e0 + W z
@@ -163,7 +169,7 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
         return objective.draw_triples(rng, count, len(latents), len(prompts), T_train, latents.shape[1:])
 
     heldout = triples_for(1, 0, count=settings.heldout_triples)
-    scorer = make_scorer(model, prompt_ids, latents, settings.max_batch)
+    scorer = make_scorer(model, prompt_ids, latents, settings.max_batch or auto_max_batch(latents.shape))
 
     def population_loss_of_z(zs, generation):
         generation_key = 0 if settings.crn == "fixed" else generation

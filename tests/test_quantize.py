@@ -143,3 +143,76 @@ def test_quantize_without_torch(tiny_sd, tmp_path, mode):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "quantized" in proc.stdout
+
+
+def test_cli_quantize(tiny_sd, tmp_path):
+    from test_cli import _one_line_error, run_cli
+    _, onnx_dir = tiny_sd
+    out = tmp_path / "int8"
+    rc, stdout, err = run_cli("quantize", onnx_dir, str(out), "--conv", "static", "--per-channel")
+    assert rc == 0, err
+    record = json.load(open(out / "edge_ti_quantization.json"))
+    assert record["conv"] == "static" and record["per_channel"] and "calibration" in record
+    ops = {n.op_type for n in onnx.load(str(out / "unet" / "model.onnx")).graph.node}
+    assert {"MatMulInteger", "QuantizeLinear", "DequantizeLinear"} <= ops   # Conv in QDQ form, MatMul dynamic
+    assert "WARNING" not in err                                  # onnxruntime.quantization's root-logger noise
+    assert np.all(np.isfinite(_losses(str(out))))
+    # a second run into the same folder: one line, the folder untouched
+    before = _snapshot(str(out))
+    rc, _, err = run_cli("quantize", onnx_dir, str(out))
+    _one_line_error(rc, err, str(out), "already exists")
+    assert _snapshot(str(out)) == before
+    rc, _, err = run_cli("quantize", str(tmp_path / "nothing"), str(tmp_path / "x"))
+    _one_line_error(rc, err, "nothing")
+
+
+def test_cli_export_quantized(tiny_sd, tmp_path):
+    from test_cli import _one_line_error, run_cli
+    source, onnx_dir = tiny_sd
+    out = tmp_path / "exported-int8"
+    rc, _, err = run_cli("export", source, str(out), "--quantize", "int8")
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["exported-int8"]     # the fp32 staging export is gone
+    record = json.load(open(out / "edge_ti_quantization.json"))
+    assert record["mode"] == "int8" and record["conv"] == "none" and record["source"] == source
+    # the quantized export scores like the fp32 export of the same weights
+    assert _spearman(_losses(onnx_dir), _losses(str(out))) >= 0.8
+    rc, _, err = run_cli("export", source, str(tmp_path / "y"), "--quantize", "int8", "--fp16")
+    _one_line_error(rc, err, "--fp16")
+    assert not (tmp_path / "y").exists()
+
+
+def test_unet_calls_capped(tiny_sd, monkeypatch):
+    from edge_ti.model import auto_max_batch
+    assert [auto_max_batch((1, 4, s, s)) for s in (8, 16, 32, 64, 96)] == [64, 16, 4, 1, 1]
+    model = edge_ti.open_model(tiny_sd[1])
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((40, 4, 16, 16), dtype=np.float32)
+    hidden = rng.standard_normal((40, 77, 32), dtype=np.float32)
+    whole = model.unet(sample, 500.0, hidden, max_batch=40)
+    session, batches = model.session("unet"), []
+
+    class Counting:
+        def run(self, names, feed):
+            batches.append(len(feed["sample"]))
+            return session.run(names, feed)
+
+        def __getattr__(self, name):
+            return getattr(session, name)
+    monkeypatch.setitem(model.__dict__["_sessions"], "unet", Counting())
+    capped = model.unet(sample, 500.0, hidden)                  # 16x16 latents: 16 per call
+    assert batches == [16, 16, 8]
+    np.testing.assert_allclose(capped, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_model_sessions_use_the_optimized_graph_cache(tiny_sd, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_TI_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((2, 4, 16, 16), dtype=np.float32)
+    hidden = rng.standard_normal((2, 77, 32), dtype=np.float32)
+    first = edge_ti.open_model(tiny_sd[1]).unet(sample, 500.0, hidden)
+    entries = os.listdir(tmp_path / "cache" / "sessions")
+    assert len(entries) == 1                                     # the UNet's optimized graph, saved once
+    again = edge_ti.open_model(tiny_sd[1], threads=1).unet(sample, 500.0, hidden)
+    assert os.listdir(tmp_path / "cache" / "sessions") == entries  # loaded, not optimized again
+    np.testing.assert_allclose(again, first, rtol=1e-5, atol=1e-6)

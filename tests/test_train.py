@@ -117,7 +117,8 @@ def test_resume_after_kill_matches_uninterrupted(tiny_sd, concept_dir, tmp_path)
 def test_train_cli_without_torch(tiny_sd, concept_dir, tmp_path):
     out = str(tmp_path / "e.safetensors")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "without_torch.py"), "edge_ti", "train", tiny_sd[1],
-                           concept_dir, "--token", "<c>", "--init-word", "cat", "--budget", "60", "--out", out],
+                           concept_dir, "--token", "<c>", "--init-word", "cat", "--budget", "60", "--resolution", "16",
+                           "--out", out],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "held-out loss: init" in proc.stdout
@@ -129,6 +130,7 @@ def test_train_cli_without_torch(tiny_sd, concept_dir, tmp_path):
     (["--init-word", "cat", "NOTIMAGE"], "not a readable image"),
     (["IMAGES"], "--init-word"),
     (["--init-word", "cat", "--max-time", "soon", "IMAGES"], "--max-time"),
+    (["--init-word", "cat", "--resolution", "33", "IMAGES"], "not a multiple of the VAE's scale factor 2"),
 ])
 def test_train_bad_input(tiny_sd, concept_dir, tmp_path, args, message):
     (tmp_path / "empty").mkdir()
@@ -140,3 +142,15 @@ def test_train_bad_input(tiny_sd, concept_dir, tmp_path, args, message):
                            "--out", str(out), *args], capture_output=True, text=True)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_vae_encoder_released_after_encoding(tiny_sd, concept_dir):
+    # used once per image set: its weights and arena must not sit beside the UNet's during training
+    from edge_ti import latents as lat
+    model = edge_ti.open_model(tiny_sd[1])
+    pixels = lat.load_images([concept_dir], model.resolution)
+    latents = lat.encode_images(model, pixels, sample=True, seed=987654)  # a key no other test caches
+    assert latents.shape == (3, 4, 16, 16)
+    assert "vae_encoder" not in model.__dict__.get("_sessions", {})
+    again = lat.encode_images(model, pixels, sample=True, seed=987654)    # from the cache now
+    np.testing.assert_array_equal(again, latents)

@@ -13,7 +13,6 @@ import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray's import: bind 127.0.0.1 only
 import ray  # noqa: E402
-from PIL import Image  # noqa: E402
 
 import edge_ti  # noqa: E402
 from edge_ti import objective  # noqa: E402
