@@ -508,13 +508,17 @@ def report(args):
     # the numbers behind the curves
     main = [u for u in units if u["group"] == "main"]
     out += ["", "### Curves: snapshots at fractions of the budget (main units, mean over concepts x seeds)", "",
-            "| method | snapshot | wall s | UNet samples | accuracy | held-out loss vs init |", "|---|---|---|---|---|---|"]
+            "| method | snapshot | runs | wall s | UNet samples | accuracy | held-out loss vs init |",
+            "|---|---|---|---|---|---|---|"]
     for method in ("gradient", "edge-ti"):
         acc, loss = curve_points(main, method, "accuracy"), curve_points(main, method, "heldout%")
         samples = curve_points(main, method, "samples")
+        # snapshot i of each run that has one: a run that stopped early (patience) has fewer, so the
+        # last rows can average over fewer runs than the first
+        runs = [sum(len(u["eval"][method]["wall"]) > i for u in main if method in u["eval"]) for i in range(len(acc))]
         for i, ((w, a, se), (_, l, lse), (_, n, _)) in enumerate(zip(acc, loss, samples)):
-            label = "final" if i == len(acc) - 1 else f"{i + 1}"
-            out.append(f"| {method} | {label} | {w:.1f} | {n:.0f} | {a:.3f} ± {se:.3f} | {l:+.2f}% ± {lse:.2f} |")
+            out.append(f"| {method} | {i + 1} | {runs[i]} | {w:.1f} | {n:.0f} | {a:.3f} ± {se:.3f} "
+                       f"| {l:+.2f}% ± {lse:.2f} |")
     text = "\n".join(out)
     print(text)
     curves(units, args.curves)
