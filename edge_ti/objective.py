@@ -14,7 +14,6 @@ import numpy as np
 
 from . import schedulers
 from . import text_encoder as te
-from .model import auto_max_batch
 
 
 # DDPMScheduler's defaults: the training noise schedule, whatever sampler the config was saved for
@@ -63,11 +62,10 @@ def population_loss(model, candidates, prompt_ids, latents, triples, max_batch=N
     """candidates [P, n, D] -> loss [P]: each candidate's mean squared error over the same triples.
 
     The text encoder runs once for all candidates x the prompts the triples use; the UNet runs
-    once per distinct timestep with the whole population's samples, at most max_batch at a time
-    (default: the model's memory cap for this latent size, edge_ti.model.auto_max_batch).
+    once per distinct timestep with the whole population's samples, which Model.unet splits into
+    calls of at most max_batch (default: its memory cap for this latent size).
     """
     P = candidates.shape[0]
-    max_batch = max_batch or auto_max_batch(latents.shape)
     used = np.unique(triples.prompt_index)                                # prompts this set needs
     hidden = te.encode_population(model.text_encoder, prompt_ids[used], candidates,
                                   model.vocab_size)                      # (P, K_used, L, D)
@@ -79,12 +77,10 @@ def population_loss(model, candidates, prompt_ids, latents, triples, max_batch=N
         rows = np.flatnonzero(triples.timesteps == t)                     # triples at this timestep
         # every (candidate, triple) pair at timestep t, candidate-major
         pairs = [(p, i) for p in range(P) for i in rows]
-        for start in range(0, len(pairs), max_batch):
-            chunk = pairs[start:start + max_batch]
-            sample = np.stack([x_t[i] for _, i in chunk])                           # (B, C, h, w)
-            states = np.stack([hidden[p, row_of_prompt[int(triples.prompt_index[i])]] for p, i in chunk])  # (B, L, D)
-            pred = model.unet(sample, float(t), states, max_batch)                  # (B, C, h, w)
-            err = ((pred - np.stack([target[i] for _, i in chunk])) ** 2).mean(axis=(1, 2, 3))
-            for (p, _), e in zip(chunk, err):
-                squared_error[p] += e
+        sample = np.stack([x_t[i] for _, i in pairs])                                 # (B, C, h, w)
+        states = np.stack([hidden[p, row_of_prompt[int(triples.prompt_index[i])]] for p, i in pairs])  # (B, L, D)
+        pred = model.unet(sample, float(t), states, max_batch)                        # (B, C, h, w)
+        err = ((pred - np.stack([target[i] for _, i in pairs])) ** 2).mean(axis=(1, 2, 3))
+        for (p, _), e in zip(pairs, err):
+            squared_error[p] += e
     return (squared_error / len(triples.timesteps)).astype(np.float64)  # mean over triples

@@ -19,7 +19,6 @@ from .workers import InProcess
 from .embeddings import save_embedding
 from .errors import EdgeTIError
 from .files import atomic_path
-from .model import auto_max_batch
 from .plot import loss_curve
 
 log = logging.getLogger(__name__)
@@ -169,7 +168,7 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
         return objective.draw_triples(rng, count, len(latents), len(prompts), T_train, latents.shape[1:])
 
     heldout = triples_for(1, 0, count=settings.heldout_triples)
-    scorer = make_scorer(model, prompt_ids, latents, settings.max_batch or auto_max_batch(latents.shape))
+    scorer = make_scorer(model, prompt_ids, latents, settings.max_batch)
 
     def population_loss_of_z(zs, generation):
         generation_key = 0 if settings.crn == "fixed" else generation

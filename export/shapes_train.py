@@ -97,7 +97,7 @@ class TrainConfig:
     unet_lr: float = 1e-3
     warmup: int = 100
     max_loss_weight: float = 1.0   # cap of the 1 + 1/SNR loss weight; 1 = off, the plain eps loss the
-                                   # shipped model was trained with (10 was being tried for position)
+                                   # shipped model was trained with (> 1 was tried for position, not shipped)
     uncond_p: float = 0.1          # empty caption: the unconditional branch of guidance
     ema_decay: float = 0.998       # EMA of UNet + text encoder weights, warmed up as (1+t)/(10+t)
     # tiny CLIP for --init auto and metrics (0 steps: none)
