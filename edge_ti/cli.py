@@ -1,9 +1,13 @@
 """The `edge-ti` command: parse options, call the library, print. Errors are one line, exit 1."""
+import contextlib
 import json
 import logging
+import math
 import os
 import re
+import signal
 import sys
+import time
 
 import click
 
@@ -11,25 +15,129 @@ from .embeddings import load_embedding
 from .errors import EdgeTIError
 from .model import PROVIDERS, open_model
 from .schedulers import SAMPLERS
+from .embeddings import MAX_VECTORS
 from .train import TEMPLATES, TrainSettings
+
+# parse-time ranges: a bad option is one line before any work (edge_ti.train.check_settings repeats them)
+SEED = click.IntRange(0, 2 ** 32 - 1)
+STEPS = click.IntRange(1, 1000)       # at most the training schedule's 1000 timesteps
+MAX_IMAGES = 256                      # per call: the latents and text states of all images are in memory at once
+MAX_SIZE = 4096                       # pixels: SDXL is 1024; far beyond that a UNet call does not fit in memory
+
+
+class _Float(click.FloatRange):
+    """A FloatRange that also refuses nan (every comparison with nan is false, so ranges let it in)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
+
+
+FINITE = _Float(-1e6, 1e6)
+POSITIVE = _Float(0, 1e6, min_open=True)
 
 DEVICE = click.option("--device", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True,
                       help="onnxruntime execution provider")
 
 
 class _Group(click.Group):
+    def main(self, *args, **kwargs):
+        """Usage errors as one line too ("Error: edge-ti train: Invalid value for '--popsize': ...")."""
+        try:
+            return super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.UsageError as err:
+            command = err.ctx.command_path if err.ctx else "edge-ti"
+            click.echo(f"Error: {command}: {err.format_message()} (see {command} --help)", err=True)
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except EdgeTIError as err:
             raise click.ClickException(str(err)) from None
+        except KeyboardInterrupt:  # Ctrl-C outside training: nothing half-written (atomic writes)
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@contextlib.contextmanager
+def _termination_as_interrupt():
+    """`kill PID` and a closed terminal stop a run as Ctrl-C does: the best embedding is written."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {name: signal.signal(getattr(signal, name), handler) for name in names}
+    try:
+        yield
+    finally:
+        for name, old in previous.items():
+            signal.signal(getattr(signal, name), old)
+
+
+class Progress:
+    """A progress bar on a terminal; elsewhere (nohup, a log file) one line every EVERY seconds."""
+    EVERY = 30.0
+
+    def __init__(self, total, label, describe=lambda: ""):
+        self.total, self.label, self.describe = total, label, describe
+        self.position, self.bar, self.last, self.first = 0, None, None, None
+
+    def __enter__(self):
+        self.start = time.monotonic()
+        return self
+
+    def update(self, position):
+        """Move to POSITION (of total)."""
+        if self.first is None:  # a resumed run starts part way: its rate counts from here
+            self.first, self.first_time = position, time.monotonic()
+            if sys.stderr.isatty() and self.total:  # a total of 0 is unknown: lines, without an ETA
+                label = self.label + (f" (from {position})" if position else "")
+                self.bar = click.progressbar(length=max(self.total - position, 1), label=label, file=sys.stderr,
+                                             show_eta=True, show_percent=True,
+                                             item_show_func=lambda _: self.describe())
+                self.bar.__enter__()
+        if self.bar is not None:
+            self.bar.update(position - self.first - self.bar.pos, True)
+        elif self.last is None or time.monotonic() - self.last >= self.EVERY:
+            self.last = time.monotonic()
+            self._line(position)
+        self.position = position
+
+    def _line(self, position):
+        now = time.monotonic()
+        elapsed, done = now - self.start, position - self.first
+        eta = (f", ETA {_clock((now - self.first_time) / done * (self.total - position))}"
+               if done > 0 and position < self.total else "")
+        detail = self.describe()
+        click.echo(f"{self.label}: {position}{f'/{self.total}' if self.total else ''}{eta}, {_clock(elapsed)} elapsed"
+                   + (f"; {detail}" if detail else ""), err=True)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        elif exc[0] is None and self.last is not None and self.position != self.total:
+            self._line(self.position)
+
+
+def _clock(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 @click.group(cls=_Group)
 @click.option("-v", "--verbose", is_flag=True, help="log what edge-ti does")
 def cli(verbose):
     """Gradient-free textual inversion for Stable Diffusion, on onnxruntime."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    # force: a CLI call owns the process's logging (and writes to the stderr of this call)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", force=True)
 
 
 def _export_module(name):
@@ -148,26 +256,29 @@ def _embeddings_from_files(model, paths):
 @click.option("--embedding", "embedding_files", multiple=True, type=click.Path(),
               help="embedding file whose tokens PROMPT uses (repeat for several)")
 @click.option("--negative", default="", help="negative prompt (the unconditional half of guidance)")
-@click.option("--steps", type=click.IntRange(1), default=30, show_default=True, help="sampler steps")
-@click.option("--guidance", type=float, default=7.5, show_default=True,
+@click.option("--steps", type=STEPS, default=30, show_default=True, help="sampler steps")
+@click.option("--guidance", type=FINITE, default=7.5, show_default=True,
               help="classifier-free guidance scale; 1 or less: no guidance")
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddim", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="initial noise (and euler-a's noise)")
-@click.option("--n", "n", type=click.IntRange(1), default=4, show_default=True, help="number of images")
-@click.option("--size", type=click.IntRange(8), default=None, help="image size in pixels [default: the model's]")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="initial noise (and euler-a's noise)")
+@click.option("--n", "n", type=click.IntRange(1, MAX_IMAGES), default=4, show_default=True, help="number of images")
+@click.option("--size", type=click.IntRange(8, MAX_SIZE), default=None, help="image size in pixels [default: the model's]")
 @DEVICE
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="folder for the PNGs and the grid")
 def generate(model_dir, prompt, embedding_files, negative, steps, guidance, sampler, seed, n, size, device, out):
     """Generate images of PROMPT with the embeddings' tokens in it; write PNGs and a grid to --out."""
-    from .generate import generate as generate_images, make_grid, save_images, save_png
+    from .generate import generate as generate_images, image_paths, make_grid, save_images, save_png
 
+    from .files import check_output_path
+    prefix = f"seed{seed}"
+    for path in [*image_paths(out, prefix, n), os.path.join(out, f"{prefix}-grid.png")]:
+        check_output_path(path)  # before the work
     model = open_model(model_dir, device=device)
     embeddings = _embeddings_from_files(model, embedding_files)
-    with click.progressbar(length=steps, label=f"{sampler}, {n} image(s)", file=sys.stderr) as bar:
+    with Progress(steps, f"{sampler}, {n} image(s), steps") as progress:
         images = generate_images(model, prompt, embeddings, negative_prompt=negative, steps=steps,
                                  guidance=guidance, sampler=sampler, seed=seed, n=n, size=size,
-                                 progress=lambda i, total: bar.update(1))
-    prefix = f"seed{seed}"
+                                 progress=lambda i, total: progress.update(i))
     for path in save_images(images, out, prefix):
         click.echo(f"wrote {path}")
     click.echo(f"wrote {save_png(make_grid(images), os.path.join(out, f'{prefix}-grid.png'))}")
@@ -182,11 +293,11 @@ def generate(model_dir, prompt, embedding_files, negative, steps, guidance, samp
               help="a text file, one prompt per line, each with the token or {} [default: 4 photo prompts]")
 @click.option("--class-word", default=None, help="the token's class for CLIP-T [default: the recorded init word]")
 @click.option("--init-word", default=None, help="compare with this word's embedding [default: the recorded init]")
-@click.option("--n", "n", type=click.IntRange(1), default=8, show_default=True, help="images per prompt")
-@click.option("--steps", type=click.IntRange(1), default=30, show_default=True)
-@click.option("--guidance", type=float, default=7.5, show_default=True)
+@click.option("--n", "n", type=click.IntRange(1, MAX_IMAGES), default=8, show_default=True, help="images per prompt")
+@click.option("--steps", type=STEPS, default=30, show_default=True)
+@click.option("--guidance", type=FINITE, default=7.5, show_default=True)
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddim", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @DEVICE
 @click.option("--json", "json_out", type=click.Path(), default=None, help="also write the results as JSON here")
 def evaluate(model_dir, embedding_file, images, prompts_file, class_word, init_word, n, steps, guidance, sampler,
@@ -208,10 +319,10 @@ def evaluate(model_dir, embedding_file, images, prompts_file, class_word, init_w
     prompts = _read_lines(prompts_file, "prompts") if prompts_file else None
     n_prompts = len(prompts or [0] * 4)
     total = steps * n_prompts * (2 if init_embedding is not None else 1)
-    with click.progressbar(length=total, label="generating", file=sys.stderr) as bar:
+    with Progress(total, "generating, steps") as progress:
         results = run_evaluation(model, embedding, image_paths(images), class_word, prompts=prompts,
                                  init_embedding=init_embedding, n=n, steps=steps, guidance=guidance,
-                                 sampler=sampler, seed=seed, progress=lambda i, t: bar.update(1))
+                                 sampler=sampler, seed=seed, progress=lambda i, t: progress.update(progress.position + 1))
     click.echo(f"{'embedding':<10} {'CLIP-I':>8} {'CLIP-T':>8}")
     for name in ("init", "learned"):
         if name in results:
@@ -252,31 +363,33 @@ def _duration(text):
 @click.option("--init-word", default=None, help="start from this word's embedding")
 @click.option("--init", "init_mode", type=click.Choice(["word", "auto"]), default="word", show_default=True,
               help="auto: from the images through CLIP (needs clip/ in the model folder)")
-@click.option("--init-top-k", type=int, default=None, help="--init auto: attend only to each image's k best words")
-@click.option("--vectors", default=TrainSettings.vectors, show_default=True, help="vectors per token")
+@click.option("--init-top-k", type=click.IntRange(1), default=None, help="--init auto: attend only to each image's k best words")
+@click.option("--vectors", type=click.IntRange(1, MAX_VECTORS), default=TrainSettings.vectors, show_default=True,
+              help="vectors per token")
 @click.option("--template", default=TrainSettings.template, show_default=True,
               help="object, style, or a text file of prompt templates, one per line, each with {} for the token")
 @click.option("--subspace", type=click.Choice(["pca", "prior", "full"]), default=TrainSettings.subspace,
               show_default=True)
-@click.option("--dim", default=TrainSettings.dim, show_default=True, help="intrinsic dimension per vector")
-@click.option("--popsize", default=TrainSettings.popsize, show_default=True)
-@click.option("--sigma", type=float, default=None, help="CMA-ES step size [0.5 in z; 0.5*std(table) for full]")
-@click.option("--budget", default=TrainSettings.budget, show_default=True, help="candidate evaluations")
+@click.option("--dim", type=click.IntRange(1), default=TrainSettings.dim, show_default=True, help="intrinsic dimension per vector")
+@click.option("--popsize", type=click.IntRange(2), default=TrainSettings.popsize, show_default=True)
+@click.option("--sigma", type=POSITIVE, default=None, help="CMA-ES step size [0.5 in z; 0.5*std(table) for full]")
+@click.option("--budget", type=click.IntRange(0), default=TrainSettings.budget, show_default=True,
+              help="candidate evaluations; 0: no limit (then --max-time or --patience stops the run)")
 @click.option("--max-time", default=None, help="wall-time limit, e.g. 30m")
-@click.option("--triples", default=TrainSettings.triples, show_default=True,
+@click.option("--triples", type=click.IntRange(1), default=TrainSettings.triples, show_default=True,
               help="(latent, prompt, timestep, noise) samples per generation, shared by all candidates")
 @click.option("--crn", type=click.Choice(["redraw", "fixed"]), default=TrainSettings.crn, show_default=True,
               help="common random numbers: new each generation, or fixed for the run")
-@click.option("--heldout-triples", default=TrainSettings.heldout_triples, show_default=True)
-@click.option("--patience", default=TrainSettings.patience, show_default=True,
+@click.option("--heldout-triples", type=click.IntRange(1), default=TrainSettings.heldout_triples, show_default=True)
+@click.option("--patience", type=click.IntRange(0), default=TrainSettings.patience, show_default=True,
               help="stop when the best held-out loss gained < 0.01%% over this many checks (0: never)")
-@click.option("--max-batch", type=int, default=TrainSettings.max_batch,
+@click.option("--max-batch", type=click.IntRange(1), default=TrainSettings.max_batch,
               help="UNet samples per call [auto: 4096 latent pixels per call: 4 at 32x32 (256 px), 1 at 64x64]")
-@click.option("--resolution", type=int, default=None,
+@click.option("--resolution", type=click.IntRange(8, MAX_SIZE), default=None,
               help="train on images of this many pixels [the model's: 512 for SD 1.5; 256 is ~4x faster]")
 @click.option("--no-flip", is_flag=True, help="do not add mirror images")
-@click.option("--seed", default=TrainSettings.seed, show_default=True)
-@click.option("--threads", type=int, default=None,
+@click.option("--seed", type=SEED, default=TrainSettings.seed, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="onnxruntime intra-op threads; with Ray, per actor [ray-local: 1; ray: the node's CPUs]")
 @DEVICE
 @click.option("--workers", default="in-process", show_default=True, metavar="in-process|ray|ray-local:N",
@@ -285,26 +398,32 @@ def _duration(text):
 @click.option("--ray-address", default=None, help="the cluster for --workers ray [default: RAY_ADDRESS, else auto]")
 @click.option("--worker-device", type=click.Choice([*PROVIDERS, "auto"]), default=None,
               help="the Ray actors' device [--device]; auto: CUDA on GPU nodes, one actor per GPU, CPU elsewhere")
-@click.option("--resume", is_flag=True, help="continue from OUT's checkpoint after a crash or kill")
+@click.option("--resume", is_flag=True, help="insist on continuing OUT's checkpoint (a rerun continues it anyway "
+              "when its settings match)")
+@click.option("--restart", is_flag=True, help="discard OUT and its checkpoint and start over")
 @click.option("--out", required=True, type=click.Path(), help="the embedding file to write (.safetensors)")
 def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, template, subspace, dim, popsize, sigma,
           budget, max_time, triples, crn, heldout_triples, patience, max_batch, resolution, no_flip, seed, threads,
-          device, workers, ray_address, worker_device, resume, out):
+          device, workers, ray_address, worker_device, resume, restart, out):
     """Learn TOKEN from IMAGES (files or folders) with forward passes only; write OUT."""
     from . import init as initialization
-    from .train import output_paths, train as run_training
+    from .files import check_output_path
+    from .train import Interrupted, check_settings, output_paths, train as run_training
     from .workers import scorer_factory
 
+    if resume and restart:
+        raise EdgeTIError("choose one of --resume and --restart")
     make_scorer = scorer_factory(workers, ray_address=ray_address, threads=threads, device=worker_device or device)
-
     if template not in TEMPLATES:
         template = _read_lines(template, "prompt templates")
-    model = open_model(model_dir, device=device, threads=threads)
     settings = TrainSettings(vectors=vectors, template=template, subspace=subspace, dim=dim, popsize=popsize,
                              sigma=sigma, budget=budget, max_time=_duration(max_time), seed=seed, triples=triples,
                              crn=crn, heldout_triples=heldout_triples, patience=patience, max_batch=max_batch,
-                             resolution=resolution,
-                             flip=not no_flip)
+                             resolution=resolution, flip=not no_flip)
+    check_settings(settings)
+    for path in output_paths(out).values():  # a bad --out is one line now, not after the run
+        check_output_path(path)
+    model = open_model(model_dir, device=device, threads=threads)
     init_embedding = None
     if init_mode == "auto":
         from .latents import image_paths
@@ -312,16 +431,29 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
         click.echo("init from images: " + ", ".join(f"{w} {x:.3f}" for w, x in top[:10]))
     elif not init_word:
         raise EdgeTIError("give --init-word WORD or --init auto")
-    with click.progressbar(length=budget, label="training", show_eta=True, show_percent=True,
-                           item_show_func=lambda r: r and (
-                               f"gen {r['generation']} evals {r['evaluations']} best {r['best_loss']:.5f} "
-                               f"mean {r['mean_loss']:.5f} held-out {r['best_heldout']:.5f} "
-                               f"{r['evaluations'] / max(r['elapsed'], 1e-9):.1f} ev/s"), file=sys.stderr) as bar:
+
+    last = {}
+
+    def describe():
+        r = last.get("record")
+        return r and (f"gen {r['generation']} best {r['best_loss']:.5f} mean {r['mean_loss']:.5f} "
+                      f"held-out {r['best_heldout']:.5f} {r['evaluations'] / max(r['elapsed'], 1e-9):.1f} ev/s")
+
+    mode = "restart" if restart else "require" if resume else "auto"
+    with _termination_as_interrupt(), Progress(budget or 0, "training, evaluations", describe) as progress:
         def on_generation(record, state):
-            bar.update(state.evaluations - bar.pos, record)
-        result = run_training(model, images, token, out, init_word=init_word, init_embedding=init_embedding,
-                              settings=settings, resume=resume, on_generation=on_generation,
-                              make_scorer=make_scorer)
+            last["record"] = record
+            progress.update(state.evaluations)
+        try:
+            result = run_training(model, images, token, out, init_word=init_word, init_embedding=init_embedding,
+                                  settings=settings, resume=mode, on_generation=on_generation,
+                                  make_scorer=make_scorer)
+        except Interrupted as stop:
+            result = stop.result
+            click.echo(f"{result.stop_reason} ({result.evaluations} evaluations): wrote the best embedding so far "
+                       f"to {out} (held-out loss {result.best_heldout:.6f}); run the same command again to continue",
+                       err=True)
+            sys.exit(130)
     paths = output_paths(out)
     click.echo(f"{result.stop_reason}; {result.generations} generations, {result.evaluations} evaluations "
                f"(+{result.heldout_evaluations} held-out), {result.elapsed:.1f} s")
@@ -332,18 +464,19 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
 @cli.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="edge-ti-demo", show_default=True,
               help="folder for the concept images, the embedding, generations, grids and the loss curve")
-@click.option("--budget", default=1000, show_default=True, help="candidate evaluations")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--n", "n", default=16, show_default=True, help="images generated from the init and the learned token")
+@click.option("--budget", type=click.IntRange(1), default=1000, show_default=True, help="candidate evaluations")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--n", "n", type=click.IntRange(1, MAX_IMAGES), default=16, show_default=True,
+              help="images generated from the init and the learned token")
 def demo(out_dir, budget, seed, n):
     """Learn a held-out shapes-world concept ("a striped blue star") offline, then measure it."""
     from . import demo as shapes_demo
 
     click.echo(f"concept: {shapes_demo.CONCEPT} (the model never saw a blue star); init word "
                f"{shapes_demo.INIT_WORD!r}; writing to {out_dir}/")
-    with click.progressbar(length=budget, label="learning", file=sys.stderr) as bar:
+    with Progress(budget, "learning, evaluations") as progress:
         report = shapes_demo.run(out_dir, budget=budget, seed=seed, n=n,
-                                 on_generation=lambda record, state: bar.update(state.evaluations - bar.pos))
+                                 on_generation=lambda record, state: progress.update(state.evaluations))
     result = report["result"]
     click.echo(f"{result.stop_reason}; {result.evaluations} evaluations in {result.elapsed:.0f} s; "
                f"held-out loss {result.init_heldout:.5f} -> {result.best_heldout:.5f}")

@@ -48,7 +48,8 @@ def run(out_dir, budget=1000, seed=0, n=16, steps=25, guidance=4.0, images=6, on
         save_png(image, os.path.join(out_dir, "concept", f"{i:02d}.png"))
     settings = TrainSettings(template=TEMPLATES, budget=budget, seed=seed, popsize=20)
     result = train(model, [Image.fromarray(x) for x in drawn], TOKEN, os.path.join(out_dir, "concept.safetensors"),
-                   init_word=INIT_WORD, settings=settings, on_generation=on_generation)
+                   init_word=INIT_WORD, settings=settings, on_generation=on_generation,
+                   resume="restart")  # the demo's folder is its own: a rerun learns again
     init = {TOKEN: from_word(model, INIT_WORD)}
     report = {"result": result}
     for name, embedding in (("init", init), ("learned", result.embedding)):

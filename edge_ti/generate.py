@@ -119,7 +119,12 @@ def save_png(image, path):
     return path
 
 
+def image_paths(out_dir, prefix, n):
+    """The paths save_images writes n images to: out_dir/{prefix}-{i}.png, i zero-padded."""
+    width = max(2, len(str(n - 1)))
+    return [os.path.join(out_dir, f"{prefix}-{i:0{width}d}.png") for i in range(n)]
+
+
 def save_images(images, out_dir, prefix="image"):
     """Write uint8 [n, H, W, 3] as out_dir/{prefix}-{i}.png; returns the paths."""
-    width = max(2, len(str(len(images) - 1)))
-    return [save_png(image, os.path.join(out_dir, f"{prefix}-{i:0{width}d}.png")) for i, image in enumerate(images)]
+    return [save_png(image, path) for image, path in zip(images, image_paths(out_dir, prefix, len(images)))]

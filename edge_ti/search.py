@@ -1,126 +1,229 @@
-"""The CMA-ES loop over z: ask a population, score it, tell, keep the best held-out, checkpoint.
+"""The CMA-ES search over z: ask a population, score it, tell, keep the best held-out candidate.
 
-    state = new_state(dim, sigma, popsize, seed)
-    while not finished(state, ...):
-        step(state, population_loss_of_z, heldout_loss_of_z, settings)
-        save_checkpoint(path, state)
+    state = SearchState(settings_key, dim, sigma0, popsize, seed)        # or load_checkpoint(path, key)
+    run(state, population_loss_of_z, heldout_loss_of_z, Limits(budget=5000), checkpoint=path)
 
-The whole state (the `cma` optimizer, numpy's global generator that `cma` samples from, the
-generation, the best held-out candidate, the history) is written atomically after every
-generation; `--resume` reads it back and continues to the same result as an uninterrupted run.
-Per-generation randomness of our own (the common random numbers) is a function of (seed,
-generation), so it needs no saved state.
+The state is data: numbers, lists and arrays, written after every generation as a safetensors
+file (arrays) with a JSON header (the rest); nothing in it is code, and reading it back never
+unpickles. The `cma` optimizer itself is not stored: it is a pure function of its seed and of
+the losses it was told, so loading a checkpoint makes a new optimizer and tells it every
+recorded generation's losses again (a second or two per thousand generations). A digest of every
+population it asks must equal the one recorded, or the checkpoint is refused (another `cma` or
+numpy would replay differently). Per-generation randomness of our own (the common random
+numbers) is a function of (seed, generation), so it needs no saved state; `cma` samples from
+its own numpy generator (its `randn` option), never numpy's global one.
 
 Early stop: every `eval_every` generations the optimizer's mean and the generation's best are
 re-scored on the fixed held-out triples; the run stops when the best held-out loss is no more
 than `min_improvement` (relative) below what it was `patience` checks earlier.
 """
-import pickle
+import hashlib
+import json
+import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
+from safetensors.numpy import save
 
 with warnings.catch_warnings():  # cma warns that matplotlib (for its own plots) is missing
     warnings.simplefilter("ignore")
     import cma
 
+from .embeddings import read_safetensors
 from .errors import EdgeTIError
 from .files import atomic_path
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 1 was a pickle: refused
+
+
+@dataclass
+class Limits:
+    budget: int = 5000               # candidate evaluations; 0: no limit
+    max_time: float = None           # seconds of search; None: no limit
+    patience: int = 10               # held-out checks without min_improvement before stopping; 0: never
+    min_improvement: float = 1e-4    # relative
 
 
 @dataclass
 class SearchState:
-    es: object                        # cma.CMAEvolutionStrategy
-    numpy_random_state: tuple         # np.random's global state, which cma samples from
-    settings_key: str                 # a resume must use the same settings
+    settings_key: str                 # a resume must use the same settings, images and model
+    dim: int                          # of z
+    sigma0: float                     # CMA-ES's initial step size
+    popsize: int
+    seed: int
     generation: int = 0
     evaluations: int = 0              # candidate evaluations (one candidate on one generation's triples)
     heldout_evaluations: int = 0      # candidate evaluations on the held-out triples
     elapsed: float = 0.0              # seconds of search, summed over resumed runs
-    best_z: np.ndarray = None         # the candidate with the lowest held-out loss so far
+    best_z: np.ndarray = None         # the candidate with the lowest held-out loss so far (z = 0: the init)
     best_heldout: float = np.inf
     init_heldout: float = np.inf      # held-out loss of z = 0 (the initial embedding)
     heldout_bests: list = field(default_factory=list)  # best_heldout after each check
-    history: list = field(default_factory=list)
+    history: list = field(default_factory=list)        # one record per generation (the log)
+    losses: list = field(default_factory=list)         # each generation's losses as told to cma, float64 (P,)
+    asked_digest: str = ""            # sha256 chain over the populations cma asked
     stop_reason: str = ""
 
-
-def new_state(dim, sigma, popsize, seed, settings_key):
-    np.random.seed(seed)  # cma draws its samples from numpy's global generator
-    es = cma.CMAEvolutionStrategy(np.zeros(dim), sigma, {"popsize": popsize, "seed": seed + 1,
-                                                         "verbose": -9, "CMA_diagonal": dim > 1000})
-    return SearchState(es=es, numpy_random_state=np.random.get_state(), settings_key=settings_key,
-                       best_z=np.zeros(dim))
+    def __post_init__(self):
+        if self.best_z is None:
+            self.best_z = np.zeros(self.dim)
 
 
-def step(state, population_loss_of_z, heldout_loss_of_z, eval_every):
-    """One generation: ask, score on this generation's common random numbers, tell, maybe re-score."""
+def _chain(digest, zs):
+    return hashlib.sha256(digest.encode() + np.ascontiguousarray(zs, np.float64).tobytes()).hexdigest()
+
+
+def new_optimizer(state):
+    """A fresh cma optimizer for STATE's dimension, step size, population and seed."""
+    # seed + 1: the stream earlier versions drew (cma seeded numpy's global generator with it)
+    randn = np.random.RandomState(state.seed + 1).randn
+    return cma.CMAEvolutionStrategy(np.zeros(state.dim), state.sigma0, {
+        "popsize": state.popsize, "seed": np.nan, "randn": randn, "verbose": -9,
+        "CMA_diagonal": state.dim > 1000})
+
+
+def replay(state, source="checkpoint"):
+    """The optimizer after STATE's generations: a new one told the recorded losses again."""
+    es, digest = new_optimizer(state), ""
+    for losses in state.losses:
+        zs = np.array(es.ask())                                          # (P, dim)
+        digest = _chain(digest, zs)
+        es.tell(list(zs), [float(x) for x in losses])
+    if digest != state.asked_digest:
+        raise EdgeTIError(f"{source}: does not replay with this version of cma/numpy; --restart to start over")
+    return es
+
+
+def step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every):
+    """One generation: ask, score on this generation's common random numbers, tell, maybe re-score.
+
+    STATE changes only once the population is scored, so an interrupt during scoring leaves it
+    at the previous generation (what the checkpoint holds).
+    """
     start = time.perf_counter()
-    np.random.set_state(state.numpy_random_state)
-    zs = np.array(state.es.ask())                                       # (P, dim)
-    state.numpy_random_state = np.random.get_state()
-    losses = population_loss_of_z(zs, state.generation)                 # (P,)
-    state.es.tell(list(zs), [float(x) for x in losses])
-    state.generation += 1
-    state.evaluations += len(zs)
-    record = {"generation": state.generation, "evaluations": state.evaluations,
-              "best_loss": float(np.min(losses)), "mean_loss": float(np.mean(losses)),
-              "sigma": float(state.es.sigma)}
-    if state.generation % eval_every == 0:
+    zs = np.array(es.ask())                                              # (P, dim)
+    losses = np.asarray(population_loss_of_z(zs, state.generation), np.float64)  # (P,)
+    if not np.all(np.isfinite(losses)):
+        raise EdgeTIError("the model gave NaN or infinite losses: check the model folder's weights and "
+                          "scheduler_config.json")
+    es.tell(list(zs), [float(x) for x in losses])
+    record = {"generation": state.generation + 1, "evaluations": state.evaluations + len(zs),
+              "best_loss": float(np.min(losses)), "mean_loss": float(np.mean(losses)), "sigma": float(es.sigma)}
+    best_heldout, best_z, checked = state.best_heldout, state.best_z, None
+    if record["generation"] % eval_every == 0:
         # the optimizer's mean and this generation's best, re-scored on the fixed held-out triples
-        contenders = np.stack([state.es.result.xfavorite, zs[int(np.argmin(losses))]])
+        contenders = np.stack([es.result.xfavorite, zs[int(np.argmin(losses))]])
         heldout = heldout_loss_of_z(contenders)
-        state.heldout_evaluations += len(contenders)
         i = int(np.argmin(heldout))
-        if heldout[i] < state.best_heldout:
-            state.best_heldout, state.best_z = float(heldout[i]), contenders[i].copy()
-        state.heldout_bests.append(state.best_heldout)
-        record["heldout_loss"] = float(heldout[i])
-    state.elapsed += time.perf_counter() - start
-    record["best_heldout"] = state.best_heldout
-    record["elapsed"] = round(state.elapsed, 3)
+        record["heldout_loss"] = checked = float(heldout[i])
+        if heldout[i] < best_heldout:
+            best_heldout, best_z = float(heldout[i]), contenders[i].copy()
+    elapsed = state.elapsed + time.perf_counter() - start
+    record["best_heldout"] = best_heldout
+    record["elapsed"] = round(elapsed, 3)
+    # commit
+    state.asked_digest = _chain(state.asked_digest, zs)
+    state.losses.append(losses)
+    state.generation, state.evaluations, state.elapsed = record["generation"], record["evaluations"], elapsed
+    if checked is not None:
+        state.heldout_evaluations += 2
+        state.best_heldout, state.best_z = best_heldout, best_z
+        state.heldout_bests.append(best_heldout)
     state.history.append(record)
     return record
 
 
-def finished(state, budget, max_time, patience, min_improvement):
+def finished(state, es, limits):
     """The reason to stop, or '' to go on."""
-    if budget and state.evaluations >= budget:
-        return f"budget of {budget} evaluations used"
-    if max_time and state.elapsed >= max_time:
-        return f"time limit of {max_time:.0f} s reached"
-    bests = state.heldout_bests
-    if patience and len(bests) > patience and bests[-1] > bests[-1 - patience] * (1.0 - min_improvement):
-        return f"held-out loss improved by less than {min_improvement:g} in {patience} checks"
-    stop = state.es.stop()
+    if limits.budget and state.evaluations >= limits.budget:
+        return f"budget of {limits.budget} evaluations used"
+    if limits.max_time and state.elapsed >= limits.max_time:
+        return f"time limit of {limits.max_time:.0f} s reached"
+    bests, patience = state.heldout_bests, limits.patience
+    if patience and len(bests) > patience and bests[-1] > bests[-1 - patience] * (1.0 - limits.min_improvement):
+        return f"held-out loss improved by less than {limits.min_improvement:g} in {patience} checks"
+    stop = es.stop()
     if stop:
         return "cma: " + ", ".join(stop)
     return ""
 
 
+def run(state, population_loss_of_z, heldout_loss_of_z, limits, eval_every=5, checkpoint=None,
+        on_generation=None):
+    """Search until a limit stops it; after every generation save the checkpoint and call
+    on_generation(record, state). Returns STATE with its stop_reason (resumed states continue)."""
+    es = replay(state, source=checkpoint or "checkpoint")
+    while not (reason := finished(state, es, limits)):
+        record = step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every)
+        if checkpoint:
+            save_checkpoint(checkpoint, state)
+        if on_generation:
+            on_generation(record, state)
+    state.stop_reason = reason
+    return state
+
+
+# ---- the checkpoint file: safetensors arrays + the rest as JSON in its metadata ----
+_ARRAYS = ("best_z", "losses")
+
+
 def save_checkpoint(path, state):
     """Atomic: a temp file renamed over the old checkpoint, so a kill never leaves half a file."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        pickle.dump({"version": CHECKPOINT_VERSION, "state": state}, f)
+    fields_ = {k: v for k, v in asdict(state).items() if k not in _ARRAYS}
+    losses = (np.stack(state.losses) if state.losses else np.zeros((0, state.popsize))).astype(np.float64)
+    arrays = {"best_z": np.ascontiguousarray(state.best_z, np.float64), "losses": losses}
+    header = json.dumps({"version": CHECKPOINT_VERSION, **fields_})
+    data = save(arrays, metadata={"edge_ti.checkpoint": header})
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # Python's write: a full disk is an OSError
+        f.write(data)
+
+
+def _bad(path, why):
+    return EdgeTIError(f"{path}: not a usable edge-ti checkpoint ({why}); --restart to discard it")
+
+
+# the JSON fields and their types, checked before any is used
+_TYPES = {"settings_key": str, "dim": int, "sigma0": float, "popsize": int, "seed": int, "generation": int,
+          "evaluations": int, "heldout_evaluations": int, "elapsed": float, "best_heldout": float,
+          "init_heldout": float, "heldout_bests": list, "history": list, "asked_digest": str, "stop_reason": str}
 
 
 def load_checkpoint(path, settings_key):
-    """Our own checkpoint (a pickle this program wrote), checked against the run's settings."""
+    """A checkpoint written by save_checkpoint, every field checked, and for the run's settings."""
     try:
         with open(path, "rb") as f:
-            data = pickle.load(f)
-        state = data["state"]
-    except FileNotFoundError:
-        raise EdgeTIError(f"{path}: no checkpoint to resume from") from None
-    except Exception as err:  # pickle raises many types for a damaged file
-        raise EdgeTIError(f"{path}: unreadable checkpoint ({err.__class__.__name__})") from None
-    if data.get("version") != CHECKPOINT_VERSION or not isinstance(state, SearchState):
-        raise EdgeTIError(f"{path}: checkpoint from another edge-ti version")
-    if state.settings_key != settings_key:
-        raise EdgeTIError(f"{path}: checkpoint was made with other settings, images or model; "
-                          "rerun without --resume or with the same options")
-    return state
+            start = f.read(9) if os.path.isfile(path) else b""
+    except OSError:
+        start = b""
+    if start[:1] == b"\x80" or start[:4] == b"PK\x03\x04":  # edge-ti < 0.2 pickled its checkpoints
+        raise _bad(path, "a pickle, which edge-ti never loads")
+    try:
+        arrays, metadata = read_safetensors(path, dtypes=("F64",))
+    except EdgeTIError as err:
+        raise _bad(path, str(err).split(": ", 1)[-1]) from None
+    try:
+        header = json.loads(metadata.get("edge_ti.checkpoint", ""))
+    except (json.JSONDecodeError, RecursionError):
+        raise _bad(path, "no readable edge_ti.checkpoint header") from None
+    if not isinstance(header, dict) or header.get("version") != CHECKPOINT_VERSION:
+        raise _bad(path, "written by another edge-ti version")
+    for name, kind in _TYPES.items():
+        value = header.get(name)
+        ok = (isinstance(value, (int, float)) if kind is float else isinstance(value, kind)) and not isinstance(value, bool)
+        if not ok or (kind is int and value < 0):
+            raise _bad(path, f"field {name!r} is {str(value)[:30]}")
+    if set(arrays) != set(_ARRAYS):
+        raise _bad(path, f"arrays {sorted(arrays)}")
+    generation, popsize, dim = header["generation"], header["popsize"], header["dim"]
+    if arrays["losses"].shape != (generation, popsize) or arrays["best_z"].shape != (dim,):
+        raise _bad(path, "array shapes do not match its generations")
+    if not (all(isinstance(x, (int, float)) for x in header["heldout_bests"])
+            and all(isinstance(r, dict) for r in header["history"]) and len(header["history"]) == generation):
+        raise _bad(path, "malformed history")
+    if header["settings_key"] != settings_key:
+        raise EdgeTIError(f"{path}: checkpoint of a run with other settings, images or model; rerun with its "
+                          "options to continue it, or --restart to discard it")
+    values = {f.name: header[f.name] for f in fields(SearchState) if f.name in _TYPES}
+    return SearchState(**values, best_z=np.array(arrays["best_z"]), losses=list(np.array(arrays["losses"])))

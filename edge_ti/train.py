@@ -8,6 +8,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import os
+import string
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,9 +20,9 @@ from . import init as initialization
 from . import latents as lat
 from . import objective, search, subspace
 from .workers import InProcess
-from .embeddings import save_embedding
+from .embeddings import MAX_VECTORS, save_embedding
 from .errors import EdgeTIError
-from .files import atomic_path
+from .files import FileLock, atomic_path, check_output_path
 from .plot import loss_curve
 
 log = logging.getLogger(__name__)
@@ -57,7 +61,7 @@ class TrainSettings:
     dim: int = 256                # intrinsic dimension per vector: the paper's 256 (capped at D)
     popsize: int = 20             # the paper's population size (= cma's default for dim 256)
     sigma: float = None           # CMA-ES step size in z; None: 0.5 for pca/prior, 0.5*std(table) for full
-    budget: int = 5000            # candidate evaluations: the paper's 5000
+    budget: int = 5000            # candidate evaluations: the paper's 5000; 0: no limit (time or patience stop)
     max_time: float = None        # seconds; None for no limit
     seed: int = 0
     triples: int = 4              # (latent, prompt, timestep, noise) per generation, shared by all candidates
@@ -85,27 +89,79 @@ class TrainResult:
     paths: dict                   # embedding, log, curve, checkpoint
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM in the CLI) during the search: the best embedding so far was written."""
+
+    def __init__(self, result):
+        super().__init__(result.stop_reason)
+        self.result = result
+
+
+# every setting's valid range, checked before any work: (test, what the message says it must be)
+_RANGES = {
+    "vectors": (lambda v: 1 <= v <= MAX_VECTORS, f"1 to {MAX_VECTORS}"),
+    "dim": (lambda v: v >= 1, "at least 1"),
+    "popsize": (lambda v: v >= 2, "at least 2 (CMA-ES ranks candidates against each other)"),
+    "sigma": (lambda v: v is None or (math.isfinite(v) and v > 0), "a positive number"),
+    "budget": (lambda v: v >= 0, "0 (no limit) or more"),
+    "max_time": (lambda v: v is None or (math.isfinite(v) and v > 0), "a positive duration"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "0 to 2**32 - 1"),
+    "triples": (lambda v: v >= 1, "at least 1"),
+    "heldout_triples": (lambda v: v >= 1, "at least 1"),
+    "eval_every": (lambda v: v >= 1, "at least 1"),
+    "patience": (lambda v: v >= 0, "0 (never stop early) or more"),
+    "min_improvement": (lambda v: math.isfinite(v) and 0 <= v < 1, "in [0, 1)"),
+    "max_batch": (lambda v: v is None or v >= 1, "at least 1"),
+    "resolution": (lambda v: v is None or 8 <= v <= 4096, "8 to 4096 pixels"),
+}
+
+
+def check_settings(settings):
+    """A one-line error for the first setting out of range (the CLI checks the same at parse time)."""
+    for name, (valid, what) in _RANGES.items():
+        value = getattr(settings, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise EdgeTIError(f"{name} must be a number, got {value!r}")
+        if not valid(value):
+            raise EdgeTIError(f"{name} must be {what}, got {value!r}")
+    if settings.crn not in ("redraw", "fixed"):
+        raise EdgeTIError(f"unknown crn {settings.crn!r}: choose redraw or fixed")
+    if settings.subspace not in ("pca", "prior", "full"):
+        raise EdgeTIError(f"unknown subspace {settings.subspace!r}: choose pca, prior or full")
+    return prompt_templates(settings.template)
+
+
 def prompt_templates(template):
-    """"object" | "style" | templates (each with one {}) -> the list of templates."""
+    """"object" | "style" | templates (each with one {} and no other field) -> the list of templates."""
     if isinstance(template, str):
         if template not in TEMPLATES:
             raise EdgeTIError(f"unknown template {template!r}: choose object, style or give templates")
         return TEMPLATES[template]
     templates = list(template)
-    bad = [t for t in templates if t.count("{}") != 1]
+
+    def fields(t):
+        try:
+            return [name for _, name, _, _ in string.Formatter().parse(t) if name is not None]
+        except ValueError:  # a lone { or }
+            return None
+    bad = [t for t in templates if not isinstance(t, str) or fields(t) != [""]]
     if not templates or bad:
-        raise EdgeTIError(f"each prompt template needs exactly one {{}} for the token: {bad[:3] or 'none given'}")
+        raise EdgeTIError(f"each prompt template needs exactly one {{}} for the token and no other braces "
+                          f"(write {{{{ }}}} for literal ones): {bad[:3] or 'none given'}")
     return templates
 
 
 def output_paths(out):
     stem = out[:-len(".safetensors")] if out.endswith(".safetensors") else out
-    return {"embedding": out, "log": stem + ".log.jsonl", "curve": stem + ".loss.png", "checkpoint": stem + ".ckpt"}
+    return {"embedding": out, "log": stem + ".log.jsonl", "curve": stem + ".loss.png", "checkpoint": stem + ".ckpt",
+            "lock": stem + ".lock"}
 
 
 def _settings_key(model, settings, latents, e0, token):
     digest = hashlib.sha256()
-    fields = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("budget", "max_time", "patience")}
+    # what cannot change the result of a generation: limits (a resume may extend them) and batching
+    fields = {k: v for k, v in dataclasses.asdict(settings).items()
+              if k not in ("budget", "max_time", "patience", "max_batch")}
     digest.update(json.dumps(fields, sort_keys=True).encode())
     digest.update(f"{model.text_encoder_key}{token}".encode())
     digest.update(latents.tobytes())
@@ -118,20 +174,43 @@ def _write_log(path, history):
         f.writelines(json.dumps(r) + "\n" for r in history)
 
 
-def train(model, images, token, out, init_word=None, init_embedding=None, settings=None, resume=False,
+RESUME_MODES = ("auto", "require", "restart")
+CURVE_EVERY = 30.0  # seconds between redraws of the loss curve during a run
+
+
+def train(model, images, token, out, init_word=None, init_embedding=None, settings=None, resume="auto",
           on_generation=None, make_scorer=InProcess):
     """Learn TOKEN from IMAGES (files, folders or PIL images); write the embedding to OUT.
 
     The initial embedding comes from init_embedding ([n, D]) or init_word. on_generation(record,
-    state) is called after every generation (the CLI draws its progress bar from it).
+    state) is called after every generation (the CLI draws its progress from it).
     make_scorer(model, prompt_ids, latents, max_batch) gives the object that scores populations
     (edge_ti.workers: in this process by default).
+
+    resume: "auto" continues OUT's checkpoint when it was made with the same settings, images and
+    model, starts afresh when there is none, and refuses otherwise (another run's checkpoint, or
+    an OUT without a checkpoint); "require" insists on continuing; "restart" discards both.
+    Ctrl-C writes the best embedding so far and raises Interrupted (a KeyboardInterrupt).
     """
     settings = settings or TrainSettings()
-    templates = prompt_templates(settings.template)
-    if settings.crn not in ("redraw", "fixed"):
-        raise EdgeTIError(f"unknown crn {settings.crn!r}: choose redraw or fixed")
+    templates = check_settings(settings)
+    if resume not in RESUME_MODES:
+        raise EdgeTIError(f"resume must be one of {', '.join(RESUME_MODES)}, got {resume!r}")
     paths = output_paths(out)
+    for path in paths.values():  # before any work: a bad --out is found now, not after hours
+        check_output_path(path)
+    with FileLock(paths["lock"], f"the output {out}"):
+        if resume == "require" and not os.path.exists(paths["checkpoint"]):
+            raise EdgeTIError(f"{paths['checkpoint']}: no checkpoint to resume from")
+        if resume == "auto" and os.path.exists(out) and not os.path.exists(paths["checkpoint"]):
+            raise EdgeTIError(f"{out}: already exists and has no checkpoint beside it; choose another output "
+                              "or --restart to overwrite it")
+        return _train(model, images, token, out, paths, init_word, init_embedding, settings, templates, resume,
+                      on_generation, make_scorer)
+
+
+def _train(model, images, token, out, paths, init_word, init_embedding, settings, templates, resume,
+           on_generation, make_scorer):
     table = model.token_embeddings                                      # (V, D)
     D = table.shape[1]
 
@@ -161,6 +240,10 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
     # 3. prompts and the common random numbers
     prompts = [t.format(token) for t in templates]
     prompt_ids = model.tokenize(prompts, {token: e0})                  # (K, 77), token ids from V on
+    cut = [p for p, ids in zip(prompts, prompt_ids) if np.count_nonzero(ids >= model.vocab_size) != settings.vectors]
+    if cut:
+        raise EdgeTIError(f"the prompt {cut[0]!r} is too long for {settings.vectors} vectors: its token would be "
+                          "cut at 77 tokens; use fewer --vectors or shorter templates")
     T_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
 
     def triples_for(*key, count):
@@ -178,29 +261,45 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
     def heldout_loss_of_z(zs):
         return scorer.population_loss(subspace.embeddings_from_z(e0, W, zs), heldout)
 
-    # 4. the search, resumable
+    # 4. the search: resumed from the checkpoint, or new
     key = _settings_key(model, settings, latents, e0, token)
-    n_z = settings.vectors * dim
+    limits = search.Limits(budget=settings.budget, max_time=settings.max_time, patience=settings.patience,
+                           min_improvement=settings.min_improvement)
+    state, curve_written = None, [time.monotonic()]
+
+    def after_generation(record, state):
+        _write_log(paths["log"], state.history)
+        if time.monotonic() - curve_written[0] >= CURVE_EVERY:
+            loss_curve(state.history, paths["curve"])
+            curve_written[0] = time.monotonic()
+        if on_generation:
+            on_generation(record, state)
+
     try:
-        if resume:
+        if resume != "restart" and os.path.exists(paths["checkpoint"]):
             state = search.load_checkpoint(paths["checkpoint"], key)
-            log.info("resuming at generation %d (%d evaluations)", state.generation, state.evaluations)
+            log.warning("resuming %s at generation %d (%d evaluations)", paths["checkpoint"], state.generation,
+                        state.evaluations)
         else:
-            state = search.new_state(n_z, sigma, settings.popsize, settings.seed, key)
-            state.init_heldout = state.best_heldout = float(heldout_loss_of_z(np.zeros((1, n_z)))[0])
-            state.heldout_evaluations += 1
-        while not (reason := search.finished(state, settings.budget, settings.max_time, settings.patience,
-                                             settings.min_improvement)):
-            record = search.step(state, population_loss_of_z, heldout_loss_of_z, settings.eval_every)
-            search.save_checkpoint(paths["checkpoint"], state)
-            _write_log(paths["log"], state.history)
-            if on_generation:
-                on_generation(record, state)
-        state.stop_reason = reason
+            fresh = search.SearchState(key, settings.vectors * dim, sigma, settings.popsize, settings.seed)
+            fresh.init_heldout = fresh.best_heldout = float(heldout_loss_of_z(np.zeros((1, fresh.dim)))[0])
+            fresh.heldout_evaluations += 1
+            search.save_checkpoint(paths["checkpoint"], fresh)
+            state = fresh
+        search.run(state, population_loss_of_z, heldout_loss_of_z, limits, settings.eval_every,
+                   checkpoint=paths["checkpoint"], on_generation=after_generation)
+    except KeyboardInterrupt:
+        if state is None:
+            raise
+        state.stop_reason = f"interrupted at generation {state.generation}"
+        raise Interrupted(_finish(state, e0, W, token, init_word, paths)) from None
     finally:
         scorer.close()
+    return _finish(state, e0, W, token, init_word, paths)
 
-    # 5. the result: the best held-out candidate (z = 0, the init, if nothing beat it)
+
+def _finish(state, e0, W, token, init_word, paths):
+    """Write the best held-out candidate (z = 0, the init, if nothing beat it), the log, the curve."""
     embedding = {token: subspace.embeddings_from_z(e0, W, state.best_z[None])[0]}
     save_embedding(paths["embedding"], embedding, metadata={
         "edge_ti.init": json.dumps(e0.tolist()), "edge_ti.init_word": init_word or "",
@@ -211,4 +310,4 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
     return TrainResult(embedding=embedding, init_heldout=state.init_heldout, best_heldout=state.best_heldout,
                        generations=state.generation, evaluations=state.evaluations,
                        heldout_evaluations=state.heldout_evaluations, elapsed=state.elapsed,
-                       stop_reason=reason, paths=paths)
+                       stop_reason=state.stop_reason, paths=paths)
