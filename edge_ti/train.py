@@ -20,6 +20,7 @@ from .embeddings import save_embedding
 from .errors import EdgeTIError
 from .files import atomic_path
 from .plot import loss_curve
+from .tokenizer import check_new_token
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,16 @@ def _write_log(path, history):
 
 
 def train(model, images, token, out, init_word=None, init_embedding=None, settings=None, resume=False,
-          on_generation=None, make_scorer=InProcess):
+          on_generation=None, make_scorer=InProcess, allow_vocabulary_token=False):
     """Learn TOKEN from IMAGES (files, folders or PIL images); write the embedding to OUT.
 
     The initial embedding comes from init_embedding ([n, D]) or init_word. on_generation(record,
     state) is called after every generation (the CLI draws its progress bar from it).
     make_scorer(model, prompt_ids, latents, max_batch) gives the object that scores populations
-    (edge_ti.workers: in this process by default).
+    (edge_ti.workers: in this process by default). A TOKEN that is already a vocabulary word is
+    refused unless allow_vocabulary_token (tokenizer.check_new_token).
     """
+    check_new_token(model.tokenizer, token, allow_vocabulary_word=allow_vocabulary_token)
     settings = settings or TrainSettings()
     templates = prompt_templates(settings.template)
     if settings.crn not in ("redraw", "fixed"):
