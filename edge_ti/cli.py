@@ -304,9 +304,9 @@ def evaluate(model_dir, embedding_file, images, prompts_file, class_word, init_w
              seed, device, json_out):
     """CLIP-I and CLIP-T of generations with the embedding, and with its initial embedding."""
     from . import init as initialization
-    from .evaluate import evaluate as run_evaluation, load_for_evaluation
+    from .evaluate import evaluate as run_evaluation, load_for_evaluation, read_prompts
     from .files import atomic_path
-    from .latents import image_paths
+    from .latents import image_paths, read_image
 
     model = open_model(model_dir, device=device)
     embedding, init_embedding, recorded_word = load_for_evaluation(model, embedding_file)
@@ -316,11 +316,12 @@ def evaluate(model_dir, embedding_file, images, prompts_file, class_word, init_w
     class_word = class_word or init_word or recorded_word
     if not class_word:
         raise EdgeTIError(f"{embedding_file}: no recorded init word; give --class-word (e.g. mug)")
-    prompts = _read_lines(prompts_file, "prompts") if prompts_file else None
+    prompts = read_prompts(prompts_file, token) if prompts_file else None
+    concept_images = [read_image(path) for path in image_paths(images)]  # a bad file fails now, not after generating
     n_prompts = len(prompts or [0] * 4)
     total = steps * n_prompts * (2 if init_embedding is not None else 1)
     with Progress(total, "generating, steps") as progress:
-        results = run_evaluation(model, embedding, image_paths(images), class_word, prompts=prompts,
+        results = run_evaluation(model, embedding, concept_images, class_word, prompts=prompts,
                                  init_embedding=init_embedding, n=n, steps=steps, guidance=guidance,
                                  sampler=sampler, seed=seed, progress=lambda i, t: progress.update(progress.position + 1))
     click.echo(f"{'embedding':<10} {'CLIP-I':>8} {'CLIP-T':>8}")
@@ -401,13 +402,16 @@ def _duration(text):
 @click.option("--resume", is_flag=True, help="insist on continuing OUT's checkpoint (a rerun continues it anyway "
               "when its settings match)")
 @click.option("--restart", is_flag=True, help="discard OUT and its checkpoint and start over")
+@click.option("--allow-vocabulary-token", is_flag=True,
+              help="allow a --token that is already a word of the vocabulary (it takes over that word in prompts)")
 @click.option("--out", required=True, type=click.Path(), help="the embedding file to write (.safetensors)")
 def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, template, subspace, dim, popsize, sigma,
           budget, max_time, triples, crn, heldout_triples, patience, max_batch, resolution, no_flip, seed, threads,
-          device, workers, ray_address, worker_device, resume, restart, out):
+          device, workers, ray_address, worker_device, resume, restart, allow_vocabulary_token, out):
     """Learn TOKEN from IMAGES (files or folders) with forward passes only; write OUT."""
     from . import init as initialization
     from .files import check_output_path
+    from .tokenizer import check_new_token
     from .train import Interrupted, check_settings, output_paths, train as run_training
     from .workers import scorer_factory
 
@@ -424,6 +428,7 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
     for path in output_paths(out).values():  # a bad --out is one line now, not after the run
         check_output_path(path)
     model = open_model(model_dir, device=device, threads=threads)
+    check_new_token(model.tokenizer, token, allow_vocabulary_token)  # before --init auto's CLIP work
     init_embedding = None
     if init_mode == "auto":
         from .latents import image_paths
@@ -447,7 +452,7 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
         try:
             result = run_training(model, images, token, out, init_word=init_word, init_embedding=init_embedding,
                                   settings=settings, resume=mode, on_generation=on_generation,
-                                  make_scorer=make_scorer)
+                                  make_scorer=make_scorer, allow_vocabulary_token=allow_vocabulary_token)
         except Interrupted as stop:
             result = stop.result
             click.echo(f"{result.stop_reason} ({result.evaluations} evaluations): wrote the best embedding so far "

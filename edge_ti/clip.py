@@ -24,6 +24,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from .errors import EdgeTIError
+from .latents import read_image
 from .model import file_fingerprint
 from .tokenizer import ClipTokenizer
 
@@ -33,13 +34,13 @@ IMAGE_BATCH = 16  # images per vision-model call: bounds memory at 224 px for a 
 
 # ---- images ----
 def load_image(image):
-    """A PIL image, a uint8 array or a path -> an RGB PIL image (CLIPImageProcessor's convert_rgb)."""
+    """A PIL image, a uint8 array or a path -> an RGB PIL image.
+
+    A file is read as for training (latents.read_image: checked, 16-bit kept, transparency on
+    white); an image in memory converts as CLIPImageProcessor's convert_rgb does.
+    """
     if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as opened:
-                return opened.convert("RGB")
-        except OSError as err:
-            raise EdgeTIError(f"{image}: cannot read the image ({err})") from None
+        return read_image(image)
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
     array = np.asarray(image)

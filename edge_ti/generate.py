@@ -24,6 +24,7 @@ from PIL import Image
 from . import schedulers
 from .errors import EdgeTIError
 from .files import atomic_path
+from .tokenizer import placeholder_ids
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def denoise(model, prompt, embeddings=None, negative_prompt="", steps=30, guidan
     latents = np.asarray(latents, dtype=np.float32)
     if latents.shape != shape:
         raise EdgeTIError(f"initial latents have shape {list(latents.shape)}, expected {list(shape)}")
+    _warn_unused_tokens(model, [prompt, negative_prompt] if guidance > 1 else [prompt], embeddings)
     sampler_name = sampler
     sampler = schedulers.make(sampler_name, model.scheduler_config, steps, noise=noise if noise is not None else rng)
 
@@ -74,6 +76,21 @@ def denoise(model, prompt, embeddings=None, negative_prompt="", steps=30, guidan
         if progress is not None:
             progress(i + 1, len(sampler.timesteps))
     return x
+
+
+def _warn_unused_tokens(model, prompts, embeddings):
+    """Warn about loaded tokens the prompts never name (or name only past the 77-token limit)."""
+    if not embeddings:
+        return
+    ids = set(model.tokenize(prompts, embeddings).ravel().tolist())
+    placeholders = placeholder_ids(model.check_embeddings(embeddings), model.vocab_size)
+    unused = [token for token in embeddings if not ids & set(placeholders[token])]
+    if len(unused) == len(embeddings):
+        log.warning("the prompt names none of the loaded tokens (%s) in its first %d tokens: "
+                    "the embeddings change nothing", ", ".join(unused), model.tokenizer.max_length)
+    elif unused:
+        log.warning("the prompt never names the loaded token(s) %s in its first %d tokens",
+                    ", ".join(unused), model.tokenizer.max_length)
 
 
 def decode(model, latents):

@@ -44,10 +44,18 @@ MIN_LETTERS = 3  # shorter whole words are mostly abbreviations and word pieces 
 
 
 def from_word(model, word, vectors=1):
-    """e0 [vectors, D]: the mean of WORD's token-embedding rows, repeated for each vector."""
-    ids = model.tokenizer.token_ids(word)
+    """e0 [vectors, D]: the mean of WORD's token-embedding rows, repeated for each vector.
+
+    A word of several tokens is allowed (diffusers' script refuses it) with a warning: the mean of
+    unrelated pieces ("xyz": x, y, z) may be far from what the word means.
+    """
+    tokenizer = model.tokenizer
+    ids = tokenizer.token_ids(word)
     if not ids:
         raise EdgeTIError(f"--init-word {word!r} has no tokens")
+    if len(ids) > 1:
+        pieces = ", ".join(tokenizer.bpe.decode([i]).replace("</w>", "").strip() for i in ids)
+        log.warning("init word %r is %d tokens (%s): using the mean of their embeddings", word, len(ids), pieces)
     e0 = model.token_embeddings[ids].mean(axis=0)          # (D,)
     return np.tile(e0[None], (vectors, 1)).astype(np.float32)  # (n, D)
 

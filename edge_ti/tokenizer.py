@@ -7,6 +7,13 @@ steps exactly, then `tokenizers` does the BPE.
 
 New tokens follow diffusers' textual inversion: `<tok>` with n vectors stands for
 `<tok> <tok>_1 ... <tok>_{n-1}`, and its ids come after the text encoder's vocabulary.
+
+Where a prompt names a new token: diffusers (`maybe_convert_prompt`, a plain `str.replace`) and
+transformers' added-token trie find it anywhere, so a token `cat` would turn "a catalog" into
+"<cat>alog". Here an end of the token that is a letter or digit must not be glued to a letter or
+digit in the prompt: `cat` matches in "a cat, cats" once, not in "catalog". An end that is
+punctuation matches literally, as in diffusers, so `<tok>` (both ends punctuation, the usual case)
+gets exactly diffusers' ids, also in "a<tok>b".
 """
 import json
 import os
@@ -110,6 +117,12 @@ class ClipTokenizer:
         for token_id, added in config.get("added_tokens_decoder", {}).items():
             self.special_ids.setdefault(_special_token(added), [int(token_id)])
 
+    def vocabulary_forms(self, token):
+        """The vocabulary entries TOKEN already is: itself, or the whole word it is once cleaned."""
+        vocab = self.bpe.get_vocab()
+        word = _basic_clean(token)
+        return [form for form in dict.fromkeys((token, word + "</w>")) if form in vocab]
+
     def _id(self, token):
         token_id = self.bpe.token_to_id(token)
         if token_id is None:
@@ -121,16 +134,18 @@ class ClipTokenizer:
         return self.bpe.encode(text, add_special_tokens=False).ids if text else []
 
     def token_ids(self, prompt, placeholders=None):
-        """One prompt -> its ids without BOS/EOS; placeholders: {token string: [ids]}."""
-        literal = {**self.special_ids, **(placeholders or {})}
-        # longest first, as transformers' added-token trie matches the longest token
-        pattern = "|".join(re.escape(t) for t in sorted(literal, key=len, reverse=True))
-        ids = []
-        for piece in re.split(f"({pattern})", prompt):
-            if piece in literal:
-                ids.extend(literal[piece])
-            elif piece:
-                ids.extend(self._bpe_ids(piece))
+        """One prompt -> its ids without BOS/EOS; placeholders: {token string: [ids]}.
+
+        Special tokens match anywhere (as transformers'); placeholders as the module docstring says.
+        """
+        placeholders = placeholders or {}
+        literal = {**self.special_ids, **placeholders}
+        ids, start = [], 0
+        for match in _token_pattern(self.special_ids, placeholders).finditer(prompt):
+            ids.extend(self._bpe_ids(prompt[start:match.start()]))
+            ids.extend(literal[match.group()])
+            start = match.end()
+        ids.extend(self._bpe_ids(prompt[start:]))
         return ids
 
     def __call__(self, prompts, placeholders=None):
@@ -142,6 +157,54 @@ class ClipTokenizer:
             ids = [self.bos_id] + self.token_ids(prompt, placeholders)[: self.max_length - 2] + [self.eos_id]
             out[row, : len(ids)] = ids
         return out
+
+
+def _token_pattern(special, placeholders):
+    """A regex finding the special tokens anywhere and the placeholders as whole tokens."""
+    alternatives = {re.escape(token): len(token) for token in special}
+    for token in placeholders:
+        check_token(token)  # an empty token would match between any two characters
+        before = r"(?<![^\W_])" if token[0].isalnum() else ""  # [^\W_]: a letter or digit
+        after = r"(?![^\W_])" if token[-1].isalnum() else ""
+        alternatives[before + re.escape(token) + after] = len(token)
+    # longest first, as transformers' added-token trie matches the longest token
+    return re.compile("|".join(sorted(alternatives, key=alternatives.get, reverse=True)))
+
+
+def names_token(prompt, token):
+    """Whether PROMPT names the new TOKEN where ClipTokenizer.token_ids would find it."""
+    return _token_pattern({}, [token]).search(prompt) is not None
+
+
+def replace_token(prompt, token, text):
+    """PROMPT with the new TOKEN, where ClipTokenizer.token_ids would find it, replaced by TEXT."""
+    return _token_pattern({}, [token]).sub(lambda match: text, prompt)
+
+
+def check_token(token, source=None):
+    """An error (naming SOURCE, e.g. the file) unless TOKEN can be named in a prompt: not empty, no whitespace."""
+    where = f"{source}: " if source else ""
+    if not isinstance(token, str) or not token:
+        raise EdgeTIError(f"{where}a token must be a non-empty string, got {token!r}")
+    if any(ch.isspace() for ch in token):
+        raise EdgeTIError(f"{where}token {token!r} contains whitespace; a token must be one word")
+
+
+def check_new_token(tokenizer, token, allow_vocabulary_word=False):
+    """An error unless TOKEN can be a new token: check_token, and not a word the tokenizer has.
+
+    A vocabulary word as the token takes over that word in every prompt (diffusers'
+    load_textual_inversion refuses it: "Token star already in tokenizer vocabulary");
+    allow_vocabulary_word permits it, but never a special token such as <|endoftext|>.
+    """
+    check_token(token)
+    if token in tokenizer.special_ids:
+        raise EdgeTIError(f"token {token!r} is one of the tokenizer's special tokens; choose another")
+    forms = tokenizer.vocabulary_forms(token)
+    if forms and not allow_vocabulary_word:
+        raise EdgeTIError(f"token {token!r} is already in the tokenizer's vocabulary ({', '.join(forms)}): "
+                          f"prompts that use the word would get the new embedding; choose e.g. "
+                          f"'<{token}>', or allow it with --allow-vocabulary-token")
 
 
 def placeholder_ids(embeddings, first_id):

@@ -24,6 +24,7 @@ from .embeddings import MAX_VECTORS, save_embedding
 from .errors import EdgeTIError
 from .files import FileLock, atomic_path, check_output_path
 from .plot import loss_curve
+from .tokenizer import check_new_token
 
 log = logging.getLogger(__name__)
 
@@ -179,19 +180,21 @@ CURVE_EVERY = 30.0  # seconds between redraws of the loss curve during a run
 
 
 def train(model, images, token, out, init_word=None, init_embedding=None, settings=None, resume="auto",
-          on_generation=None, make_scorer=InProcess):
+          on_generation=None, make_scorer=InProcess, allow_vocabulary_token=False):
     """Learn TOKEN from IMAGES (files, folders or PIL images); write the embedding to OUT.
 
     The initial embedding comes from init_embedding ([n, D]) or init_word. on_generation(record,
     state) is called after every generation (the CLI draws its progress from it).
     make_scorer(model, prompt_ids, latents, max_batch) gives the object that scores populations
-    (edge_ti.workers: in this process by default).
+    (edge_ti.workers: in this process by default). A TOKEN that is already a vocabulary word is
+    refused unless allow_vocabulary_token (tokenizer.check_new_token).
 
     resume: "auto" continues OUT's checkpoint when it was made with the same settings, images and
     model, starts afresh when there is none, and refuses otherwise (another run's checkpoint, or
     an OUT without a checkpoint); "require" insists on continuing; "restart" discards both.
     Ctrl-C writes the best embedding so far and raises Interrupted (a KeyboardInterrupt).
     """
+    check_new_token(model.tokenizer, token, allow_vocabulary_word=allow_vocabulary_token)
     settings = settings or TrainSettings()
     templates = check_settings(settings)
     if resume not in RESUME_MODES:

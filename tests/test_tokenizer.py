@@ -116,3 +116,48 @@ def test_placeholders_match_diffusers_expansion(real_clip_tokenizer_dir):
                 .replace("\0", "<cat-toy>_1") for p in prompts]
     assert np.array_equal(ours(prompts, placeholders), _reference_ids(ref, expanded))
     assert ref.convert_tokens_to_ids(names) == [49408, 49409, 49410, 49411]
+
+
+def test_word_placeholder_matches_whole_words_only(real_clip_tokenizer_dir):
+    # a placeholder whose ends are letters or digits is not found inside words ("<cat>alog")
+    ours = ClipTokenizer(real_clip_tokenizer_dir)
+    cat = {"cat": [49408]}
+    assert ours.token_ids("a catalog of cats, bobcat", cat) == ours.token_ids("a catalog of cats, bobcat")
+    assert ours.token_ids("a cat, (cat) cat.", cat).count(49408) == 3
+    assert ours.token_ids("cat", cat) == [49408]
+    # one end a letter/digit, the other punctuation: only the letter/digit end must stand free
+    mixed = {"<tok1": [49408]}
+    assert ours.token_ids("a <tok1 and x<tok1!", mixed).count(49408) == 2
+    assert 49408 not in ours.token_ids("a <tok12", mixed)
+    # the longest placeholder wins, also with whole-word ends
+    assert ours.token_ids("sks_1 sks", {"sks": [49408], "sks_1": [49409]}) == [49409, 49408]
+
+
+def test_names_and_replaces_tokens_as_token_ids_finds_them():
+    from edge_ti.tokenizer import names_token, replace_token
+    assert replace_token("a cat on a catalog, cat.", "cat", "mug") == "a mug on a catalog, mug."
+    assert replace_token("a<t>b", "<t>", "mug") == "amugb"  # punctuation ends match literally
+    assert names_token("a cat", "cat") and not names_token("a catalog", "cat")
+
+
+@pytest.mark.parametrize("token, problem", [("", "non-empty"), ("my mug", "whitespace"), ("a\nb", "whitespace")])
+def test_empty_or_spaced_placeholder_is_refused(real_clip_tokenizer_dir, token, problem):
+    from edge_ti.errors import EdgeTIError
+    ours = ClipTokenizer(real_clip_tokenizer_dir)
+    with pytest.raises(EdgeTIError, match=problem):
+        ours.token_ids("a photo", {token: [49408]})
+
+
+def test_check_new_token_refuses_vocabulary_words(real_clip_tokenizer_dir):
+    from edge_ti.errors import EdgeTIError
+    from edge_ti.tokenizer import check_new_token
+    ours = ClipTokenizer(real_clip_tokenizer_dir)
+    for token, form in (("star", "star</w>"), ("Star", "star</w>"), ("!", "!</w>")):
+        with pytest.raises(EdgeTIError, match=f"{token!r} is already in the tokenizer's vocabulary.*{form}"):
+            check_new_token(ours, token)
+        check_new_token(ours, token, allow_vocabulary_word=True)
+    for token in ("<star>", "<my-mug>", "sks-mug"):
+        check_new_token(ours, token)
+    for token, problem in (("<|endoftext|>", "special"), ("", "non-empty"), ("my star", "whitespace")):
+        with pytest.raises(EdgeTIError, match=problem):
+            check_new_token(ours, token, allow_vocabulary_word=True)
