@@ -23,8 +23,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from .cache import fingerprint
 from .errors import EdgeTIError
-from .model import file_fingerprint
 from .tokenizer import ClipTokenizer
 
 TEXT_BATCH = 64  # prompts per text-model call: the vocabulary is encoded in tens of thousands
@@ -141,7 +141,7 @@ class ClipModel:
     @functools.cached_property
     def text_key(self):
         """Content key of the text model, for caches of text features."""
-        return file_fingerprint(os.path.join(self.path, "text_model.onnx"))[:24]
+        return fingerprint(os.path.join(self.path, "text_model.onnx"))[:24]
 
     def _session(self, name):
         path = os.path.join(self.path, name)
