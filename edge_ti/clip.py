@@ -23,9 +23,9 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from .cache import fingerprint
 from .errors import EdgeTIError
 from .latents import read_image
-from .model import file_fingerprint
 from .tokenizer import ClipTokenizer
 
 TEXT_BATCH = 64  # prompts per text-model call: the vocabulary is encoded in tens of thousands
@@ -142,7 +142,7 @@ class ClipModel:
     @functools.cached_property
     def text_key(self):
         """Content key of the text model, for caches of text features."""
-        return file_fingerprint(os.path.join(self.path, "text_model.onnx"))[:24]
+        return fingerprint(os.path.join(self.path, "text_model.onnx"))[:24]
 
     def _session(self, name):
         path = os.path.join(self.path, name)

@@ -15,7 +15,6 @@ from PIL import Image
 
 from .errors import EdgeTIError
 from .files import atomic_path
-from .model import file_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +174,7 @@ def encode_images(model, pixels, sample=False, seed=0, batch=1):
     """
     encoder_path = os.path.join(model.path, "vae_encoder", "model.onnx")
     key = hashlib.sha256()
-    key.update(file_fingerprint(encoder_path).encode())
+    key.update(model.part_fingerprint("vae_encoder").encode())
     key.update(f"{pixels.shape}{sample}{seed}{model.scaling_factor}".encode())
     key.update(np.ascontiguousarray(pixels, dtype=np.float32).tobytes())
     cache_file = os.path.join(model.cache_dir("latents"), key.hexdigest()[:32] + ".npy")

@@ -6,15 +6,16 @@
     patched text encoder, the token table, latents) goes to the cache, keyed by content.
 """
 import functools
-import hashlib
 import json
 import logging
+import math
 import os
 
 import numpy as np
 import onnxruntime as ort
 
 from . import text_encoder as te
+from .cache import cache_error, cache_root, fingerprint
 from .errors import EdgeTIError
 from .session import SessionSettings, create_session, session_options
 from .tokenizer import ClipTokenizer, placeholder_ids
@@ -26,24 +27,6 @@ ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "directml": "DmlExecutionProvider"}
-
-
-def cache_root():
-    """EDGE_TI_CACHE, else ~/.cache/edge-ti."""
-    return os.environ.get("EDGE_TI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "edge-ti")
-
-
-def file_fingerprint(path, chunk=1 << 22):
-    """sha256 of a file's size, first and last 4 MiB: content-keyed, and fast for a 3 GB UNet."""
-    digest = hashlib.sha256()
-    size = os.path.getsize(path)
-    digest.update(str(size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(chunk))
-        if size > chunk:
-            f.seek(max(size - chunk, chunk))
-            digest.update(f.read(chunk))
-    return digest.hexdigest()
 
 
 def providers_for(device):
@@ -69,14 +52,70 @@ def auto_max_batch(latent_shape):
     return max(1, UNET_PIXELS_PER_CALL // (h * w))
 
 
-def _read_json(path):
+def _is_number(value):
+    # JSON's true/false are Python ints, and json reads NaN and Infinity: none is a usable number
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_whole(value, least):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_beta(value):
+    # a noise variance: 1 - beta is a factor of alpha_bar, and sqrt(beta) is taken (negative: black images)
+    return _is_number(value) and 0 < value < 1
+
+
+# the config values edge-ti reads, {key: (test, what it must be)}; an absent key takes its default
+SCHEDULER_KEYS = {
+    "num_train_timesteps": (lambda v: _is_whole(v, 1), "a whole number >= 1"),
+    "beta_start": (_is_beta, "a number between 0 and 1"),
+    "beta_end": (_is_beta, "a number between 0 and 1"),
+    "trained_betas": (lambda v: v is None or (isinstance(v, list) and v and all(map(_is_beta, v))),
+                      "null or a list of numbers between 0 and 1"),
+    "beta_schedule": (lambda v: v in ("linear", "scaled_linear", "squaredcos_cap_v2"),
+                      "linear, scaled_linear or squaredcos_cap_v2"),
+    "prediction_type": (lambda v: v in ("epsilon", "v_prediction"), "epsilon or v_prediction"),
+    "timestep_spacing": (lambda v: v in ("leading", "trailing", "linspace"), "leading, trailing or linspace"),
+    "steps_offset": (lambda v: _is_whole(v, 0), "a whole number >= 0"),
+    "clip_sample_range": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "lambda_min_clipped": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v),
+                           "a number (or -Infinity)"),
+    "sigma_min": (lambda v: v is None or (_is_number(v) and v > 0), "null or a positive number"),
+    "sigma_max": (lambda v: v is None or (_is_number(v) and v > 0), "null or a positive number"),
+}
+UNET_KEYS = {"sample_size": (lambda v: _is_whole(v, 1), "a whole number >= 1"),
+             "in_channels": (lambda v: _is_whole(v, 1), "a whole number >= 1")}
+VAE_KEYS = {"block_out_channels": (lambda v: isinstance(v, list) and v and all(_is_whole(c, 1) for c in v),
+                                   "a non-empty list of whole numbers >= 1"),
+            "scaling_factor": (lambda v: _is_number(v) and v > 0, "a positive number")}
+
+
+def _read_config(path, keys):
+    """A model config as a dict ({} when absent), its KEYS checked: one line naming the file and key."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            config = json.load(f)
     except FileNotFoundError:
         return {}
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise EdgeTIError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise EdgeTIError(f"{path}: cannot read it ({err.strerror})") from None
+    if not isinstance(config, dict):
+        raise EdgeTIError(f"{path}: not a JSON object")
+    for key, (valid, what) in keys.items():
+        if key in config and not valid(config[key]):
+            raise EdgeTIError(f"{path}: {key} is {json.dumps(config[key])[:40]}, but must be {what}")
+    return config
+
+
+# each part's use, for the error when a folder lacks it
+PART_USES = {"unet": "training and generating need the UNet", "vae_encoder": "training needs the VAE encoder",
+             "vae_decoder": "generating images needs the VAE decoder"}
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+# the built-in shapes-world model's short name for open_model (so also for the CLI's MODEL_DIR)
+SHAPES = "shapes"
 
 
 class Model:
@@ -104,19 +143,19 @@ class Model:
     # ---- configs, read once ----
     @functools.cached_property
     def scheduler_config(self):
-        return _read_json(os.path.join(self.path, "scheduler", "scheduler_config.json"))
+        return _read_config(os.path.join(self.path, "scheduler", "scheduler_config.json"), SCHEDULER_KEYS)
 
     @functools.cached_property
     def vae_config(self):
         for part in ("vae_decoder", "vae_encoder", "vae"):
-            config = _read_json(os.path.join(self.path, part, "config.json"))
+            config = _read_config(os.path.join(self.path, part, "config.json"), VAE_KEYS)
             if config:
                 return config
         return {}
 
     @functools.cached_property
     def unet_config(self):
-        return _read_json(os.path.join(self.path, "unet", "config.json"))
+        return _read_config(os.path.join(self.path, "unet", "config.json"), UNET_KEYS)
 
     @property
     def prediction_type(self):
@@ -143,11 +182,25 @@ class Model:
     # ---- cache ----
     @functools.cached_property
     def text_encoder_key(self):
-        return file_fingerprint(self.text_encoder_path)[:24]
+        return fingerprint(self.text_encoder_path)[:24]
+
+    def part_path(self, part):
+        """MODEL_DIR/part/model.onnx, or a one-line error saying what needs the missing part."""
+        path = os.path.join(self.path, part, "model.onnx")
+        if not os.path.isfile(path):
+            raise EdgeTIError(f"{self.path}: no {part}/model.onnx: {PART_USES[part]}")
+        return path
+
+    def part_fingerprint(self, part):
+        """The content key of a part (model.onnx and its weight files), for caches of what it computes."""
+        return fingerprint(self.part_path(part))
 
     def cache_dir(self, *parts):
         path = os.path.join(cache_root(), *parts)
-        os.makedirs(path, exist_ok=True)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as err:
+            raise cache_error(path, err) from None
         return path
 
     @functools.cached_property
@@ -156,7 +209,10 @@ class Model:
         out = os.path.join(self.cache_dir("text_encoders"), self.text_encoder_key)
         if not os.path.isfile(os.path.join(out, "model.onnx")):
             log.info("patching %s for token injection (once) -> %s", self.text_encoder_path, out)
-            te.patch_text_encoder(self.text_encoder_path, out)
+            try:
+                te.patch_text_encoder(self.text_encoder_path, out)
+            except OSError as err:
+                raise cache_error(os.path.dirname(out), err) from None
         return out
 
     @functools.cached_property
@@ -178,12 +234,11 @@ class Model:
 
     def _session(self, path):
         """A session through edge_ti.session: tuned options, the optimized graph cached on disk."""
-        if not os.path.isfile(path):
-            raise EdgeTIError(f"{self.path}: missing {os.path.relpath(path, self.path)}")
+        cache = self.cache_dir("sessions")
         try:
-            return create_session(path, self.providers, self.session_settings, self.cache_dir("sessions"))
-        except OSError as err:
-            raise EdgeTIError(f"{path}: {err.strerror or err}") from None
+            return create_session(path, self.providers, self.session_settings, cache)
+        except EdgeTIError:  # the cache's own errors name the cache folder
+            raise
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
             raise EdgeTIError(f"{path}: onnxruntime cannot load it ({str(err).splitlines()[0]})") from None
 
@@ -195,7 +250,7 @@ class Model:
         """unet, vae_encoder or vae_decoder, created on first use."""
         cached = self.__dict__.setdefault("_sessions", {})
         if part not in cached:
-            cached[part] = self._session(os.path.join(self.path, part, "model.onnx"))
+            cached[part] = self._session(self.part_path(part))
         return cached[part]
 
     def release(self, part):
@@ -205,12 +260,31 @@ class Model:
         self.__dict__.get("_input_types", {}).pop(part, None)
 
     def input_types(self, part):
-        """{input name: (numpy dtype, rank)} of a part's session."""
+        """{input name: (numpy dtype, shape)} of a part's session; a shape's named dims are strings."""
         cached = self.__dict__.setdefault("_input_types", {})
         if part not in cached:
-            cached[part] = {i.name: (ORT_DTYPES.get(i.type, np.float32), len(i.shape))
+            cached[part] = {i.name: (ORT_DTYPES.get(i.type, np.float32), i.shape)
                             for i in self.session(part).get_inputs()}
         return cached[part]
+
+    def unet_inputs(self, sample, hidden):
+        """The UNet's input types, once it is checked to be a UNet that takes these latents and text states."""
+        inputs = self.input_types("unet")
+        path = os.path.join(self.path, "unet", "model.onnx")
+        missing = [name for name in UNET_INPUTS if name not in inputs]
+        if missing:
+            raise EdgeTIError(f"{path}: not a Stable Diffusion UNet (no input {', '.join(missing)}; "
+                              f"its inputs: {', '.join(inputs)})")
+        sample_shape, hidden_shape = inputs["sample"][1], inputs["encoder_hidden_states"][1]
+        channels = sample_shape[1] if len(sample_shape) == 4 else None        # [B, C, h, w]
+        width = hidden_shape[-1] if len(hidden_shape) == 3 else None          # [B, 77, D]
+        if isinstance(channels, int) and channels != sample.shape[1]:
+            raise EdgeTIError(f"{path}: this UNet takes {channels}-channel latents, but was given "
+                              f"{sample.shape[1]} channels (from the VAE, or unet/config.json in_channels)")
+        if isinstance(width, int) and width != hidden.shape[-1]:
+            raise EdgeTIError(f"{path}: this UNet takes text states of width {width}, but the text encoder "
+                              f"gives {hidden.shape[-1]}")
+        return inputs
 
     def unet(self, sample, timestep, hidden, max_batch=None):
         """UNet at one timestep: sample [B, C, h, w], hidden [B, 77, D] -> float32 [B, C, h, w],
@@ -219,10 +293,10 @@ class Model:
         if len(sample) > max_batch:
             return np.concatenate([self.unet(sample[i:i + max_batch], timestep, hidden[i:i + max_batch], max_batch)
                                    for i in range(0, len(sample), max_batch)])
-        inputs = self.input_types("unet")
-        t_dtype, t_rank = inputs["timestep"]
+        inputs = self.unet_inputs(sample, hidden)
+        t_dtype, t_shape = inputs["timestep"]
         t = np.asarray(timestep, dtype=t_dtype)                               # [] (optimum's export)
-        if t_rank == 1:
+        if len(t_shape) == 1:
             t = np.full(sample.shape[:1], t, dtype=t_dtype)                   # [B] (older exports)
         feed = {"sample": sample.astype(inputs["sample"][0]), "timestep": t,
                 "encoder_hidden_states": hidden.astype(inputs["encoder_hidden_states"][0])}
@@ -258,5 +332,12 @@ class Model:
 
 
 def open_model(path, device="cpu", threads=None, session_settings=None):
-    """Open an ONNX Stable Diffusion folder (optimum layout) on cpu, cuda or directml."""
+    """Open an ONNX Stable Diffusion folder (optimum layout) on cpu, cuda or directml.
+
+    PATH `shapes` opens the built-in shapes-world model (edge_ti.shapes.model_dir()), unless the
+    current directory has a folder called shapes: a real folder wins.
+    """
+    if os.fspath(path) == SHAPES and not os.path.isdir(path):
+        from . import shapes
+        path = shapes.model_dir()
     return Model(path, device=device, threads=threads, session_settings=session_settings)

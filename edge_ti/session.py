@@ -5,10 +5,11 @@
 The first session of a model file runs onnxruntime's graph optimizations (constant folding, node
 fusions, the NCHWc convolution layout) and saves the optimized graph to
     cache_dir/<key>/model.onnx (+ model.onnx.data)
-keyed by the model's files, the onnxruntime version, the providers and this CPU's instruction set;
-later sessions load that graph with optimizations off instead of optimizing again. The saved graph
-may hold layout choices for this CPU only, which is why the CPU is part of the key. The defaults of
-SessionSettings were chosen by measurement (benchmarks/results/speed.md).
+keyed by the model's files (every byte: edge_ti.cache.fingerprint), the onnxruntime version, the
+providers and this CPU's instruction set; later sessions load that graph with optimizations off
+instead of optimizing again. The saved graph may hold layout choices for this CPU only, which is why
+the CPU is part of the key. The defaults of SessionSettings were chosen by measurement
+(benchmarks/results/speed.md).
 """
 import hashlib
 import json
@@ -21,14 +22,14 @@ from dataclasses import asdict, dataclass
 
 import onnxruntime as ort
 
+from .cache import cache_error, fingerprint
+
 log = logging.getLogger(__name__)
 
 LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
           "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
           "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-# the model's own text files: configs and tokenizers do not change the graph's weights
-_NOT_WEIGHTS = (".json", ".txt", ".md")
 
 
 @dataclass
@@ -51,31 +52,9 @@ def cpu_signature():
         return f"{platform.machine()}|{platform.processor()}"
 
 
-def files_fingerprint(path, chunk=1 << 22):
-    """sha256 over the model file and the weight files beside it (size, first and last 4 MiB of each).
-
-    An optimum export keeps a large UNet's weights in model.onnx_data next to a small graph file:
-    two fine-tunes of one architecture have the same graph file, so the weights must be in the key.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))
-                   and not n.endswith(_NOT_WEIGHTS))
-    digest = hashlib.sha256()
-    for name in names:
-        file_path = os.path.join(folder, name)
-        size = os.path.getsize(file_path)
-        digest.update(f"{name}:{size}".encode())
-        with open(file_path, "rb") as f:
-            digest.update(f.read(chunk))
-            if size > chunk:
-                f.seek(max(size - chunk, chunk))
-                digest.update(f.read(chunk))
-    return digest.hexdigest()
-
-
 def cache_key(path, providers, settings):
     """What the optimized graph depends on: the model's files, onnxruntime, providers, level, CPU."""
-    parts = {"model": files_fingerprint(path), "onnxruntime": ort.__version__, "providers": list(providers),
+    parts = {"model": fingerprint(path), "onnxruntime": ort.__version__, "providers": list(providers),
              "optimization": settings.optimization, "cpu": cpu_signature()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -118,12 +97,21 @@ def create_session(path, providers, settings=None, cache_dir=None):
         except Exception as err:  # a damaged cache entry: rebuild it
             log.warning("optimized graph %s unusable (%s): optimizing again", cached, str(err).splitlines()[0])
             shutil.rmtree(entry, ignore_errors=True)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-")
+    except OSError as err:
+        raise cache_error(cache_dir, err) from None
     try:
         log.info("optimizing %s once -> %s", path, entry)
-        session = ort.InferenceSession(path, session_options(settings, os.path.join(tmp, "model.onnx")),
-                                       providers=providers)
+        try:
+            session = ort.InferenceSession(path, session_options(settings, os.path.join(tmp, "model.onnx")),
+                                           providers=providers)
+        except Exception:
+            # onnxruntime's error does not say whether reading the model or saving the optimized copy
+            # failed: a load without saving tells (and raises the model's own error if it is the model)
+            ort.InferenceSession(path, session_options(settings), providers=providers)
+            raise cache_error(cache_dir, "onnxruntime could not save the optimized graph") from None
         try:
             os.rename(tmp, entry)
         except OSError:  # another process saved the same entry first: theirs is as good

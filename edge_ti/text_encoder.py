@@ -16,6 +16,8 @@ from onnx import helper, numpy_helper
 from .errors import EdgeTIError
 
 EXTRA_INPUT = "extra_embeddings"
+# what edge-ti needs of the text encoder: optimum's name for it (else the first output is taken)
+HIDDEN_OUTPUT = "last_hidden_state"
 # ops that carry input_ids to the embedding Gather without changing which ids they are
 _PASS_THROUGH = {"Cast", "Reshape", "Identity", "Flatten", "Squeeze", "Unsqueeze"}
 
@@ -52,6 +54,11 @@ def patch_text_encoder(src_path, dst_dir):
     gather, table = _find_token_gather(graph, "input_ids")
     if gather is None:
         raise EdgeTIError(f"{src_path}: not a CLIP text encoder (no token-embedding Gather reads input_ids)")
+    outputs = {o.name: len(o.type.tensor_type.shape.dim) for o in graph.output}
+    hidden = HIDDEN_OUTPUT if HIDDEN_OUTPUT in outputs else graph.output[0].name
+    if outputs[hidden] not in (0, 3):  # 0: shape not recorded
+        raise EdgeTIError(f"{src_path}: no last hidden state [batch, tokens, width] among its outputs "
+                          f"({', '.join(outputs)}): Stable Diffusion's UNet reads it")
     graph.input.append(helper.make_tensor_value_info(EXTRA_INPUT, table.data_type, ["extra_rows", table.dims[1]]))
     full_table = table.name + "_with_extra"
     graph.node.insert(list(graph.node).index(gather),
@@ -82,15 +89,19 @@ def table_dtype(session):
 
 
 def encode(session, input_ids, extra_embeddings):
-    """input_ids int [B, L], extra_embeddings [m, D] -> (last_hidden_state [B, L, D], pooled [B, D])."""
+    """input_ids int [B, L], extra_embeddings [m, D] -> (last_hidden_state [B, L, D], pooled [B, D]);
+    pooled is None for an export without a pooler_output (the UNet reads only the hidden state)."""
     feeds = {}
     for inp in session.get_inputs():
         if inp.name == "input_ids":
             feeds["input_ids"] = input_ids.astype(np.int32 if inp.type == "tensor(int32)" else np.int64)
         elif inp.name == EXTRA_INPUT:
             feeds[EXTRA_INPUT] = np.ascontiguousarray(extra_embeddings, dtype=table_dtype(session))
-    hidden, pooled = session.run(None, feeds)[:2]
-    return hidden.astype(np.float32), pooled.astype(np.float32)
+    names = [o.name for o in session.get_outputs()]
+    results = dict(zip(names, session.run(None, feeds)))
+    hidden = results.get(HIDDEN_OUTPUT, results[names[0]])
+    pooled = results.get("pooler_output")
+    return hidden.astype(np.float32), None if pooled is None else pooled.astype(np.float32)
 
 
 def population_ids(prompt_ids, vocab_size, vectors, population):

@@ -74,6 +74,18 @@ def _bpe_from_vocab_merges(vocab_path, merges_path):
     return tok
 
 
+def _read_config(path):
+    """special_tokens_map.json or tokenizer_config.json as a dict, or a one-line error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise EdgeTIError(f"{path}: not a readable JSON file ({err})") from None
+    if not isinstance(config, dict):
+        raise EdgeTIError(f"{path}: not a JSON object")
+    return config
+
+
 def _special_token(value):
     # special_tokens_map.json holds either "<|endoftext|>" or {"content": "<|endoftext|>", ...}
     return value["content"] if isinstance(value, dict) else value
@@ -101,12 +113,15 @@ class ClipTokenizer:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             path = os.path.join(tokenizer_dir, name)
             if os.path.exists(path):
-                with open(path, encoding="utf-8") as f:
-                    config.update({k: v for k, v in json.load(f).items() if v is not None})
+                config.update({k: v for k, v in _read_config(path).items() if v is not None})
         self.bos_token = _special_token(config.get("bos_token", "<|startoftext|>"))
         self.eos_token = _special_token(config.get("eos_token", "<|endoftext|>"))
         self.pad_token = _special_token(config.get("pad_token", self.eos_token))
-        self.max_length = min(int(config.get("model_max_length", 77)), 77)
+        try:
+            self.max_length = min(int(config.get("model_max_length", 77)), 77)
+        except (TypeError, ValueError, OverflowError):
+            raise EdgeTIError(f"{tokenizer_dir}: model_max_length is {config['model_max_length']!r}, "
+                              "but must be a number") from None
         self.bos_id = self._id(self.bos_token)
         self.eos_id = self._id(self.eos_token)
         self.pad_id = self._id(self.pad_token)

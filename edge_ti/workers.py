@@ -22,7 +22,8 @@ import numpy as np
 
 from . import objective
 from .errors import EdgeTIError
-from .model import file_fingerprint, open_model
+from .cache import file_digest
+from .model import open_model
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,10 @@ def model_fingerprints(path):
         folder = os.path.join(path, part)
         for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
             if os.path.isfile(os.path.join(folder, name)):
-                prints[f"{part}/{name}"] = file_fingerprint(os.path.join(folder, name))
+                prints[f"{part}/{name}"] = file_digest(os.path.join(folder, name))
     config = os.path.join(path, "scheduler", "scheduler_config.json")
     if os.path.isfile(config):
-        prints["scheduler/scheduler_config.json"] = file_fingerprint(config)
+        prints["scheduler/scheduler_config.json"] = file_digest(config)
     return prints
 
 

@@ -14,8 +14,9 @@ import pytest
 
 import edge_ti
 from edge_ti import objective, quantize
+from edge_ti.cache import fingerprint
 from edge_ti.errors import EdgeTIError
-from edge_ti.session import SessionSettings, create_session, files_fingerprint
+from edge_ti.session import SessionSettings, create_session
 
 
 def _snapshot(folder):
@@ -115,11 +116,11 @@ def test_fingerprint_covers_external_weights(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"graph")
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.onnx_data").write_bytes(b"\0" * 100)
-    a = files_fingerprint(str(tmp_path / "model.onnx"))
+    a = fingerprint(str(tmp_path / "model.onnx"))
     (tmp_path / "config.json").write_text('{"note": 1}')
-    assert files_fingerprint(str(tmp_path / "model.onnx")) == a       # configs do not matter
+    assert fingerprint(str(tmp_path / "model.onnx")) == a              # configs do not matter
     (tmp_path / "model.onnx_data").write_bytes(b"\1" + b"\0" * 99)
-    assert files_fingerprint(str(tmp_path / "model.onnx")) != a       # weights do
+    assert fingerprint(str(tmp_path / "model.onnx")) != a              # weights do
 
 
 NO_TORCH = r'''
