@@ -166,14 +166,15 @@ def export(source, out, opset, clip_dir, quantize_mode, fp16):
         click.echo(f"wrote {out}")
         return
     import shutil
-    import tempfile
 
+    from .files import remove_stale_temps, temp_name
     from .quantize import quantize_model
     if os.path.exists(out):
         raise EdgeTIError(f"{out}: already exists; choose a new output folder")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".tmp-export-")  # the fp32 export, removed afterwards
+    remove_stale_temps(parent)
+    staging = temp_name(parent, directory=True)  # the fp32 export, removed afterwards
     try:
         fp32 = os.path.join(staging, "fp32")
         _export_module("onnx_export").export_pipeline(source, fp32, opset=opset, clip_source=clip_dir)

@@ -172,7 +172,6 @@ def encode_images(model, pixels, sample=False, seed=0, batch=1):
     mean + std * noise with a seeded generator, as diffusers' training scripts sample.
     One image per encoder call by default: at 512 px the SD VAE's activations are ~1 GB per image.
     """
-    encoder_path = os.path.join(model.path, "vae_encoder", "model.onnx")
     key = hashlib.sha256()
     key.update(model.part_fingerprint("vae_encoder").encode())
     key.update(f"{pixels.shape}{sample}{seed}{model.scaling_factor}".encode())

@@ -16,9 +16,10 @@ import onnxruntime as ort
 
 from . import text_encoder as te
 from .cache import cache_error, cache_root, fingerprint
+from .embeddings import check_vectors
 from .errors import EdgeTIError
 from .session import SessionSettings, create_session, session_options
-from .tokenizer import ClipTokenizer, placeholder_ids
+from .tokenizer import ClipTokenizer, check_token, placeholder_ids
 
 log = logging.getLogger(__name__)
 
@@ -304,16 +305,12 @@ class Model:
 
     # ---- the public text path ----
     def check_embeddings(self, embeddings, source="embedding"):
-        """{token: [n, D]} -> float32 arrays, or an error naming the token whose width is wrong."""
+        """{token: [n, D]} -> float32 arrays, or an error naming SOURCE and the token: a name a prompt
+        can hold, 1 to 75 finite vectors of this text encoder's width."""
         checked = {}
         for token, vectors in (embeddings or {}).items():
-            vectors = np.asarray(vectors, dtype=np.float32)
-            if vectors.ndim == 1:
-                vectors = vectors[None]
-            if vectors.ndim != 2 or vectors.shape[1] != self.hidden_size:
-                raise EdgeTIError(f"{source}: token {token!r} has shape {list(vectors.shape)}, "
-                                  f"but this model's text encoder needs [n, {self.hidden_size}]")
-            checked[token] = vectors
+            check_token(token, source)
+            checked[token] = check_vectors(token, vectors, source, width=self.hidden_size)
         return checked
 
     def tokenize(self, prompts, embeddings=None):

@@ -30,11 +30,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 
 import onnx
 
 from .errors import EdgeTIError
+from .files import remove_stale_temps, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -219,13 +219,14 @@ def quantize_model(model_dir, out_dir, mode="int8", parts=("unet", "text_encoder
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-quantize-")
+    remove_stale_temps(parent)  # left by killed processes
+    tmp = temp_name(parent, directory=True)
     try:
         record = {"mode": mode, "parts": list(parts), "source": source_label or model_dir}
         feeds = None
         if mode == "int8":
             record.update(op_types=["MatMul", "Gemm"] + (["Conv"] if conv != "none" else []), conv=conv,
-                          per_channel=per_channel, weights="int8 symmetric",
+                          per_channel=per_channel, weights="int8 symmetric, 7-bit range (reduce_range)",
                           activations="uint8 asymmetric, dynamic" + (", Conv: static (calibrated)"
                                                                      if conv == "static" else ""))
             if conv == "static" and "unet" in parts:

@@ -17,12 +17,12 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 
 import onnxruntime as ort
 
 from .cache import cache_error, fingerprint
+from .files import remove_stale_temps, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ def create_session(path, providers, settings=None, cache_dir=None):
             shutil.rmtree(entry, ignore_errors=True)
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-")
+        remove_stale_temps(cache_dir)  # left by killed processes
+        tmp = temp_name(cache_dir, directory=True)
     except OSError as err:
         raise cache_error(cache_dir, err) from None
     try:

@@ -7,13 +7,13 @@ V + p*n + j and each of its prompt rows uses those ids.
 """
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from .errors import EdgeTIError
+from .files import remove_stale_temps, temp_name
 
 EXTRA_INPUT = "extra_embeddings"
 # what edge-ti needs of the text encoder: optimum's name for it (else the first output is taken)
@@ -68,7 +68,8 @@ def patch_text_encoder(src_path, dst_dir):
     table_array = numpy_helper.to_array(table).astype(np.float32)
     parent = os.path.dirname(os.path.abspath(dst_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    remove_stale_temps(parent)  # left by killed processes
+    tmp_dir = temp_name(parent, directory=True)
     try:
         onnx.save(model, os.path.join(tmp_dir, "model.onnx"), save_as_external_data=True,
                   all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
