@@ -189,7 +189,7 @@ def child_train(spec):
                 snapshots.append((wall, samples(state), subspace.embeddings_from_z(e0, W, state.best_z[None])[0]))
 
         result = train(model, images, TOKEN, spec["out"], init_word=concept.init_word, settings=settings,
-                       on_generation=on_generation)
+                       on_generation=on_generation, resume="restart")  # a timed run starts afresh
         wall = time.perf_counter() - start
         final = result.embedding[TOKEN]
         total_samples = result.evaluations * settings.triples + result.heldout_evaluations * settings.heldout_triples

@@ -75,10 +75,21 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert not path.exists()
     edge_ti.save_embedding(str(path), {"<a>": np.ones((1, 4))})
 
-    def crash_midway(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"half a file")
-        raise KeyboardInterrupt  # the user pressed Ctrl-C while the file was being written
-    monkeypatch.setattr("edge_ti.embeddings.save_file", crash_midway)
+    class CrashMidway:  # the user presses Ctrl-C while the file is being written
+        def __init__(self, path, mode):
+            self.file = open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            self.file.write(data[:len(data) // 2])
+            raise KeyboardInterrupt
+    monkeypatch.setattr("edge_ti.embeddings.open", lambda path, mode="r": (CrashMidway if "w" in mode else open)(path, mode),
+                        raising=False)
     with pytest.raises(KeyboardInterrupt):
         edge_ti.save_embedding(str(path), {"<a>": np.zeros((1, 4))})
     assert np.array_equal(edge_ti.load_embedding(str(path))["<a>"], np.ones((1, 4)))  # old file intact
