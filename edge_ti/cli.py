@@ -83,7 +83,9 @@ def _termination_as_interrupt():
 
 
 class Progress:
-    """A progress bar on a terminal; elsewhere (nohup, a log file) one line every EVERY seconds."""
+    """A progress bar on a terminal; elsewhere (nohup, a log file) one line every EVERY seconds.
+
+    total: the work's size (None or 0 while unknown: lines without an ETA)."""
     EVERY = 30.0
 
     def __init__(self, total, label, describe=lambda: ""):
@@ -94,8 +96,9 @@ class Progress:
         self.start = time.monotonic()
         return self
 
-    def update(self, position):
-        """Move to POSITION (of total)."""
+    def update(self, position, total=None):
+        """Move to POSITION (of TOTAL, when the work knows it only once it runs)."""
+        self.total = total or self.total
         if self.first is None:  # a resumed run starts part way: its rate counts from here
             self.first, self.first_time = position, time.monotonic()
             if sys.stderr.isatty() and self.total:  # a total of 0 is unknown: lines, without an ETA
@@ -115,7 +118,7 @@ class Progress:
         now = time.monotonic()
         elapsed, done = now - self.start, position - self.first
         eta = (f", ETA {_clock((now - self.first_time) / done * (self.total - position))}"
-               if done > 0 and position < self.total else "")
+               if done > 0 and self.total and position < self.total else "")
         detail = self.describe()
         click.echo(f"{self.label}: {position}{f'/{self.total}' if self.total else ''}{eta}, {_clock(elapsed)} elapsed"
                    + (f"; {detail}" if detail else ""), err=True)
@@ -161,32 +164,9 @@ def export(source, out, opset, clip_dir, quantize_mode, fp16):
     """Export a local diffusers Stable Diffusion folder SOURCE to the ONNX folder OUT (optimum)."""
     if quantize_mode and fp16:
         raise EdgeTIError("choose one of --quantize int8 and --fp16")
-    if not (quantize_mode or fp16):
-        _export_module("onnx_export").export_pipeline(source, out, opset=opset, clip_source=clip_dir)
-        click.echo(f"wrote {out}")
-        return
-    import shutil
-
-    from .files import remove_stale_temps, temp_name
-    from .quantize import quantize_model
-    if os.path.exists(out):
-        raise EdgeTIError(f"{out}: already exists; choose a new output folder")
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_temps(parent)
-    staging = temp_name(parent, directory=True)  # the fp32 export, removed afterwards
-    try:
-        fp32 = os.path.join(staging, "fp32")
-        _export_module("onnx_export").export_pipeline(source, fp32, opset=opset, clip_source=clip_dir)
-        quantize_model(fp32, out, **_QUANTIZE["fp16" if fp16 else quantize_mode], source_label=source)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _export_module("onnx_export").export_pipeline(source, out, opset=opset, clip_source=clip_dir,
+                                                  quantize="fp16" if fp16 else quantize_mode)
     click.echo(f"wrote {out}")
-
-
-# what `--quantize int8` and `--fp16` mean, chosen by benchmarks/results/speed.md: int8 Conv (static)
-# is faster still, but ranked candidates unlike fp32 (Spearman ~0.6), so it is opt-in (`edge-ti quantize`)
-_QUANTIZE = {"int8": {"mode": "int8", "conv": "none", "per_channel": False}, "fp16": {"mode": "fp16"}}
 
 
 @cli.command()
@@ -306,9 +286,11 @@ def evaluate(model_dir, embedding_file, images, prompts_file, class_word, init_w
     """CLIP-I and CLIP-T of generations with the embedding, and with its initial embedding."""
     from . import init as initialization
     from .evaluate import evaluate as run_evaluation, load_for_evaluation, read_prompts
-    from .files import atomic_path
+    from .files import atomic_path, check_output_path
     from .latents import image_paths, read_image
 
+    if json_out:
+        check_output_path(json_out)  # before the work
     model = open_model(model_dir, device=device)
     embedding, init_embedding, recorded_word = load_for_evaluation(model, embedding_file)
     (token, vectors), = embedding.items()
@@ -319,12 +301,10 @@ def evaluate(model_dir, embedding_file, images, prompts_file, class_word, init_w
         raise EdgeTIError(f"{embedding_file}: no recorded init word; give --class-word (e.g. mug)")
     prompts = read_prompts(prompts_file, token) if prompts_file else None
     concept_images = [read_image(path) for path in image_paths(images)]  # a bad file fails now, not after generating
-    n_prompts = len(prompts or [0] * 4)
-    total = steps * n_prompts * (2 if init_embedding is not None else 1)
-    with Progress(total, "generating, steps") as progress:
+    with Progress(None, "generating, steps") as progress:
         results = run_evaluation(model, embedding, concept_images, class_word, prompts=prompts,
                                  init_embedding=init_embedding, n=n, steps=steps, guidance=guidance,
-                                 sampler=sampler, seed=seed, progress=lambda i, t: progress.update(progress.position + 1))
+                                 sampler=sampler, seed=seed, progress=progress.update)
     click.echo(f"{'embedding':<10} {'CLIP-I':>8} {'CLIP-T':>8}")
     for name in ("init", "learned"):
         if name in results:
@@ -410,9 +390,7 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
           budget, max_time, triples, crn, heldout_triples, patience, max_batch, resolution, no_flip, seed, threads,
           device, workers, ray_address, worker_device, resume, restart, allow_vocabulary_token, out):
     """Learn TOKEN from IMAGES (files or folders) with forward passes only; write OUT."""
-    from . import init as initialization
     from .files import check_output_path
-    from .tokenizer import check_new_token
     from .train import Interrupted, check_settings, output_paths, train as run_training
     from .workers import scorer_factory
 
@@ -428,15 +406,9 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
     check_settings(settings)
     for path in output_paths(out).values():  # a bad --out is one line now, not after the run
         check_output_path(path)
-    model = open_model(model_dir, device=device, threads=threads)
-    check_new_token(model.tokenizer, token, allow_vocabulary_token)  # before --init auto's CLIP work
-    init_embedding = None
-    if init_mode == "auto":
-        from .latents import image_paths
-        init_embedding, top = initialization.from_images(model, image_paths(images), vectors, top_k=init_top_k)
-        click.echo("init from images: " + ", ".join(f"{w} {x:.3f}" for w, x in top[:10]))
-    elif not init_word:
+    if init_mode == "word" and not init_word:
         raise EdgeTIError("give --init-word WORD or --init auto")
+    model = open_model(model_dir, device=device, threads=threads)
 
     last = {}
 
@@ -451,8 +423,8 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
             last["record"] = record
             progress.update(state.evaluations)
         try:
-            result = run_training(model, images, token, out, init_word=init_word, init_embedding=init_embedding,
-                                  settings=settings, resume=mode, on_generation=on_generation,
+            result = run_training(model, images, token, out, init_word=init_word, init=init_mode,
+                                  init_top_k=init_top_k, settings=settings, resume=mode, on_generation=on_generation,
                                   make_scorer=make_scorer, allow_vocabulary_token=allow_vocabulary_token)
         except Interrupted as stop:
             result = stop.result

@@ -70,7 +70,9 @@ def read_prompts(path, token):
 
 def evaluate(model, embedding, concept_images, class_word, prompts=None, init_embedding=None, n=8, steps=30,
              guidance=7.5, sampler="ddim", seed=0, progress=None):
-    """embedding {token: [n, D]} -> {"learned": {"clip_i", "clip_t"}, "init": {...} (if given), "prompts"}."""
+    """embedding {token: [n, D]} -> {"learned": {"clip_i", "clip_t"}, "init": {...} (if given), "prompts"}.
+
+    progress(done, total) is called after every sampler step, counted over all generations."""
     (token, vectors), = model.check_embeddings(embedding, source="embedding").items()
     prompts = [p.replace("{}", token) for p in (prompts or DEFAULT_PROMPTS)]
     unnamed = [p for p in prompts if not names_token(p, token)]
@@ -80,11 +82,17 @@ def evaluate(model, embedding, concept_images, class_word, prompts=None, init_em
     if init_embedding is not None:
         variants["init"] = model.check_embeddings({token: init_embedding}, source="init")[token]
     results = {"prompts": prompts, "class_word": class_word, "n": n}
+    total, done = steps * len(prompts) * len(variants), [0]
+
+    def step_done(i, steps_of_one):
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
     for name, vecs in variants.items():
         images, texts = [], []
         for k, prompt in enumerate(prompts):
             images.append(generate(model, prompt, {token: vecs}, steps=steps, guidance=guidance, sampler=sampler,
-                                   seed=seed + k, n=n, progress=progress))       # (n, H, W, 3)
+                                   seed=seed + k, n=n, progress=step_done))      # (n, H, W, 3)
             texts += [replace_token(prompt, token, class_word)] * n
         images = np.concatenate(images)                                          # (len(prompts) n, H, W, 3)
         results[name] = {"clip_i": metrics.clip_i(model, images, concept_images),

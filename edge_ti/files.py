@@ -35,12 +35,14 @@ def check_output_path(path, what="output"):
         kind = ("a folder" if stat.S_ISDIR(info.st_mode) else "a symbolic link" if stat.S_ISLNK(info.st_mode)
                 else "not a regular file")
         raise EdgeTIError(f"{path}: {kind}; edge-ti writes only regular files (choose another {what} path)")
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise EdgeTIError(f"{path}: {folder} is not a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-")
+    # the folder, or the nearest folder above it that exists (the run will create the rest)
+    folder = existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise EdgeTIError(f"{path}: {existing} is not a folder")
+    try:  # a probe file: permissions, read-only mounts and full disks all show here
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=f".tmp-{os.getpid()}-")
         os.close(fd)
         os.remove(probe)
     except OSError as err:
@@ -94,9 +96,13 @@ def atomic_path(path):
     """
     check_output_path(path)
     folder = os.path.dirname(os.path.abspath(path))
-    remove_stale_temps(folder)
     suffix = os.path.splitext(path)[1]  # keep the extension: some writers pick the format by it
-    tmp = temp_name(folder, suffix)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temps(folder)
+        tmp = temp_name(folder, suffix)
+    except OSError as err:
+        raise EdgeTIError(f"{path}: cannot write ({err.strerror or err})") from None
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)
@@ -109,18 +115,65 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+@contextlib.contextmanager
+def atomic_folder(path, exist_ok=False):
+    """with atomic_folder(p) as tmp: fill the folder tmp -> it becomes p, whole, or nothing does.
+
+    The temp folder sits beside P (a rename within one file system) and carries our pid, so a
+    killed process's leftovers are removed by the next write there. exist_ok: P appearing meanwhile
+    (another process filling the same cache entry) is success, not an error.
+    """
+    if os.path.lexists(path) and not exist_ok:
+        raise EdgeTIError(f"{path}: already exists; choose a new output folder")
+    with scratch_folder(os.path.dirname(os.path.abspath(path))) as tmp:
+        yield tmp
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (exist_ok and os.path.isdir(path)):  # not another process winning the race
+                raise
+
+
+@contextlib.contextmanager
+def scratch_folder(parent):
+    """A temp folder in PARENT (beside the output it helps make: same disk), removed on exit."""
+    try:
+        os.makedirs(parent, exist_ok=True)
+        remove_stale_temps(parent)
+        tmp = temp_name(parent, directory=True)
+    except OSError as err:
+        raise EdgeTIError(f"{parent}: cannot write ({err.strerror or err})") from None
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class FileLock:
     """An exclusive advisory lock on PATH (created if absent) for as long as the `with` lasts.
 
     Two `edge-ti train` runs on one --out would each think the checkpoint theirs: the second is
     refused with one line. flock is released by the kernel when a process dies, so a killed run
-    leaves no stale lock; the lock file is removed when the lock is released.
+    leaves no stale lock; the lock file is removed when the lock is released, and so are the
+    folders made for it if nothing else was written there (a run refused early leaves nothing).
     """
 
     def __init__(self, path, what):
-        self.path, self.what, self.fd = path, what, None
+        self.path, self.what, self.fd, self.made = path, what, None, []
 
     def __enter__(self):
+        folder = os.path.dirname(os.path.abspath(self.path))
+        while not os.path.lexists(folder):
+            self.made.append(folder)
+            folder = os.path.dirname(folder)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        try:
+            return self._lock()
+        except BaseException:
+            self._remove_made()
+            raise
+
+    def _lock(self):
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
             if not _try_lock(fd):
@@ -141,6 +194,14 @@ class FileLock:
         with contextlib.suppress(OSError):
             os.remove(self.path)
         os.close(self.fd)  # closing releases the lock
+        self._remove_made()
+
+    def _remove_made(self):
+        for folder in self.made:  # deepest first; stops at the first that holds something
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
 
 
 def _try_lock(fd):

@@ -34,7 +34,7 @@ import shutil
 import onnx
 
 from .errors import EdgeTIError
-from .files import remove_stale_temps, temp_name
+from .files import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,11 @@ CONV = ("none", "static", "dynamic")  # int8 Conv: float (none), calibrated (sta
 PARTS = ("unet", "text_encoder", "vae_encoder", "vae_decoder")
 # at or above 2 GB a protobuf cannot hold the weights: they go to one external data file
 _EXTERNAL_THRESHOLD = 1 << 30
+
+
+# what `export --quantize int8` and `--fp16` mean, chosen by benchmarks/results/speed.md: int8 Conv
+# (static) is faster still, but ranked candidates unlike fp32 (Spearman ~0.6), so it is opt-in
+PRESETS = {"int8": {"mode": "int8", "conv": "none", "per_channel": False}, "fp16": {"mode": "fp16"}}
 
 
 def _has_external_data(model):
@@ -217,11 +222,7 @@ def quantize_model(model_dir, out_dir, mode="int8", parts=("unet", "text_encoder
     if missing:
         raise EdgeTIError(f"{model_dir}: no {', '.join(p + '/model.onnx' for p in missing)}")
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_temps(parent)  # left by killed processes
-    tmp = temp_name(parent, directory=True)
-    try:
+    with atomic_folder(out_dir) as tmp:
         record = {"mode": mode, "parts": list(parts), "source": source_label or model_dir}
         feeds = None
         if mode == "int8":
@@ -250,7 +251,4 @@ def quantize_model(model_dir, out_dir, mode="int8", parts=("unet", "text_encoder
                               per_channel, feeds)
         with open(os.path.join(tmp, "edge_ti_quantization.json"), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -6,14 +6,13 @@ A whole CMA-ES population goes through in one call: candidate p's n vectors sit 
 V + p*n + j and each of its prompt rows uses those ids.
 """
 import os
-import shutil
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from .errors import EdgeTIError
-from .files import remove_stale_temps, temp_name
+from .files import atomic_folder
 
 EXTRA_INPUT = "extra_embeddings"
 # what edge-ti needs of the text encoder: optimum's name for it (else the first output is taken)
@@ -66,20 +65,10 @@ def patch_text_encoder(src_path, dst_dir):
                                        name="edge_ti_concat_extra_embeddings"))
     gather.input[0] = full_table
     table_array = numpy_helper.to_array(table).astype(np.float32)
-    parent = os.path.dirname(os.path.abspath(dst_dir))
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_temps(parent)  # left by killed processes
-    tmp_dir = temp_name(parent, directory=True)
-    try:
+    with atomic_folder(dst_dir, exist_ok=True) as tmp_dir:  # another process may patch it too
         onnx.save(model, os.path.join(tmp_dir, "model.onnx"), save_as_external_data=True,
                   all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
         np.save(os.path.join(tmp_dir, "token_embeddings.npy"), table_array)
-        os.rename(tmp_dir, dst_dir)
-    except OSError:
-        if not os.path.exists(os.path.join(dst_dir, "model.onnx")):  # not another process winning the race
-            raise
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return table_array
 
 

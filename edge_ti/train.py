@@ -15,16 +15,17 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from . import init as initialization
 from . import latents as lat
 from . import objective, search, subspace
-from .workers import InProcess
 from .embeddings import MAX_VECTORS, save_embedding
 from .errors import EdgeTIError
 from .files import FileLock, atomic_path, check_output_path
 from .plot import loss_curve
 from .tokenizer import check_new_token
+from .workers import InProcess
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ class TrainResult:
     heldout_evaluations: int
     elapsed: float
     stop_reason: str
-    paths: dict                   # embedding, log, curve, checkpoint
+    paths: dict                   # embedding, log, curve, checkpoint, lock
+    init_words: list = dataclasses.field(default_factory=list)  # init="auto": (word, weight), largest first
 
 
 class Interrupted(KeyboardInterrupt):
@@ -180,10 +182,12 @@ CURVE_EVERY = 30.0  # seconds between redraws of the loss curve during a run
 
 
 def train(model, images, token, out, init_word=None, init_embedding=None, settings=None, resume="auto",
-          on_generation=None, make_scorer=InProcess, allow_vocabulary_token=False):
+          on_generation=None, make_scorer=InProcess, allow_vocabulary_token=False, init="word", init_top_k=None):
     """Learn TOKEN from IMAGES (files, folders or PIL images); write the embedding to OUT.
 
-    The initial embedding comes from init_embedding ([n, D]) or init_word. on_generation(record,
+    The initial embedding comes from init_embedding ([n, D]), init_word, or with init="auto" from
+    the images through CLIP (init.from_images; init_top_k: each image attends to its k best
+    words; the words that weigh most are logged and returned in the result). on_generation(record,
     state) is called after every generation (the CLI draws its progress from it).
     make_scorer(model, prompt_ids, latents, max_batch) gives the object that scores populations
     (edge_ti.workers: in this process by default). A TOKEN that is already a vocabulary word is
@@ -197,6 +201,12 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
     check_new_token(model.tokenizer, token, allow_vocabulary_word=allow_vocabulary_token)
     settings = settings or TrainSettings()
     templates = check_settings(settings)
+    if init not in ("word", "auto"):
+        raise EdgeTIError(f"init must be word or auto, got {init!r}")
+    if init == "word" and init_embedding is None and not init_word:
+        raise EdgeTIError("give an initialization: --init-word WORD or --init auto")
+    if init_top_k is not None and init_top_k < 1:
+        raise EdgeTIError(f"init_top_k must be at least 1, got {init_top_k}")
     if resume not in RESUME_MODES:
         raise EdgeTIError(f"resume must be one of {', '.join(RESUME_MODES)}, got {resume!r}")
     paths = output_paths(out)
@@ -208,11 +218,11 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
         if resume == "auto" and os.path.exists(out) and not os.path.exists(paths["checkpoint"]):
             raise EdgeTIError(f"{out}: already exists and has no checkpoint beside it; choose another output "
                               "or --restart to overwrite it")
-        return _train(model, images, token, out, paths, init_word, init_embedding, settings, templates, resume,
-                      on_generation, make_scorer)
+        return _train(model, images, token, paths, init_word, init_embedding, init, init_top_k, settings, templates,
+                      resume, on_generation, make_scorer)
 
 
-def _train(model, images, token, out, paths, init_word, init_embedding, settings, templates, resume,
+def _train(model, images, token, paths, init_word, init_embedding, init, init_top_k, settings, templates, resume,
            on_generation, make_scorer):
     table = model.token_embeddings                                      # (V, D)
     D = table.shape[1]
@@ -226,13 +236,16 @@ def _train(model, images, token, out, paths, init_word, init_embedding, settings
     latents = lat.encode_images(model, pixels, sample=settings.latent_sample, seed=settings.seed)  # (N, C, h, w)
 
     # 2. e0 and the subspace e = e0 + W z
+    init_words = []
+    if init == "auto":
+        images = images if all(isinstance(i, Image.Image) for i in images) else lat.image_paths(images)
+        init_embedding, init_words = initialization.from_images(model, images, settings.vectors, top_k=init_top_k)
+        log.warning("init from images: %s", ", ".join(f"{w} {x:.3f}" for w, x in init_words))
     if init_embedding is not None:
         e0 = model.check_embeddings({token: init_embedding}, source="init")[token]
         e0 = np.tile(e0[:1], (settings.vectors, 1)) if len(e0) != settings.vectors else e0
-    elif init_word:
-        e0 = initialization.from_word(model, init_word, settings.vectors)
     else:
-        raise EdgeTIError("give an initialization: --init-word WORD or --init auto")
+        e0 = initialization.from_word(model, init_word, settings.vectors)
     dim = settings.dim if settings.subspace != "full" else D
     if settings.subspace == "pca" and dim > D:
         log.info("--dim %d is more than the embedding width %d: using %d", dim, D, D)
@@ -295,13 +308,13 @@ def _train(model, images, token, out, paths, init_word, init_embedding, settings
         if state is None:
             raise
         state.stop_reason = f"interrupted at generation {state.generation}"
-        raise Interrupted(_finish(state, e0, W, token, init_word, paths)) from None
+        raise Interrupted(_finish(state, e0, W, token, init_word, init_words, paths)) from None
     finally:
         scorer.close()
-    return _finish(state, e0, W, token, init_word, paths)
+    return _finish(state, e0, W, token, init_word, init_words, paths)
 
 
-def _finish(state, e0, W, token, init_word, paths):
+def _finish(state, e0, W, token, init_word, init_words, paths):
     """Write the best held-out candidate (z = 0, the init, if nothing beat it), the log, the curve."""
     embedding = {token: subspace.embeddings_from_z(e0, W, state.best_z[None])[0]}
     save_embedding(paths["embedding"], embedding, metadata={
@@ -313,4 +326,4 @@ def _finish(state, e0, W, token, init_word, paths):
     return TrainResult(embedding=embedding, init_heldout=state.init_heldout, best_heldout=state.best_heldout,
                        generations=state.generation, evaluations=state.evaluations,
                        heldout_evaluations=state.heldout_evaluations, elapsed=state.elapsed,
-                       stop_reason=state.stop_reason, paths=paths)
+                       stop_reason=state.stop_reason, paths=paths, init_words=init_words)

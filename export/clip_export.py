@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from edge_ti.errors import EdgeTIError
+from edge_ti.files import atomic_folder
 from edge_ti.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -154,8 +154,7 @@ def export_clip(clip_source, model_dir):
     processor = CLIPImageProcessor.from_pretrained(clip_source, local_files_only=True)
     clip_config = _clip_config(clip, processor)
 
-    tmp = tempfile.mkdtemp(dir=model_dir, prefix=".tmp-clip-")
-    try:
+    with atomic_folder(out) as tmp:
         tokenizer.save_pretrained(tmp)  # vocab.json merges.txt tokenizer_config.json special_tokens_map.json
         processor.save_pretrained(tmp)  # preprocessor_config.json
         with open(os.path.join(tmp, "clip_config.json"), "w", encoding="utf-8") as f:
@@ -169,7 +168,4 @@ def export_clip(clip_source, model_dir):
         _export(_ImageFeatures(clip), torch.zeros(1, 3, S, S), "pixel_values", "image_embeds", {0: "batch"},
                 os.path.join(tmp, "vision_model.onnx"))
         _check(clip, tokenizer, clip_config, tmp)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

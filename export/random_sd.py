@@ -13,7 +13,6 @@ import gzip
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 
 import torch
@@ -22,6 +21,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffus
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from edge_ti.errors import EdgeTIError
+from edge_ti.files import atomic_folder
 
 from .tiny import _bytes_to_unicode
 
@@ -78,17 +78,9 @@ def random_pipeline(arch="sd15", seed=0, tokenizer_dir=None):
 
 def save_random_pipeline(arch, out, seed=0):
     """Write the random ARCH pipeline as a diffusers folder at OUT, atomically (temp folder, rename)."""
-    if os.path.exists(out):
-        raise EdgeTIError(f"{out}: already exists; choose a new output folder")
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-random-sd-")
-    try:
-        pipe = random_pipeline(arch, seed, tokenizer_dir=os.path.join(tmp, ".tok"))
-        pipe.save_pretrained(os.path.join(tmp, "pipeline"))
-        os.rename(os.path.join(tmp, "pipeline"), out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(out) as tmp, tempfile.TemporaryDirectory() as tokenizer_dir:
+        pipe = random_pipeline(arch, seed, tokenizer_dir=tokenizer_dir)
+        pipe.save_pretrained(tmp)
     return out
 
 

@@ -336,7 +336,7 @@ def _embedding_with_metadata(path, metadata):
 
 
 @pytest.mark.parametrize("recorded", ["not json", "[1, 2]", "{}", '[["a"]]', "[[1], [2, 3]]", "[[NaN]]",
-                                      json.dumps([[0.0] * (WIDTH + 1)]), 5])
+                                      json.dumps([[0.0] * (WIDTH + 1)])])
 def test_bad_recorded_init_is_ignored_with_a_warning(tmp_path, caplog, recorded):
     path = _embedding_with_metadata(tmp_path / "t.safetensors", {"edge_ti.init": recorded})
     with caplog.at_level(logging.WARNING, logger="edge_ti"):
@@ -353,11 +353,13 @@ def test_good_recorded_init_is_read(tmp_path):
 
 def test_load_for_evaluation_ignores_bad_metadata(tiny_sd, tmp_path, caplog):
     model = edge_ti.open_model(tiny_sd[1])
-    path = _embedding_with_metadata(tmp_path / "t.safetensors", {"edge_ti.init": "{", "edge_ti.init_word": 5})
+    path = _embedding_with_metadata(tmp_path / "t.safetensors", {"edge_ti.init": "{"})
     with caplog.at_level(logging.WARNING, logger="edge_ti"):
         embedding, init, word = load_for_evaluation(model, path)
     assert list(embedding) == ["<t>"] and init is None and word == ""
-    assert len(caplog.records) == 2 and all(r.getMessage().startswith(path) for r in caplog.records)
-    path = _embedding_with_metadata(tmp_path / "l.safetensors", ["a", "list"])
-    with pytest.raises(EdgeTIError, match=f"^{path}: unreadable metadata$"):
-        load_for_evaluation(model, path)
+    assert len(caplog.records) == 1 and caplog.records[0].getMessage().startswith(path)
+    # the safetensors format allows only strings there (safetensors itself refuses such a file)
+    for metadata in ({"edge_ti.init_word": 5}, ["a", "list"]):
+        path = _embedding_with_metadata(tmp_path / "l.safetensors", metadata)
+        with pytest.raises(EdgeTIError, match="__metadata__ must map strings to strings"):
+            load_for_evaluation(model, path)

@@ -34,12 +34,13 @@ def run_cli(*args, cwd=ROOT, env=None, preexec_fn=None):
 
 
 def one_line_error(rc, err, *needles):
+    """Non-zero exit, no traceback, and the error as the one last line (warnings may come before it)."""
     assert rc != 0
     assert "Traceback" not in err
     lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
+    assert lines and lines[-1].startswith("Error: ") and sum(line.startswith("Error: ") for line in lines) == 1, err
     for needle in needles:
-        assert needle in lines[0], err
+        assert needle in lines[-1], err
 
 
 def snapshot(folder):
