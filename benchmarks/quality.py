@@ -230,6 +230,7 @@ def child_eval(spec):
     """Accuracy and held-out loss of every snapshot of every method of one (concept, seed)."""
     import edge_ti
     from edge_ti import latents as lat, objective
+    from edge_ti.denoiser import Denoiser
     from edge_ti.generate import generate
     from edge_ti.shapes.analyzer import analyze
     from edge_ti.train import TEMPLATES
@@ -248,7 +249,7 @@ def child_eval(spec):
 
     def heldout(embeddings):                                                     # [P, n, D] -> [P]
         ids = model.tokenize(prompts, {TOKEN: embeddings[0]})
-        return objective.population_loss(model, embeddings, ids, latents, triples).tolist()
+        return objective.population_loss(Denoiser(model), embeddings, ids, latents, triples).tolist()
 
     memo = {}
 

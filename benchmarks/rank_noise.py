@@ -32,6 +32,7 @@ def main():
 
     import edge_ti
     from edge_ti import init as initialization, latents as lat, objective, subspace
+    from edge_ti.denoiser import Denoiser
     from edge_ti.train import prompt_templates
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -71,8 +72,8 @@ def main():
                 candidates = subspace.embeddings_from_z(e0, W, zs)                       # (P, 1, D)
                 a, b = (objective.draw_triples(rng, T, len(latents), len(prompts), T_train, latents.shape[1:])
                         for _ in range(2))
-                rhos.append(spearman(objective.population_loss(model, candidates, prompt_ids, latents, a),
-                                     objective.population_loss(model, candidates, prompt_ids, latents, b)))
+                rhos.append(spearman(objective.population_loss(Denoiser(model), candidates, prompt_ids, latents, a),
+                                     objective.population_loss(Denoiser(model), candidates, prompt_ids, latents, b)))
             means[T].append(np.mean(rhos))
             cells.append(f"{np.mean(rhos):+.2f} ± {np.std(rhos, ddof=1) / np.sqrt(len(rhos)):.2f}")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)

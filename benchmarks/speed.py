@@ -209,13 +209,15 @@ def _population(model, P, L, seed=0, n_latents=1):
 
 def row_ort(args):
     from edge_ti import objective
+    from edge_ti.denoiser import Denoiser
     start = time.perf_counter()
     model = _open_model(args)
     unet = _Timed(model.session("unet"))
     text_encoder = _Timed(model.text_encoder)
     load_seconds = time.perf_counter() - start
-    model.__dict__["_sessions"]["unet"] = unet
-    model.__dict__["text_encoder"] = text_encoder
+    open_session = model.session
+    model.session = lambda part: unet if part == "unet" else open_session(part)  # timed
+    model.text_encoder = text_encoder
     B, L = args["batch"], args["latent"]
     e0, candidates, latents = _population(model, B, L)
     prompt_ids = model.tokenize([PROMPT], {"<t>": e0})                          # (1, 77)
@@ -225,7 +227,7 @@ def row_ort(args):
     out = {}
 
     def evaluate():
-        out["losses"] = objective.population_loss(model, candidates, prompt_ids, latents, triples,
+        out["losses"] = objective.population_loss(Denoiser(model), candidates, prompt_ids, latents, triples,
                                                   max_batch=args["max_batch"])
     evaluate()  # warm-up: first-run allocations
     unet.seconds = text_encoder.seconds = 0.0
@@ -237,13 +239,14 @@ def row_ort(args):
         rng = np.random.default_rng(2)
         sample = rng.standard_normal((1, 4, L, L)).astype(np.float32)
         hidden = model.encode_text([PROMPT.replace("<t>", "cat")])
-        np.save(args["dump"], model.unet(sample, 500.0, hidden))
+        np.save(args["dump"], Denoiser(model).unet(sample, 500.0, hidden))
     return result
 
 
 def row_generation(args):
     """One training generation: P candidates x T triples over the object templates, as train() does."""
     from edge_ti import objective
+    from edge_ti.denoiser import Denoiser
     from edge_ti.train import OBJECT_TEMPLATES
     model = _open_model(args)
     P, L = args["batch"], args["latent"]
@@ -253,14 +256,14 @@ def row_generation(args):
     rng = np.random.default_rng(3)
     warm = objective.draw_triples(rng, 1, len(latents), len(prompts), 1000, latents.shape[1:])
     triples = objective.draw_triples(rng, args["triples"], len(latents), len(prompts), 1000, latents.shape[1:])
-    objective.population_loss(model, candidates, prompt_ids, latents, warm, args["max_batch"])
+    objective.population_loss(Denoiser(model), candidates, prompt_ids, latents, warm, args["max_batch"])
     start = time.perf_counter()
-    losses = objective.population_loss(model, candidates, prompt_ids, latents, triples, args["max_batch"])
+    losses = objective.population_loss(Denoiser(model), candidates, prompt_ids, latents, triples, args["max_batch"])
     seconds = time.perf_counter() - start
     result = {}
     if args.get("alt"):  # the same population on the next generation's triples: the objective's own noise
         alt = objective.draw_triples(rng, args["triples"], len(latents), len(prompts), 1000, latents.shape[1:])
-        result["losses_alt"] = objective.population_loss(model, candidates, prompt_ids, latents, alt,
+        result["losses_alt"] = objective.population_loss(Denoiser(model), candidates, prompt_ids, latents, alt,
                                                          args["max_batch"]).tolist()
     return {**result, "seconds": seconds, "times": [seconds], "evaluations": P, "losses": losses.tolist(),
             "distinct_timesteps": int(len(np.unique(triples.timesteps))),

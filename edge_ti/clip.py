@@ -20,7 +20,6 @@ import os
 import weakref
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 from .cache import fingerprint
@@ -119,8 +118,7 @@ class ClipModel:
         missing = [name for name in self.FILES if not os.path.isfile(os.path.join(self.path, name))]
         if missing:
             raise EdgeTIError(f"{self.path}: missing {', '.join(missing)}; export it again with --clip")
-        self.providers = model.providers
-        self.session_options = model.session_options()  # (no reference back to the model)
+        self.open_session = model.open_session  # sessions as the model's own: options, providers, cache
 
     @functools.cached_property
     def config(self):
@@ -144,20 +142,13 @@ class ClipModel:
         """Content key of the text model, for caches of text features."""
         return fingerprint(os.path.join(self.path, "text_model.onnx"))[:24]
 
-    def _session(self, name):
-        path = os.path.join(self.path, name)
-        try:
-            return ort.InferenceSession(path, self.session_options, providers=self.providers)
-        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise EdgeTIError(f"{path}: onnxruntime cannot load it ({str(err).splitlines()[0]})") from None
-
     @functools.cached_property
     def text_session(self):
-        return self._session("text_model.onnx")
+        return self.open_session(os.path.join(self.path, "text_model.onnx"))
 
     @functools.cached_property
     def vision_session(self):
-        return self._session("vision_model.onnx")
+        return self.open_session(os.path.join(self.path, "vision_model.onnx"))
 
     def image_features(self, images, batch=IMAGE_BATCH):
         """Images -> float32 [N, P], L2-normalized CLIP image features."""

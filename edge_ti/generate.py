@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from . import schedulers
+from .denoiser import Denoiser
 from .errors import EdgeTIError
 from .files import atomic_path
 from .tokenizer import placeholder_ids
@@ -55,12 +56,13 @@ def denoise(model, prompt, embeddings=None, negative_prompt="", steps=30, guidan
     sampler = schedulers.make(sampler_name, model.scheduler_config, steps, noise=noise if noise is not None else rng)
 
     # text: the negative prompt and the prompt in one text-encoder call, each repeated n times
+    denoiser = Denoiser(model)
     guided = guidance > 1
     if guided:
-        uncond, cond = model.encode_text([negative_prompt, prompt], embeddings)  # [77, D] each
+        uncond, cond = denoiser.encode_text([negative_prompt, prompt], embeddings)  # [77, D] each
         hidden = np.concatenate([np.repeat(uncond[None], n, 0), np.repeat(cond[None], n, 0)])  # [2n, 77, D]
     else:
-        hidden = np.repeat(model.encode_text([prompt], embeddings), n, 0)   # [n, 77, D]
+        hidden = np.repeat(denoiser.encode_text([prompt], embeddings), n, 0)  # [n, 77, D]
 
     log.info("sampling %d x %dpx: %s, %d steps, guidance %g", n, size, sampler_name, steps, guidance)
     x = latents * np.float32(sampler.init_noise_sigma)                      # [n, C, h, w], x_T
@@ -68,7 +70,7 @@ def denoise(model, prompt, embeddings=None, negative_prompt="", steps=30, guidan
         model_input = sampler.scale_model_input(x, i)                       # [n, C, h, w]
         if guided:
             model_input = np.concatenate([model_input, model_input])        # [2n, C, h, w]
-        model_output = model.unet(model_input, t, hidden)                   # [2n or n, C, h, w]
+        model_output = denoiser.unet(model_input, t, hidden)                # [2n or n, C, h, w]
         if guided:
             out_uncond, out_cond = model_output[:n], model_output[n:]       # [n, C, h, w] each
             model_output = out_uncond + guidance * (out_cond - out_uncond)  # eq. 6

@@ -16,9 +16,10 @@ import onnxruntime as ort
 
 from . import text_encoder as te
 from .cache import cache_error, cache_root, fingerprint
+from .denoiser import Denoiser
 from .embeddings import check_vectors
 from .errors import EdgeTIError
-from .session import SessionSettings, create_session, session_options
+from .session import SessionSettings, create_session
 from .tokenizer import ClipTokenizer, check_token, placeholder_ids
 
 log = logging.getLogger(__name__)
@@ -39,18 +40,6 @@ def providers_for(device):
     if wanted not in available:
         raise EdgeTIError(f"device {device!r} needs {wanted}, but this onnxruntime has only: {', '.join(available)}")
     return [wanted] if device == "cpu" else [wanted, "CPUExecutionProvider"]
-
-
-# UNet activation memory grows with batch x latent pixels: calls are capped at this many latent
-# pixels, i.e. batch 4 at 32x32 (256 px; SD 1.5 peaks there at 4.9 GB fp32, 3.6 GB int8), 1 at
-# 64x64, 64 at 8x8 (benchmarks/results/speed.md: larger batches were not faster on SD 1.5)
-UNET_PIXELS_PER_CALL = 4096
-
-
-def auto_max_batch(latent_shape):
-    """The UNet batch cap for latents of shape [..., h, w]: at least 1."""
-    h, w = latent_shape[-2:]
-    return max(1, UNET_PIXELS_PER_CALL // (h * w))
 
 
 def _is_number(value):
@@ -114,7 +103,6 @@ def _read_config(path, keys):
 # each part's use, for the error when a folder lacks it
 PART_USES = {"unet": "training and generating need the UNet", "vae_encoder": "training needs the VAE encoder",
              "vae_decoder": "generating images needs the VAE decoder"}
-UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 # the built-in shapes-world model's short name for open_model (so also for the CLI's MODEL_DIR)
 SHAPES = "shapes"
 
@@ -230,11 +218,9 @@ class Model:
         return self.token_embeddings.shape[1]
 
     # ---- sessions ----
-    def session_options(self):
-        return session_options(self.session_settings)
-
-    def _session(self, path):
-        """A session through edge_ti.session: tuned options, the optimized graph cached on disk."""
+    def open_session(self, path):
+        """A session of the graph at PATH (a part of this folder) through edge_ti.session: tuned
+        options, this model's providers, the optimized graph cached on disk."""
         cache = self.cache_dir("sessions")
         try:
             return create_session(path, self.providers, self.session_settings, cache)
@@ -245,14 +231,19 @@ class Model:
 
     @functools.cached_property
     def text_encoder(self):
-        return self._session(os.path.join(self.patched_text_encoder_dir, "model.onnx"))
+        return self.open_session(os.path.join(self.patched_text_encoder_dir, "model.onnx"))
 
     def session(self, part):
         """unet, vae_encoder or vae_decoder, created on first use."""
         cached = self.__dict__.setdefault("_sessions", {})
         if part not in cached:
-            cached[part] = self._session(self.part_path(part))
+            cached[part] = self.open_session(self.part_path(part))
         return cached[part]
+
+    @property
+    def loaded_parts(self):
+        """The parts whose sessions are alive (the text encoder not counted)."""
+        return sorted(self.__dict__.get("_sessions", {}))
 
     def release(self, part):
         """Drop a part's session (its weights and memory arena): for parts used once, like the VAE
@@ -267,41 +258,6 @@ class Model:
             cached[part] = {i.name: (ORT_DTYPES.get(i.type, np.float32), i.shape)
                             for i in self.session(part).get_inputs()}
         return cached[part]
-
-    def unet_inputs(self, sample, hidden):
-        """The UNet's input types, once it is checked to be a UNet that takes these latents and text states."""
-        inputs = self.input_types("unet")
-        path = os.path.join(self.path, "unet", "model.onnx")
-        missing = [name for name in UNET_INPUTS if name not in inputs]
-        if missing:
-            raise EdgeTIError(f"{path}: not a Stable Diffusion UNet (no input {', '.join(missing)}; "
-                              f"its inputs: {', '.join(inputs)})")
-        sample_shape, hidden_shape = inputs["sample"][1], inputs["encoder_hidden_states"][1]
-        channels = sample_shape[1] if len(sample_shape) == 4 else None        # [B, C, h, w]
-        width = hidden_shape[-1] if len(hidden_shape) == 3 else None          # [B, 77, D]
-        if isinstance(channels, int) and channels != sample.shape[1]:
-            raise EdgeTIError(f"{path}: this UNet takes {channels}-channel latents, but was given "
-                              f"{sample.shape[1]} channels (from the VAE, or unet/config.json in_channels)")
-        if isinstance(width, int) and width != hidden.shape[-1]:
-            raise EdgeTIError(f"{path}: this UNet takes text states of width {width}, but the text encoder "
-                              f"gives {hidden.shape[-1]}")
-        return inputs
-
-    def unet(self, sample, timestep, hidden, max_batch=None):
-        """UNet at one timestep: sample [B, C, h, w], hidden [B, 77, D] -> float32 [B, C, h, w],
-        in calls of at most max_batch samples (default: auto_max_batch, the memory cap)."""
-        max_batch = max_batch or auto_max_batch(sample.shape)
-        if len(sample) > max_batch:
-            return np.concatenate([self.unet(sample[i:i + max_batch], timestep, hidden[i:i + max_batch], max_batch)
-                                   for i in range(0, len(sample), max_batch)])
-        inputs = self.unet_inputs(sample, hidden)
-        t_dtype, t_shape = inputs["timestep"]
-        t = np.asarray(timestep, dtype=t_dtype)                               # [] (optimum's export)
-        if len(t_shape) == 1:
-            t = np.full(sample.shape[:1], t, dtype=t_dtype)                   # [B] (older exports)
-        feed = {"sample": sample.astype(inputs["sample"][0]), "timestep": t,
-                "encoder_hidden_states": hidden.astype(inputs["encoder_hidden_states"][0])}
-        return self.session("unet").run(None, feed)[0].astype(np.float32)
 
     # ---- the public text path ----
     def check_embeddings(self, embeddings, source="embedding"):
@@ -319,13 +275,9 @@ class Model:
         return self.tokenizer(prompts, placeholder_ids(embeddings, self.vocab_size))
 
     def encode_text(self, prompts, embeddings=None):
-        """prompts -> float32 [B, 77, D] last hidden state, with `embeddings` injected."""
-        embeddings = self.check_embeddings(embeddings)
-        ids = self.tokenizer(prompts, placeholder_ids(embeddings, self.vocab_size))
-        extra = (np.concatenate(list(embeddings.values())) if embeddings
-                 else np.zeros((0, self.hidden_size), np.float32))
-        hidden, _ = te.encode(self.text_encoder, ids, extra)
-        return hidden
+        """prompts -> float32 [B, 77, D] last hidden state, with `embeddings` injected (the public API;
+        edge_ti.denoiser.Denoiser.encode_text)."""
+        return Denoiser(self).encode_text(prompts, embeddings)
 
 
 def open_model(path, device="cpu", threads=None, session_settings=None):

@@ -6,24 +6,12 @@ For a triple (latent x0, prompt c, timestep t, noise eps), diffusers' textual_in
            | sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0         (v prediction, Salimans & Ho 2022 sec. 4)
     loss   = mean((unet(x_t, t, text_encoder(c with the token)) - target)^2)
 Common random numbers: every candidate of a generation is scored on the same triples, so the
-ranking reflects the embedding, not the noise.
+ranking reflects the embedding, not the noise. The networks and the schedule come from a
+denoiser (edge_ti.denoiser), which also writes q(x_t | x0) and the target.
 """
 from dataclasses import dataclass
 
 import numpy as np
-
-from . import schedulers
-from . import text_encoder as te
-
-
-# DDPMScheduler's defaults: the training noise schedule, whatever sampler the config was saved for
-DDPM_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                     trained_betas=None, rescale_betas_zero_snr=False)
-
-
-def alphas_cumprod(config):
-    """alpha_bar_t of the training schedule, as DDPMScheduler.from_config(config) computes it."""
-    return schedulers.alphas_cumprod(schedulers.read_config(config, DDPM_DEFAULTS))
 
 
 @dataclass
@@ -43,35 +31,20 @@ def draw_triples(rng, count, n_latents, n_prompts, num_train_timesteps, latent_s
                    noise=rng.standard_normal((count, *latent_shape), dtype=np.float32))
 
 
-def noisy_latents_and_targets(latents, triples, alphas_bar, prediction_type):
-    """-> x_t [T, C, h, w] and the regression target [T, C, h, w]."""
-    x0 = latents[triples.latent_index]                                   # (T, C, h, w)
-    a = alphas_bar[triples.timesteps][:, None, None, None]               # (T, 1, 1, 1)
-    sqrt_a, sqrt_1ma = np.sqrt(a).astype(np.float32), np.sqrt(1.0 - a).astype(np.float32)
-    x_t = sqrt_a * x0 + sqrt_1ma * triples.noise                          # DDPM q(x_t | x0)
-    if prediction_type == "epsilon":
-        target = triples.noise
-    elif prediction_type == "v_prediction":
-        target = sqrt_a * triples.noise - sqrt_1ma * x0                  # v = sqrt(a) eps - sqrt(1-a) x0
-    else:
-        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-    return x_t.astype(np.float32), target.astype(np.float32)
-
-
-def population_loss(model, candidates, prompt_ids, latents, triples, max_batch=None):
+def population_loss(denoiser, candidates, prompt_ids, latents, triples, max_batch=None):
     """candidates [P, n, D] -> loss [P]: each candidate's mean squared error over the same triples.
 
     The text encoder runs once for all candidates x the prompts the triples use; the UNet runs
-    once per distinct timestep with the whole population's samples, which Model.unet splits into
-    calls of at most max_batch (default: its memory cap for this latent size).
+    once per distinct timestep with the whole population's samples, which Denoiser.unet splits
+    into calls of at most max_batch (default: the denoiser's cap for this latent size).
     """
     P = candidates.shape[0]
     used = np.unique(triples.prompt_index)                                # prompts this set needs
-    hidden = te.encode_population(model.text_encoder, prompt_ids[used], candidates,
-                                  model.vocab_size)                      # (P, K_used, L, D)
+    hidden = denoiser.encode_population(prompt_ids[used], candidates)   # (P, K_used, L, D)
     row_of_prompt = {int(k): r for r, k in enumerate(used)}
-    alphas_bar = alphas_cumprod(model.scheduler_config)
-    x_t, target = noisy_latents_and_targets(latents, triples, alphas_bar, model.prediction_type)
+    x0 = latents[triples.latent_index]                                   # (T, C, h, w)
+    x_t = denoiser.add_noise(x0, triples.timesteps, triples.noise)       # (T, C, h, w)
+    target = denoiser.target(x0, triples.timesteps, triples.noise)       # (T, C, h, w)
     squared_error = np.zeros(P, dtype=np.float64)
     for t in np.unique(triples.timesteps):
         rows = np.flatnonzero(triples.timesteps == t)                     # triples at this timestep
@@ -79,7 +52,7 @@ def population_loss(model, candidates, prompt_ids, latents, triples, max_batch=N
         pairs = [(p, i) for p in range(P) for i in rows]
         sample = np.stack([x_t[i] for _, i in pairs])                                 # (B, C, h, w)
         states = np.stack([hidden[p, row_of_prompt[int(triples.prompt_index[i])]] for p, i in pairs])  # (B, L, D)
-        pred = model.unet(sample, float(t), states, max_batch)                        # (B, C, h, w)
+        pred = denoiser.unet(sample, float(t), states, max_batch)                     # (B, C, h, w)
         err = ((pred - np.stack([target[i] for _, i in pairs])) ** 2).mean(axis=(1, 2, 3))
         for (p, _), e in zip(pairs, err):
             squared_error[p] += e

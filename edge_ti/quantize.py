@@ -103,27 +103,22 @@ def unet_calibration_feeds(model_dir, count=8, latent=None, seed=0):
     ranges barely depend on the image size)."""
     import numpy as np
 
-    from . import objective
+    from .denoiser import Denoiser
     from .model import open_model
     model = open_model(model_dir)
+    denoiser = Denoiser(model)
     latent = latent or min(32, int(model.unet_config.get("sample_size", 64)))
     rng = np.random.default_rng(seed)
     prompts = ["a photo of a cat", "a rendering of a dog", "a close-up photo of the mug",
                "a painting in the style of a cat"]
-    hidden = model.encode_text(prompts)                                   # (K, 77, D)
-    alphas_bar = objective.alphas_cumprod(model.scheduler_config)
+    hidden = denoiser.encode_text(prompts)                                # (K, 77, D)
     feeds = []
     for i in range(count):
-        t = int((i + rng.uniform()) * len(alphas_bar) / count)           # stratified over the schedule
+        t = int((i + rng.uniform()) * len(denoiser.alphas_bar) / count)  # stratified over the schedule
         x0 = rng.standard_normal((1, 4, latent, latent)).astype(np.float32)
         eps = rng.standard_normal(x0.shape).astype(np.float32)
-        x_t = np.sqrt(alphas_bar[t]) * x0 + np.sqrt(1 - alphas_bar[t]) * eps  # DDPM q(x_t | x0)
-        unet = model.session("unet")
-        t_input = next(i for i in unet.get_inputs() if i.name == "timestep")
-        t_dtype = np.int64 if "int64" in t_input.type else np.float32
-        feeds.append({"sample": x_t.astype(np.float32),
-                      "timestep": np.full((1,) if t_input.shape else (), t, dtype=t_dtype),
-                      "encoder_hidden_states": hidden[i % len(prompts)][None]})
+        x_t = denoiser.add_noise(x0, [t], eps)                           # (1, 4, latent, latent)
+        feeds.append(denoiser.unet_feed(x_t, t, hidden[i % len(prompts)][None]))
     return feeds
 
 

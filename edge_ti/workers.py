@@ -23,6 +23,7 @@ import numpy as np
 from . import objective
 from .errors import EdgeTIError
 from .cache import file_digest
+from .denoiser import Denoiser
 from .model import open_model
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,10 @@ class InProcess:
     """Score in this process, the whole population batched (the default)."""
 
     def __init__(self, model, prompt_ids, latents, max_batch):
-        self.model, self.prompt_ids, self.latents, self.max_batch = model, prompt_ids, latents, max_batch
+        self.denoiser, self.prompt_ids, self.latents = Denoiser(model, max_batch), prompt_ids, latents
 
     def population_loss(self, candidates, triples):
-        return objective.population_loss(self.model, candidates, self.prompt_ids, self.latents, triples,
-                                         self.max_batch)
+        return objective.population_loss(self.denoiser, candidates, self.prompt_ids, self.latents, triples)
 
     def close(self):
         pass
@@ -121,8 +121,8 @@ class _Worker:
     def score(self, candidates, triples):
         """candidates [c, n, D] -> (loss [c], exactly what InProcess gives these rows; seconds it took)."""
         start = time.perf_counter()
-        losses = objective.population_loss(self.model, candidates, self.prompt_ids, self.latents, triples,
-                                           self.max_batch)
+        losses = objective.population_loss(Denoiser(self.model, self.max_batch), candidates, self.prompt_ids,
+                                           self.latents, triples)
         return losses, time.perf_counter() - start
 
     def ping(self, payload=None):

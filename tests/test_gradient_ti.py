@@ -6,6 +6,7 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 
 import edge_ti  # noqa: E402
+from edge_ti.denoiser import Denoiser
 from edge_ti import latents as lat  # noqa: E402
 from edge_ti import objective  # noqa: E402
 from edge_ti_export import gradient_ti  # noqa: E402
@@ -33,7 +34,7 @@ def test_loss_equals_edge_ti_objective(tiny_sd):
                                      latents.shape[1:])
     e = np.random.default_rng(4).normal(0, 0.5, (2, model.hidden_size)).astype(np.float32)  # 2 vectors
     ids = model.tokenize(prompts, {"<t>": e})
-    expected = objective.population_loss(model, e[None], ids, latents, triples)[0]
+    expected = objective.population_loss(Denoiser(model), e[None], ids, latents, triples)[0]
 
     components = gradient_ti.load_components(source)
     gradient_ti.add_placeholder(components, "<t>", init_embedding=e, vectors=2)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 import edge_ti
+from edge_ti.denoiser import Denoiser
 from edge_ti import latents as lat
 from edge_ti import objective
 
@@ -26,7 +27,7 @@ def test_loss_matches_diffusers(which, request, tmp_path):
     triples = objective.Triples(latent_index=np.array([0, 1, 1, 0]), prompt_index=np.array([0, 2, 1, 2]),
                                 timesteps=np.array([10, 500, 10, 999]),
                                 noise=rng.standard_normal((4, *latents.shape[1:]), dtype=np.float32))
-    ours = objective.population_loss(model, candidates, prompt_ids, latents, triples, max_batch=4)
+    ours = objective.population_loss(Denoiser(model), candidates, prompt_ids, latents, triples, max_batch=4)
 
     pipe = StableDiffusionPipeline.from_pretrained(source)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)

@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 import edge_ti
+from edge_ti.denoiser import Denoiser
 from edge_ti import objective, quantize
 from edge_ti.cache import fingerprint
 from edge_ti.errors import EdgeTIError
@@ -38,7 +39,7 @@ def _losses(onnx_dir, P=12):
     prompt_ids = model.tokenize(["a photo of a <t>", "a rendition of the <t>"], {"<t>": e0})
     latents = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
     triples = objective.draw_triples(np.random.default_rng(1), 3, 2, 2, 1000, latents.shape[1:])
-    return objective.population_loss(model, candidates, prompt_ids, latents, triples, max_batch=8)
+    return objective.population_loss(Denoiser(model), candidates, prompt_ids, latents, triples, max_batch=8)
 
 
 @pytest.mark.parametrize("mode, rtol, rho", [("int8", 1e-2, 0.8), ("fp16", 1e-3, 0.95)])
@@ -184,14 +185,14 @@ def test_cli_export_quantized(tiny_sd, tmp_path):
 
 
 def test_unet_calls_capped(tiny_sd, monkeypatch):
-    from edge_ti.model import auto_max_batch
+    from edge_ti.denoiser import auto_max_batch
     assert [auto_max_batch((1, 4, s, s)) for s in (8, 16, 32, 64, 96)] == [64, 16, 4, 1, 1]
     model = edge_ti.open_model(tiny_sd[1])
     rng = np.random.default_rng(0)
     sample = rng.standard_normal((40, 4, 16, 16), dtype=np.float32)
     hidden = rng.standard_normal((40, 77, 32), dtype=np.float32)
-    whole = model.unet(sample, 500.0, hidden, max_batch=40)
-    session, batches = model.session("unet"), []
+    whole = Denoiser(model).unet(sample, 500.0, hidden, max_batch=40)
+    session, open_session, batches = model.session("unet"), model.session, []
 
     class Counting:
         def run(self, names, feed):
@@ -200,8 +201,9 @@ def test_unet_calls_capped(tiny_sd, monkeypatch):
 
         def __getattr__(self, name):
             return getattr(session, name)
-    monkeypatch.setitem(model.__dict__["_sessions"], "unet", Counting())
-    capped = model.unet(sample, 500.0, hidden)                  # 16x16 latents: 16 per call
+    counting = Counting()
+    monkeypatch.setattr(model, "session", lambda part: counting if part == "unet" else open_session(part))
+    capped = Denoiser(model).unet(sample, 500.0, hidden)        # 16x16 latents: 16 per call
     assert batches == [16, 16, 8]
     np.testing.assert_allclose(capped, whole, rtol=1e-5, atol=1e-6)
 
@@ -211,9 +213,9 @@ def test_model_sessions_use_the_optimized_graph_cache(tiny_sd, tmp_path, monkeyp
     rng = np.random.default_rng(0)
     sample = rng.standard_normal((2, 4, 16, 16), dtype=np.float32)
     hidden = rng.standard_normal((2, 77, 32), dtype=np.float32)
-    first = edge_ti.open_model(tiny_sd[1]).unet(sample, 500.0, hidden)
+    first = Denoiser(edge_ti.open_model(tiny_sd[1])).unet(sample, 500.0, hidden)
     entries = os.listdir(tmp_path / "cache" / "sessions")
     assert len(entries) == 1                                     # the UNet's optimized graph, saved once
-    again = edge_ti.open_model(tiny_sd[1], threads=1).unet(sample, 500.0, hidden)
+    again = Denoiser(edge_ti.open_model(tiny_sd[1], threads=1)).unet(sample, 500.0, hidden)
     assert os.listdir(tmp_path / "cache" / "sessions") == entries  # loaded, not optimized again
     np.testing.assert_allclose(again, first, rtol=1e-5, atol=1e-6)

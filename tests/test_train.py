@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import edge_ti
+from edge_ti.denoiser import Denoiser
 from edge_ti import objective, subspace
 from edge_ti.train import TrainSettings, train
 
@@ -46,11 +47,11 @@ def test_common_random_numbers_and_batching(tiny_sd):
     prompt_ids = model.tokenize(["a photo of <t>", "a <t> on a table"], {"<t>": np.zeros((1, 32))})
     triples = objective.draw_triples(rng, 5, 2, 2, 1000, (4, 16, 16))
     same = np.tile(rng.normal(0, 0.05, (1, 1, 32)).astype(np.float32), (4, 1, 1))
-    losses = objective.population_loss(model, same, prompt_ids, latents, triples)
+    losses = objective.population_loss(Denoiser(model), same, prompt_ids, latents, triples)
     assert np.ptp(losses) == 0  # identical candidates, identical numbers: identical losses
     mixed = rng.normal(0, 0.05, (4, 1, 32)).astype(np.float32)
-    together = objective.population_loss(model, mixed, prompt_ids, latents, triples, max_batch=20)
-    alone = [objective.population_loss(model, mixed[p:p + 1], prompt_ids, latents, triples, max_batch=1)[0]
+    together = objective.population_loss(Denoiser(model), mixed, prompt_ids, latents, triples, max_batch=20)
+    alone = [objective.population_loss(Denoiser(model), mixed[p:p + 1], prompt_ids, latents, triples, max_batch=1)[0]
              for p in range(4)]
     assert np.array_equal(together, alone)  # bitwise: a scorer may split a population any way
 
@@ -151,6 +152,6 @@ def test_vae_encoder_released_after_encoding(tiny_sd, concept_dir):
     pixels = lat.load_images([concept_dir], model.resolution)
     latents = lat.encode_images(model, pixels, sample=True, seed=987654)  # a key no other test caches
     assert latents.shape == (3, 4, 16, 16)
-    assert "vae_encoder" not in model.__dict__.get("_sessions", {})
+    assert "vae_encoder" not in model.loaded_parts
     again = lat.encode_images(model, pixels, sample=True, seed=987654)    # from the cache now
     np.testing.assert_array_equal(again, latents)
