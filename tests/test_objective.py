@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 import edge_ti
-from edge_ti.denoiser import Denoiser
+from edge_ti.denoiser import Denoiser, alphas_cumprod
 from edge_ti import latents as lat
 from edge_ti import objective
 
@@ -61,4 +61,4 @@ def test_alphas_cumprod_schedules():
                    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                     "rescale_betas_zero_snr": True}):
         want = DDPMScheduler(**config).alphas_cumprod.numpy()
-        assert np.allclose(objective.alphas_cumprod(config), want, rtol=1e-5, atol=1e-7), config
+        assert np.allclose(alphas_cumprod(config), want, rtol=1e-5, atol=1e-7), config
