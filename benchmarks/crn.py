@@ -17,22 +17,13 @@ from edge_ti.train import TrainSettings, train
 
 def tiny_model_and_concept(folder):
     """The tests' tiny model (text_gain 10, tests/conftest.py) and three images of a red disc on blue."""
-    import numpy as np
-    from PIL import Image
     from edge_ti_export.onnx_export import export_pipeline
-    from edge_ti_export.tiny import tiny_pipeline
+    from edge_ti_export.tiny import tiny_pipeline, write_tiny_concept
 
     tiny_pipeline(seed=0, tokenizer_dir=os.path.join(folder, "tok"), text_gain=10.0).save_pretrained(
         os.path.join(folder, "diffusers"))
     model_dir = export_pipeline(os.path.join(folder, "diffusers"), os.path.join(folder, "onnx"))
-    os.makedirs(os.path.join(folder, "concept"))
-    for i, (cx, cy) in enumerate([(12, 14), (20, 18), (16, 10)]):  # as tests/test_train.py draws them
-        y, x = np.mgrid[0:40, 0:40]
-        img = np.zeros((40, 40, 3), np.uint8)
-        img[...] = (30, 40, 200)
-        img[(x - cx) ** 2 + (y - cy) ** 2 < 64] = (220, 30, 30)
-        Image.fromarray(img).save(os.path.join(folder, "concept", f"{i}.png"))
-    return model_dir, [os.path.join(folder, "concept")]
+    return model_dir, [write_tiny_concept(os.path.join(folder, "concept"))]
 
 
 def main():

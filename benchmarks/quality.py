@@ -118,11 +118,10 @@ def exclusions(concept):
 
 
 def draw_concept(concept, seed, k, salt):
-    """K images uint8 [K, 32, 32, 3] of the concept and their attribute dicts."""
-    from edge_ti.shapes import draw as world
+    """K images uint8 [K, 32, 32, 3] of the concept (salt: 0 training images, 1 held-out ones)."""
+    from edge_ti import shapes
     rng = np.random.default_rng([seed, CONCEPTS.index(concept), salt])
-    attributes = [world.sample_attributes(rng, exclude=exclusions(concept), **concept.attributes) for _ in range(k)]
-    return np.stack([world.draw(a, rng) for a in attributes]), attributes
+    return np.stack(shapes.concept_images(k, rng, exclude=exclusions(concept), **concept.attributes))
 
 
 def oracle_text(concept):
@@ -237,7 +236,7 @@ def child_eval(spec):
     concept = BY_NAME[spec["concept"]]
     model = edge_ti.open_model(spec["onnx"], threads=spec["threads"])
     # held-out: fresh images of the concept, a fixed set of triples (the same for every method)
-    images, _ = draw_concept(concept, spec["seed"], spec["heldout_images"], salt=1)
+    images = draw_concept(concept, spec["seed"], spec["heldout_images"], salt=1)
     from PIL import Image
     pixels = lat.load_images([Image.fromarray(im) for im in images], model.resolution)
     latents = lat.encode_images(model, pixels)                                   # (K, C, h, w)
@@ -314,7 +313,7 @@ def run_unit(args, concept, seed, methods, group):
     image_dir = os.path.join(unit_dir, "images")
     if not os.path.isdir(image_dir):
         from PIL import Image
-        images, _ = draw_concept(concept, seed, args.images, salt=0)
+        images = draw_concept(concept, seed, args.images, salt=0)
         os.makedirs(image_dir + ".tmp", exist_ok=True)
         for i, image in enumerate(images):
             Image.fromarray(image).save(os.path.join(image_dir + ".tmp", f"{i:02d}.png"))

@@ -22,17 +22,13 @@ sys.path.insert(0, HERE)
 import quality  # noqa: E402  (the concepts, their images and prompts)
 
 
-def spearman(a, b):
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def main():
     from PIL import Image
 
     import edge_ti
     from edge_ti import init as initialization, latents as lat, objective, subspace
     from edge_ti.denoiser import Denoiser
+    from edge_ti.metrics import spearman
     from edge_ti.train import prompt_templates
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,7 +53,7 @@ def main():
     means = {t: [] for t in args.triples}
     for name in args.concepts:
         concept = quality.BY_NAME[name]
-        images = [Image.fromarray(i) for i in quality.draw_concept(concept, 0, 6, salt=0)[0]]
+        images = [Image.fromarray(i) for i in quality.draw_concept(concept, 0, 6, salt=0)]
         latents = lat.encode_images(model, lat.load_images(images, model.resolution, flip=True))  # (N, C, h, w)
         prompts = [t.format(quality.TOKEN) for t in
                    prompt_templates("object" if concept.kind == "object" else "style")]

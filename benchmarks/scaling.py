@@ -6,8 +6,9 @@ Without MODEL_DIR it builds the tests' tiny model (needs the export extra). It m
 1-thread onnxruntime sessions:
   1. t(c): the seconds one actor needs to score a chunk of c candidates (in this process), fitted
      as t(c) = a + b c;
-  2. the per-message costs: a driver<->actor round trip (ping carrying a chunk's candidates), and
-     the driver's own CPU seconds per chunk inside RayPool.population_loss (serial: one driver);
+  2. the per-message costs: a driver<->actor round trip (a score message carrying one candidate,
+     less the scoring seconds the actor reports), and the driver's own CPU seconds per chunk inside
+     RayPool.population_loss (serial: one driver);
   3. the per-generation driver costs: cma ask + tell at dim 256 for each popsize, ray.put(triples);
   4. a generation's wall time with a local Ray of 1 and 2 one-thread actors, in-process, and in 1
      and 2 plain processes at once (what this machine's cores give without Ray);
@@ -28,7 +29,8 @@ import numpy as np
 import edge_ti
 from edge_ti import objective
 from edge_ti.train import OBJECT_TEMPLATES
-from edge_ti.workers import InProcess, RayPool
+from edge_ti.ray_pool import RayPool
+from edge_ti.workers import InProcess
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -87,6 +89,19 @@ def best_of(f, repeat):
         f()
         times.append(time.perf_counter() - start)
     return float(np.median(times)), float(np.min(times))
+
+
+def message_round_trip(actor, candidates, triples_ref, repeat=200):
+    """Median seconds a score message costs beyond its work: the driver's wall time from sending
+    `actor.score` to holding its answer, less the scoring seconds the actor reports."""
+    import ray
+    ray.get(actor.score.remote(candidates, triples_ref))
+    overheads = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        _, seconds = ray.get(actor.score.remote(candidates, triples_ref))
+        overheads.append(time.perf_counter() - start - seconds)
+    return float(np.median(overheads))
 
 
 # ---- the simulation: RayPool's dispatch as events ----
@@ -209,9 +224,7 @@ def main():
                     for c in sizes[W]:
                         measure_pool(pool, candidates, triples, c, G, runs[W, c])
                     if W == 1:
-                        actor = pool._slots[0].actor
-                        ray.get(actor.ping.remote(candidates[:1]))
-                        round_trip = best_of(lambda: ray.get(actor.ping.remote(candidates[:1])), 200)[0]
+                        round_trip = message_round_trip(pool._slots[0].actor, candidates[:1], ray.put(triples))
                 finally:
                     pool.close()
         triples_put = best_of(lambda: ray.put(triples), 50)[0]
@@ -227,7 +240,8 @@ def main():
     t_chunk = lambda c: a + b * c  # noqa: E731
     driver_per_chunk = one[1][3]
     print(f"\nper candidate evaluation inside a 1-thread actor (b): {b * 1e3:.2f} ms; per chunk (a): {a * 1e3:.2f} ms")
-    print(f"round trip driver<->actor, ping carrying one candidate (median of 200): {round_trip * 1e3:.2f} ms")
+    print(f"round trip driver<->actor, a score message carrying one candidate less its scoring "
+          f"(median of 200): {round_trip * 1e3:.2f} ms")
     print(f"driver CPU per chunk in RayPool.population_loss (chunk 1, 1 actor): {driver_per_chunk * 1e3:.2f} ms")
     print(f"ray.put(triples) per generation: {triples_put * 1e3:.3f} ms")
 

@@ -425,12 +425,6 @@ def ensure_variants(base, variants):
     return paths
 
 
-def spearman(a, b):
-    """Spearman's rank correlation (no ties in continuous losses): Pearson of the ranks."""
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def folder_gb(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 1e9
 
@@ -594,6 +588,8 @@ def main():
 
 
 def summary(args, results, paths, cpu):
+    from edge_ti.metrics import spearman
+
     print("\n# relative UNet output error vs fp32 (||y - y32|| / ||y32||, batch 1, same inputs)")
     for L in args.latents:
         ref = os.path.join(args.models, f"out-{args.model}-fp32-{L}.npy")

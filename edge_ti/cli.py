@@ -243,7 +243,8 @@ def _embeddings_from_files(model, paths):
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddim", show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True, help="initial noise (and euler-a's noise)")
 @click.option("--n", "n", type=click.IntRange(1, MAX_IMAGES), default=4, show_default=True, help="number of images")
-@click.option("--size", type=click.IntRange(8, MAX_SIZE), default=None, help="image size in pixels [default: the model's]")
+@click.option("--size", type=click.IntRange(8, MAX_SIZE), default=None,
+              help="image size in pixels [default: the model's]")
 @DEVICE
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="folder for the PNGs and the grid")
 def generate(model_dir, prompt, embedding_files, negative, steps, guidance, sampler, seed, n, size, device, out):
@@ -345,14 +346,16 @@ def _duration(text):
 @click.option("--init-word", default=None, help="start from this word's embedding")
 @click.option("--init", "init_mode", type=click.Choice(["word", "auto"]), default="word", show_default=True,
               help="auto: from the images through CLIP (needs clip/ in the model folder)")
-@click.option("--init-top-k", type=click.IntRange(1), default=None, help="--init auto: attend only to each image's k best words")
+@click.option("--init-top-k", type=click.IntRange(1), default=None,
+              help="--init auto: attend only to each image's k best words")
 @click.option("--vectors", type=click.IntRange(1, MAX_VECTORS), default=TrainSettings.vectors, show_default=True,
               help="vectors per token")
 @click.option("--template", default=TrainSettings.template, show_default=True,
               help="object, style, or a text file of prompt templates, one per line, each with {} for the token")
 @click.option("--subspace", type=click.Choice(["pca", "prior", "full"]), default=TrainSettings.subspace,
               show_default=True)
-@click.option("--dim", type=click.IntRange(1), default=TrainSettings.dim, show_default=True, help="intrinsic dimension per vector")
+@click.option("--dim", type=click.IntRange(1), default=TrainSettings.dim, show_default=True,
+              help="intrinsic dimension per vector")
 @click.option("--popsize", type=click.IntRange(2), default=TrainSettings.popsize, show_default=True)
 @click.option("--sigma", type=POSITIVE, default=None, help="CMA-ES step size [0.5 in z; 0.5*std(table) for full]")
 @click.option("--budget", type=click.IntRange(0), default=TrainSettings.budget, show_default=True,

@@ -26,12 +26,6 @@ TEMPLATES = ["a {}", "a small {}", "a big {}", "a {} on the left", "a {} in the 
 PROMPT = "a {}"
 
 
-def concept_images(count, seed):
-    """count uint8 [32, 32, 3] images of CONCEPT, the other attributes drawn at random."""
-    rng = np.random.default_rng(seed)
-    return [shapes.draw.draw(shapes.sample_attributes(rng, exclude=(), **CONCEPT), rng) for _ in range(count)]
-
-
 def attribute_accuracy(images, concept=CONCEPT):
     """{attribute: fraction of images whose analyzed attribute equals the concept's}."""
     hits = [shapes.match(concept, shapes.analyze(image)) for image in images]
@@ -43,7 +37,7 @@ def run(out_dir, budget=1000, seed=0, n=16, steps=25, guidance=4.0, images=6, on
     """Draw, learn, generate, measure. Returns {"init": accuracies, "learned": accuracies, "result": TrainResult}."""
     model = open_model(model_dir or shapes.model_dir())
     os.makedirs(os.path.join(out_dir, "concept"), exist_ok=True)
-    drawn = concept_images(images, seed)
+    drawn = shapes.concept_images(images, np.random.default_rng(seed), exclude=(), **CONCEPT)
     for i, image in enumerate(drawn):
         save_png(image, os.path.join(out_dir, "concept", f"{i:02d}.png"))
     settings = TrainSettings(template=TEMPLATES, budget=budget, seed=seed, popsize=20)

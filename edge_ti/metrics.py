@@ -1,4 +1,5 @@
-"""CLIP-I and CLIP-T: how close generated images are to the concept, and to their prompts.
+"""CLIP-I and CLIP-T: how close generated images are to the concept, and to their prompts; and
+Spearman's rho, how alike two rankings of the same candidates are.
 
 As the textual inversion literature measures them (Gal et al. 2022; DreamBooth names them CLIP-I, CLIP-T):
 CLIP-I is the mean cosine similarity over all pairs (generated image, concept image) of CLIP
@@ -33,3 +34,9 @@ def clip_t(model, generated_images, prompts):
     g = clip_model(model).image_features(images)  # (N, P), unit rows
     t = clip_model(model).text_features(prompts)  # (N, P), unit rows
     return float(np.sum(g * t, axis=1).mean())  # mean of the N cosines
+
+
+def spearman(a, b):
+    """Spearman's rank correlation (no ties in continuous losses): Pearson of the ranks."""
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 MODES = ("int8", "fp16")
 CONV = ("none", "static", "dynamic")  # int8 Conv: float (none), calibrated (static) or ConvInteger (dynamic)
 PARTS = ("unet", "text_encoder", "vae_encoder", "vae_decoder")
-# at or above 2 GB a protobuf cannot hold the weights: they go to one external data file
+# a protobuf cannot exceed 2 GiB: above half that (a margin) the weights go to one external data file
 _EXTERNAL_THRESHOLD = 1 << 30
 
 

@@ -211,7 +211,7 @@ def load_checkpoint(path, settings_key):
         raise _bad(path, "written by another edge-ti version")
     for name, kind in _TYPES.items():
         value = header.get(name)
-        ok = (isinstance(value, (int, float)) if kind is float else isinstance(value, kind)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
         if not ok or (kind is int and value < 0):
             raise _bad(path, f"field {name!r} is {str(value)[:30]}")
     if set(arrays) != set(_ARRAYS):

@@ -55,7 +55,8 @@ def cpu_signature():
 def cache_key(path, providers, settings):
     """What the optimized graph depends on: the model's files, onnxruntime, providers, level, CPU."""
     # the file's name too: one folder may hold several graphs (clip/: text_model.onnx, vision_model.onnx)
-    parts = {"model": fingerprint(path), "file": os.path.basename(path), "onnxruntime": ort.__version__, "providers": list(providers),
+    parts = {"model": fingerprint(path), "file": os.path.basename(path), "onnxruntime": ort.__version__,
+             "providers": list(providers),
              "optimization": settings.optimization, "cpu": cpu_signature()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 

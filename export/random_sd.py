@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from edge_ti.errors import EdgeTIError
 from edge_ti.files import atomic_folder
 
-from .tiny import _bytes_to_unicode
+from .tiny import bytes_to_unicode
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sd_configs")
 ARCHITECTURES = {"sd15": "SD 1.5 (epsilon, 512 px)", "sd21": "SD 2.1 (v-prediction, 768 px)"}
@@ -45,7 +45,7 @@ def write_clip_tokenizer(out_dir, pad_token="<|endoftext|>"):
                           "pip install --no-deps open_clip_torch")
     bpe = os.path.join(os.path.dirname(spec.origin), "bpe_simple_vocab_16e6.txt.gz")
     merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:N_MERGES + 1]
-    symbols = _bytes_to_unicode()
+    symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     os.makedirs(out_dir, exist_ok=True)

@@ -126,19 +126,6 @@ def to_tensor(images):
 
 
 # ---------------------------------------------------------------- tokenizer
-def _bytes_to_unicode():
-    # CLIP's byte-to-printable-unicode map (openai/CLIP simple_tokenizer.py)
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 def _bpe(symbols, ranks):
     """CLIP's BPE on one word's symbols: merge the lowest-ranked adjacent pair until none is left."""
     while len(symbols) > 1:
@@ -159,7 +146,9 @@ def write_tokenizer(out_dir, words):
     """
     from transformers import CLIPTokenizer
 
-    byte_map = _bytes_to_unicode()
+    from edge_ti_export.tiny import bytes_to_unicode
+
+    byte_map = bytes_to_unicode()
     symbols = [byte_map[b] for b in range(256)]
     vocab = symbols + [s + "</w>" for s in symbols]
     merges, ranks = [], {}

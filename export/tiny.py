@@ -18,8 +18,9 @@ _WORDS = ("a photo of the cat dog mug red blue green on table in style painting 
           "small big bright dark clean cropped close weird cool nice good").split()
 
 
-def _bytes_to_unicode():
-    # CLIP's byte-to-printable-unicode map (openai/CLIP simple_tokenizer.py)
+def bytes_to_unicode():
+    """CLIP's map {byte: printable unicode symbol} (openai/CLIP simple_tokenizer.py), in CLIP's order:
+    its values are the first 256 entries of a CLIP vocabulary."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -28,12 +29,12 @@ def _bytes_to_unicode():
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return [chr(c) for c in cs]
+    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def write_tiny_tokenizer(out_dir):
     """Write vocab.json + merges.txt of a small CLIP-style BPE vocabulary (no download)."""
-    symbols = _bytes_to_unicode()
+    symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols]
     merges = []
     for word in _WORDS:  # merge each word left to right into one symbol
@@ -93,3 +94,19 @@ def tiny_pipeline(seed=0, prediction_type="epsilon", tokenizer_dir=None, sample_
     return StableDiffusionPipeline(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                                    tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def write_tiny_concept(out_dir):
+    """The concept the tests learn a token for on the tiny model: three 40 px 'photos' of a red disc
+    on a blue background, at different places -> out_dir/{0,1,2}.png; returns out_dir."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(out_dir, exist_ok=True)
+    for i, (cx, cy) in enumerate([(12, 14), (20, 18), (16, 10)]):
+        y, x = np.mgrid[0:40, 0:40]
+        img = np.zeros((40, 40, 3), np.uint8)
+        img[...] = (30, 40, 200)
+        img[(x - cx) ** 2 + (y - cy) ** 2 < 64] = (220, 30, 30)
+        Image.fromarray(img).save(os.path.join(out_dir, f"{i}.png"))
+    return out_dir

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file as torch_save_file
+from safetensors.torch import load_file, save_file as torch_save_file
 
 import edge_ti
 from edge_ti.errors import EdgeTIError
@@ -88,20 +88,38 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         def write(self, data):
             self.file.write(data[:len(data) // 2])
             raise KeyboardInterrupt
-    monkeypatch.setattr("edge_ti.embeddings.open", lambda path, mode="r": (CrashMidway if "w" in mode else open)(path, mode),
-                        raising=False)
+    monkeypatch.setattr("edge_ti.embeddings.open", raising=False,
+                        value=lambda path, mode="r": (CrashMidway if "w" in mode else open)(path, mode))
     with pytest.raises(KeyboardInterrupt):
         edge_ti.save_embedding(str(path), {"<a>": np.zeros((1, 4))})
     assert np.array_equal(edge_ti.load_embedding(str(path))["<a>"], np.ones((1, 4)))  # old file intact
     assert sorted(os.listdir(tmp_path)) == ["two.safetensors"]
 
 
-def test_our_file_loads_in_diffusers_and_a1111_reader(tiny_sd, tmp_path):
-    # diffusers: covered numerically in test_text_encoder; AUTOMATIC1111 reads a single-key
-    # safetensors dict by taking its one tensor (modules/textual_inversion/textual_inversion.py)
-    from safetensors.torch import load_file
+def _a1111_read(path):
+    """What AUTOMATIC1111's webui does with a .safetensors file in its embeddings folder
+    (modules/textual_inversion/textual_inversion.py: EmbeddingDatabase.load_from_file, then
+    create_embedding_from_data), its asserts kept -> (the name prompts use, vectors float32 [n, D])."""
+    name, ext = os.path.splitext(os.path.basename(path))
+    assert ext.upper() == ".SAFETENSORS"
+    data = load_file(path, device="cpu")
+    # not its .pt branch ('string_to_param') nor its SDXL one ('clip_g' and 'clip_l'): "diffuser concepts"
+    assert "string_to_param" not in data and not ("clip_g" in data and "clip_l" in data)
+    assert type(data) == dict and type(next(iter(data.values()))) == torch.Tensor
+    assert len(data.keys()) == 1, "embedding file has multiple terms in it"
+    emb = next(iter(data.values()))
+    if len(emb.shape) == 1:
+        emb = emb.unsqueeze(0)
+    return name, emb.detach().to(dtype=torch.float32)
+
+
+def test_our_file_loads_in_the_a1111_reader(tiny_sd, tmp_path):
+    # diffusers reads it too: covered numerically in test_text_encoder
+    vectors = np.random.default_rng(0).normal(size=(2, 32)).astype(np.float32)
     path = str(tmp_path / "x.safetensors")
-    edge_ti.save_embedding(path, {"<x>": np.ones((2, 32), np.float32)})
-    data = load_file(path)
-    assert len(data) == 1 and next(iter(data.values())).shape == (2, 32)
-    assert next(iter(data.values())).dtype == torch.float32
+    edge_ti.save_embedding(path, {"<x>": vectors})
+    name, vec = _a1111_read(path)
+    assert name == "x"  # A1111 names an embedding after its file, not after the key
+    # A1111 skips an embedding whose width is not its text encoder's (get_expected_shape)
+    assert vec.shape == (2, edge_ti.open_model(tiny_sd[1]).hidden_size)
+    assert torch.equal(vec, torch.from_numpy(vectors))

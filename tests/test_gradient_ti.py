@@ -1,7 +1,6 @@
 """The gradient baseline (export/gradient_ti.py) on the tiny model: its loss is edge-ti's, and it moves only the token."""
 import numpy as np
 import pytest
-from PIL import Image
 
 torch = pytest.importorskip("torch")
 
@@ -12,22 +11,11 @@ from edge_ti import objective  # noqa: E402
 from edge_ti_export import gradient_ti  # noqa: E402
 
 
-def _concept_images():
-    images = []
-    for cx, cy in [(12, 14), (20, 18), (16, 10)]:  # a red disc on blue, as tests/test_train.py
-        y, x = np.mgrid[0:40, 0:40]
-        img = np.zeros((40, 40, 3), np.uint8)
-        img[...] = (30, 40, 200)
-        img[(x - cx) ** 2 + (y - cy) ** 2 < 64] = (220, 30, 30)
-        images.append(Image.fromarray(img))
-    return images
-
-
-def test_loss_equals_edge_ti_objective(tiny_sd):
+def test_loss_equals_edge_ti_objective(tiny_sd, concept_dir):
     """Same latents, noise, timesteps and prompts: torch's loss = objective.population_loss."""
     source, onnx_dir = tiny_sd
     model = edge_ti.open_model(onnx_dir)
-    pixels = lat.load_images(_concept_images(), model.resolution, flip=True)       # (6, 3, 32, 32)
+    pixels = lat.load_images([concept_dir], model.resolution, flip=True)          # (6, 3, 32, 32)
     latents = lat.encode_images(model, pixels)                                      # (6, 4, 16, 16)
     prompts = [t.format("<t>") for t in gradient_ti.OBJECT_TEMPLATES[:5]]
     triples = objective.draw_triples(np.random.default_rng(3), 6, len(latents), len(prompts), 1000,
@@ -46,14 +34,14 @@ def test_loss_equals_edge_ti_objective(tiny_sd):
     assert float(loss) == pytest.approx(expected, rel=1e-4)
 
 
-def test_a_few_steps_move_only_the_token_rows(tiny_sd):
+def test_a_few_steps_move_only_the_token_rows(tiny_sd, concept_dir):
     source, _ = tiny_sd
     components = gradient_ti.load_components(source)
     before = components["text_encoder"].get_input_embeddings().weight.detach().clone()   # (V, D)
     unet_before = [p.detach().clone() for p in components["unet"].parameters()]
     seen = []
     settings = gradient_ti.GradientSettings(vectors=2, batch=2, max_steps=3, lr=5e-2, seed=0)
-    result = gradient_ti.train(source, _concept_images(), "<t>", init_word="cat", settings=settings,
+    result = gradient_ti.train(source, [concept_dir], "<t>", init_word="cat", settings=settings,
                                snapshot_steps=[1], on_step=lambda record, rows: seen.append(record["step"]),
                                components=components)
     after = components["text_encoder"].get_input_embeddings().weight.detach()            # (V + 2, D)

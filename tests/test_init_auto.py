@@ -334,12 +334,14 @@ def test_cli_export_bad_clip_source_fails_fast(tiny_sd, tmp_path):
     assert not out.exists()
 
 
-def test_cli_evaluate_reports_learned_and_init(clip_sd, tmp_path):
-    """`edge-ti evaluate` (no torch): a table and JSON of CLIP-I / CLIP-T for the learned and the init embedding."""
+def test_cli_evaluate_reports_learned_and_init(clip_sd, torch_clip, tmp_path):
+    """`edge-ti evaluate` (no torch): a table and JSON of CLIP-I / CLIP-T for the learned and the init
+    embedding, the numbers transformers' CLIPModel gives on the same generations."""
     import json
     images = tmp_path / "images"
     images.mkdir()
-    for i, image in enumerate(_concept_images()):
+    concept = _concept_images()
+    for i, image in enumerate(concept):
         Image.fromarray(image).save(images / f"{i}.png")
     emb = str(tmp_path / "e.safetensors")
     run = [sys.executable, os.path.join(HERE, "without_torch.py"), "edge_ti"]
@@ -355,10 +357,27 @@ def test_cli_evaluate_reports_learned_and_init(clip_sd, tmp_path):
     assert lines[1].startswith("init") and lines[2].startswith("learned")
     results = json.load(open(out_json))
     assert results["class_word"] == "cat" and len(results["prompts"]) == 4
-    for name in ("init", "learned"):
-        assert -1 <= results[name]["clip_i"] <= 1 and -1 <= results[name]["clip_t"] <= 1
     # the recorded init is the word's embedding, and the learned one differs from it
     from edge_ti.evaluate import init_from_file
     model = edge_ti.open_model(clip_sd[1])
     assert np.allclose(init_from_file(emb, "<r>", 32), init.from_word(model, "cat"))
     assert results["init"] != results["learned"]
+    # the same generations (prompt k: seed k, as evaluate draws them) scored by transformers' CLIPModel:
+    # CLIP-I the mean cosine over (generated, concept) pairs, CLIP-T each image with its prompt, <r> -> cat
+    torch_model, tokenizer, processor = torch_clip
+
+    def features(images):
+        with torch.no_grad():
+            return _torch_unit(torch_model.get_image_features(**processor(images=list(images), return_tensors="pt")))
+
+    c = features(concept)
+    texts = [p.replace("<r>", "cat") for p in results["prompts"] for _ in range(2)]
+    with torch.no_grad():
+        t = _torch_unit(torch_model.get_text_features(**tokenizer(texts, padding="max_length", max_length=77,
+                                                                  return_tensors="pt")))
+    for name, embedding in (("init", init.from_word(model, "cat")), ("learned", edge_ti.load_embedding(emb)["<r>"])):
+        generated = np.concatenate([edge_ti.generate(model, prompt, {"<r>": embedding}, steps=3, seed=k, n=2)
+                                    for k, prompt in enumerate(results["prompts"])])
+        g = features(generated)
+        assert abs(results[name]["clip_i"] - float((g @ c.T).mean())) <= 1e-5, name
+        assert abs(results[name]["clip_t"] - float(np.sum(g * t, axis=1).mean())) <= 1e-5, name

@@ -17,17 +17,13 @@ from edge_ti.denoiser import Denoiser
 from edge_ti import objective, quantize
 from edge_ti.cache import fingerprint
 from edge_ti.errors import EdgeTIError
+from edge_ti.metrics import spearman
 from edge_ti.session import SessionSettings, create_session
 
 
 def _snapshot(folder):
     return sorted((os.path.relpath(os.path.join(d, f), folder), os.path.getsize(os.path.join(d, f)),
                    os.path.getmtime(os.path.join(d, f))) for d, _, fs in os.walk(folder) for f in fs)
-
-
-def _spearman(a, b):
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def _losses(onnx_dir, P=12):
@@ -52,7 +48,7 @@ def test_quantized_scores_like_fp32(tiny_sd, tmp_path, mode, rtol, rho):
     assert json.load(open(os.path.join(out, "edge_ti_quantization.json")))["mode"] == mode
     reference, ours = _losses(onnx_dir), _losses(out)
     assert np.all(np.abs(ours - reference) <= rtol * np.abs(reference)), np.abs(ours / reference - 1).max()
-    assert _spearman(reference, ours) >= rho
+    assert spearman(reference, ours) >= rho
     for part in ("unet", "text_encoder"):  # int8 / fp16 weights: smaller files
         size = lambda d: os.path.getsize(os.path.join(d, part, "model.onnx"))
         assert size(out) < size(onnx_dir), part
@@ -178,7 +174,7 @@ def test_cli_export_quantized(tiny_sd, tmp_path):
     record = json.load(open(out / "edge_ti_quantization.json"))
     assert record["mode"] == "int8" and record["conv"] == "none" and record["source"] == source
     # the quantized export scores like the fp32 export of the same weights
-    assert _spearman(_losses(onnx_dir), _losses(str(out))) >= 0.8
+    assert spearman(_losses(onnx_dir), _losses(str(out))) >= 0.8
     rc, _, err = run_cli("export", source, str(tmp_path / "y"), "--quantize", "int8", "--fp16")
     _one_line_error(rc, err, "--fp16")
     assert not (tmp_path / "y").exists()

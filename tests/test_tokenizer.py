@@ -57,11 +57,6 @@ def test_tiny_vocab_matches_transformers(tiny_sd):
     _check(os.path.join(onnx_dir, "tokenizer"), CORPUS + _random_corpus())
 
 
-def _bytes_to_unicode():
-    from edge_ti_export.tiny import _bytes_to_unicode
-    return _bytes_to_unicode()
-
-
 @pytest.fixture(scope="module")
 def real_clip_tokenizer_dir(tmp_path_factory):
     """The real CLIP vocab/merges (SD 1.x), rebuilt offline from open_clip's BPE file like openai/CLIP does."""
@@ -70,7 +65,8 @@ def real_clip_tokenizer_dir(tmp_path_factory):
         pytest.fail("open_clip_torch is not installed (.ci/run installs it with --no-deps for its BPE file)")
     bpe = os.path.join(os.path.dirname(spec.origin), "bpe_simple_vocab_16e6.txt.gz")
     merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    vocab = _bytes_to_unicode()
+    from edge_ti_export.tiny import bytes_to_unicode
+    vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     out = tmp_path_factory.mktemp("clip-tokenizer")

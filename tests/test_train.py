@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 import edge_ti
+from edge_ti import latents as lat, objective, subspace
 from edge_ti.denoiser import Denoiser
-from edge_ti import objective, subspace
-from edge_ti.train import TrainSettings, train
+from edge_ti.train import TrainSettings, prompt_templates, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -59,8 +59,8 @@ def test_common_random_numbers_and_batching(tiny_sd):
 def test_train_run_lowers_heldout_loss(tiny_sd, concept_dir, tmp_path):
     model = edge_ti.open_model(tiny_sd[1])
     out = str(tmp_path / "c.safetensors")
-    result = train(model, [concept_dir], "<c>", out, init_word="cat",
-                   settings=TrainSettings(vectors=2, budget=600, popsize=10, eval_every=2, patience=0, seed=0))
+    settings = TrainSettings(vectors=2, budget=600, popsize=10, eval_every=2, patience=0, seed=0)
+    result = train(model, [concept_dir], "<c>", out, init_word="cat", settings=settings)
     assert result.best_heldout < result.init_heldout
     emb = edge_ti.load_embedding(out)
     assert emb["<c>"].shape == (2, 32)
@@ -68,8 +68,17 @@ def test_train_run_lowers_heldout_loss(tiny_sd, concept_dir, tmp_path):
     assert len(lines) == result.generations == 60
     assert json.loads(lines[-1])["evaluations"] == 600
     assert Image.open(result.paths["curve"]).size == (720, 480)
-    # the written embedding is the held-out winner, re-scored: it reproduces best_heldout
     assert not np.allclose(emb["<c>"], model.token_embeddings[model.tokenizer.token_ids("cat")].mean(0))
+    # the written embedding is the held-out winner, re-scored: it reproduces best_heldout. The held-out
+    # triples, as train() draws them: from default_rng([seed, 1, 0]), over the latents of the images
+    # and their mirrors and the object templates
+    latents = lat.encode_images(model, lat.load_images([concept_dir], model.resolution, flip=True))
+    prompts = [t.format("<c>") for t in prompt_templates("object")]
+    heldout = objective.draw_triples(np.random.default_rng([0, 1, 0]), settings.heldout_triples, len(latents),
+                                     len(prompts), 1000, latents.shape[1:])
+    rescored = objective.population_loss(Denoiser(model), emb["<c>"][None], model.tokenize(prompts, emb), latents,
+                                         heldout)
+    assert float(rescored[0]) == result.best_heldout
 
 
 def test_early_stop(tiny_sd, concept_dir, tmp_path):

@@ -18,7 +18,8 @@ import edge_ti  # noqa: E402
 from edge_ti import objective  # noqa: E402
 from edge_ti.errors import EdgeTIError  # noqa: E402
 from edge_ti.train import TrainSettings, train  # noqa: E402
-from edge_ti.workers import InProcess, RayPool, _Place, ray_scorer, scorer_factory  # noqa: E402
+from edge_ti.ray_pool import RayPool, _Place, ray_scorer  # noqa: E402
+from edge_ti.workers import InProcess, scorer_factory  # noqa: E402
 
 SETTINGS = dict(budget=48, popsize=8, heldout_triples=6, eval_every=2, patience=0, seed=1)
 

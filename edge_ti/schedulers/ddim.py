@@ -55,12 +55,10 @@ class Sampler:
         if cfg["prediction_type"] == "epsilon":
             pred_original_sample = (sample - beta_prod_t ** 0.5 * model_output) / alpha_prod_t ** 0.5
             pred_epsilon = model_output
-        elif cfg["prediction_type"] == "v_prediction":
+        else:  # v_prediction, the only other type __init__ lets through
             # v = sqrt(alpha_t) eps - sqrt(1 - alpha_t) x0 (Salimans & Ho 2022, sec. 4)
             pred_original_sample = alpha_prod_t ** 0.5 * sample - beta_prod_t ** 0.5 * model_output
             pred_epsilon = alpha_prod_t ** 0.5 * model_output + beta_prod_t ** 0.5 * sample
-        else:
-            raise ValueError(f"unknown prediction_type {cfg['prediction_type']!r}")
 
         # 4. clip "predicted x_0"
         if cfg["clip_sample"]:

@@ -102,10 +102,8 @@ class Sampler:
         alpha_s0, sigma_s0 = self._alpha_sigma(i)
         if cfg["prediction_type"] == "epsilon":
             x0 = (sample - sigma_s0 * model_output) / alpha_s0
-        elif cfg["prediction_type"] == "v_prediction":
+        else:  # v_prediction, the only other type __init__ lets through
             x0 = alpha_s0 * sample - sigma_s0 * model_output
-        else:
-            raise ValueError(f"unknown prediction_type {cfg['prediction_type']!r}")
         prev_x0, self.prev_x0 = self.prev_x0, x0
 
         # 2. choose the order: first at the start (no history) and at the end (diffusers' lower_order_final)

@@ -48,6 +48,15 @@ def schedule(config, steps):
     return timesteps, sigmas, init_noise_sigma
 
 
+def predicted_x0(config, model_output, sigma, sample):
+    """The denoiser D(x; sigma) of Karras et al. eq. 7: x0 from x at sigma and the UNet's eps or v
+    (the only prediction types require_prediction_type lets through)."""
+    if config["prediction_type"] == "epsilon":
+        return sample - sigma * model_output
+    # v: c_out = -sigma / sqrt(sigma^2 + 1), c_skip = 1 / (sigma^2 + 1) (Karras et al. Table 1, v-param.)
+    return model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
+
+
 class Sampler:
     """Euler's method on the probability-flow ODE over `steps` steps."""
 
@@ -67,13 +76,7 @@ class Sampler:
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
 
         # 1. compute predicted original sample (x_0), the denoiser D(x; sigma) of Karras et al. eq. 7
-        if self.config["prediction_type"] == "epsilon":
-            pred_original_sample = sample - sigma * model_output
-        elif self.config["prediction_type"] == "v_prediction":
-            # c_out = -sigma / sqrt(sigma^2 + 1), c_skip = 1 / (sigma^2 + 1) (Karras et al. Table 1, v-param.)
-            pred_original_sample = model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
-        else:
-            raise ValueError(f"unknown prediction_type {self.config['prediction_type']!r}")
+        pred_original_sample = predicted_x0(self.config, model_output, sigma, sample)
 
         # 2. convert to an ODE derivative d = (x - D(x; sigma)) / sigma (Algorithm 2, line 7)
         derivative = (sample - pred_original_sample) / sigma

@@ -14,7 +14,7 @@ As diffusers' EulerAncestralDiscreteScheduler: the Euler sampler's linear-interp
 import numpy as np
 
 from . import read_config, require_prediction_type
-from .euler import schedule
+from .euler import predicted_x0, schedule
 
 STOCHASTIC = True  # needs noise: make() passes it
 
@@ -51,13 +51,7 @@ class Sampler:
         sigma = self.sigmas[i]
 
         # 1. compute predicted original sample (x_0), the denoiser D(x; sigma)
-        if self.config["prediction_type"] == "epsilon":
-            pred_original_sample = sample - sigma * model_output
-        elif self.config["prediction_type"] == "v_prediction":
-            # c_out = -sigma / sqrt(sigma^2 + 1), c_skip = 1 / (sigma^2 + 1) (Karras et al. Table 1, v-param.)
-            pred_original_sample = model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
-        else:
-            raise ValueError(f"unknown prediction_type {self.config['prediction_type']!r}")
+        pred_original_sample = predicted_x0(self.config, model_output, sigma, sample)
 
         # 2. split the step into a deterministic part to sigma_down and fresh noise sigma_up (get_ancestral_step)
         sigma_from, sigma_to = self.sigmas[i], self.sigmas[i + 1]

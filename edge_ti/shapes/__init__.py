@@ -9,16 +9,16 @@ Stable-Diffusion-architecture model trained on them that ships with edge-ti.
     model = edge_ti.open_model(shapes.model_dir())   # the shipped ONNX folder
 
 The model is made by `python -m edge_ti_export.shapes_train --out DIR --seed 0`
-(benchmarks/results/shapes_model.md).
+(models.md: how it was trained and how well it draws).
 """
 import os
 
 from . import draw  # the module: shapes.draw.draw(attributes, rng) draws one image
 from .analyzer import analyze, match
-from .draw import ATTRIBUTES, HELD_OUT, caption, is_held_out, sample_attributes
+from .draw import ATTRIBUTES, HELD_OUT, caption, concept_images, is_held_out, sample_attributes
 
-__all__ = ["ATTRIBUTES", "HELD_OUT", "analyze", "caption", "draw", "is_held_out", "match", "model_dir",
-           "sample_attributes"]
+__all__ = ["ATTRIBUTES", "HELD_OUT", "analyze", "caption", "concept_images", "draw", "is_held_out", "match",
+           "model_dir", "sample_attributes"]
 
 
 def model_dir():

@@ -26,7 +26,6 @@ import numpy as np
 
 from . import draw as world
 
-NAMES = tuple(world.ATTRIBUTES)          # the six attributes, in draw.py's order
 ANGLES = (-8.0, -4.0, 0.0, 4.0, 8.0)    # template rotations: draw.JITTER_DEG in 4 degree steps
 SMALL_BIG = sum(world.SIZES.values()) / 2  # radius threshold between small and big
 # the horizontal centres that split left | center | right (midway between the nearest drawn centres)

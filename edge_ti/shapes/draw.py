@@ -3,6 +3,7 @@
     rng = np.random.default_rng(0)
     attributes = sample_attributes(rng)          # {"shape": "star", "color": "red", ...}, never HELD_OUT
     image = draw(attributes, rng)                # uint8 [32, 32, 3]
+    concept_images(6, rng, shape="star")         # 6 stars, the other attributes random
     caption(attributes, rng, drop_p=0.2)         # "a small striped red star on the left, blue background"
 
 Six attributes, each a small closed set (ATTRIBUTES):
@@ -193,6 +194,12 @@ def draw(attributes, rng=None):
     bg = np.asarray(BACKGROUNDS[attributes["background"]], np.float32)
     image = coverage * fg + (1 - coverage) * bg                                  # [32, 32, 3]
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def concept_images(count, rng, exclude=HELD_OUT, **fixed):
+    """COUNT images uint8 [32, 32, 3] of a concept: the FIXED attributes in each, the others drawn
+    at random (see sample_attributes), each image's attributes then its drawing taken from rng."""
+    return [draw(sample_attributes(rng, exclude, **fixed), rng) for _ in range(count)]
 
 
 def caption(attributes, rng=None, drop_p=0.0):
