@@ -88,8 +88,9 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         def write(self, data):
             self.file.write(data[:len(data) // 2])
             raise KeyboardInterrupt
-    monkeypatch.setattr("edge_ti.embeddings.open", raising=False,
-                        value=lambda path, mode="r": (CrashMidway if "w" in mode else open)(path, mode))
+    def crash_when_writing(path, mode="r"):
+        return (CrashMidway if "w" in mode else open)(path, mode)
+    monkeypatch.setattr("edge_ti.embeddings.open", crash_when_writing, raising=False)
     with pytest.raises(KeyboardInterrupt):
         edge_ti.save_embedding(str(path), {"<a>": np.zeros((1, 4))})
     assert np.array_equal(edge_ti.load_embedding(str(path))["<a>"], np.ones((1, 4)))  # old file intact
