@@ -311,6 +311,8 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         raise Interrupted(_finish(state, e0, W, token, init_word, init_words, paths)) from None
     finally:
         scorer.close()
+
+    # 5. the result: the best held-out candidate, the log and the curve (on Ctrl-C too, above)
     return _finish(state, e0, W, token, init_word, init_words, paths)
 
 
