@@ -197,7 +197,9 @@ def load_checkpoint(path, settings_key):
             start = f.read(9) if os.path.isfile(path) else b""
     except OSError:
         start = b""
-    if start[:1] == b"\x80" or start[:4] == b"PK\x03\x04":  # edge-ti < 0.2 pickled its checkpoints
+    # edge-ti < 0.2 pickled its checkpoints; a safetensors file has its JSON header's "{" at byte 8
+    # (its first byte, the header length's lowest, may well be 0x80)
+    if start[8:9] != b"{" and (start[:1] == b"\x80" or start[:4] == b"PK\x03\x04"):
         raise _bad(path, "a pickle, which edge-ti never loads")
     try:
         arrays, metadata = read_safetensors(path, dtypes=("F64",))
