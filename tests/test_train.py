@@ -75,8 +75,8 @@ def test_train_run_lowers_heldout_loss(tiny_sd, concept_dir, tmp_path):
 def test_early_stop(tiny_sd, concept_dir, tmp_path):
     model = edge_ti.open_model(tiny_sd[1])
     result = train(model, [concept_dir], "<c>", str(tmp_path / "c.safetensors"), init_word="cat",
-                   settings=TrainSettings(budget=100000, popsize=6, eval_every=1, patience=3,
-                                          min_improvement=0.5))  # nothing improves by half: stop after 4 checks
+                   settings=TrainSettings(budget=100000, popsize=6, eval_every=1, patience=3, min_improvement=0.5,
+                                          triples=2, heldout_triples=8))  # nothing improves by half: stop after 4 checks
     assert result.generations == 4 and "improved by less than 0.5 in 3 checks" in result.stop_reason
 
 
