@@ -159,11 +159,12 @@ def test_cli_quantize(tiny_sd, tmp_path):
     assert "WARNING" not in err                                  # onnxruntime.quantization's root-logger noise
     assert np.all(np.isfinite(_losses(str(out))))
     # a second run into the same folder: one line, the folder untouched
+    from test_safe_by_default import invoke  # the refusals in this process: no interpreter start-up
     before = _snapshot(str(out))
-    rc, _, err = run_cli("quantize", onnx_dir, str(out))
+    rc, err = invoke("quantize", onnx_dir, str(out))
     _one_line_error(rc, err, str(out), "already exists")
     assert _snapshot(str(out)) == before
-    rc, _, err = run_cli("quantize", str(tmp_path / "nothing"), str(tmp_path / "x"))
+    rc, err = invoke("quantize", str(tmp_path / "nothing"), str(tmp_path / "x"))
     _one_line_error(rc, err, "nothing")
 
 
