@@ -86,10 +86,10 @@ def test_resume_after_kill_matches_uninterrupted(tiny_sd, concept_dir, tmp_path)
     # or more, resumed to the end
     common = [tiny_sd[1], concept_dir, "--token", "<c>", "--init-word", "cat", "--budget", "160",
               "--triples", "2", "--heldout-triples", "8", "--popsize", "8", "--seed", "3"]
+    from test_safe_by_default import invoke  # the uninterrupted run and the refusal in this process
     whole = str(tmp_path / "whole.safetensors")
-    proc = subprocess.run([sys.executable, "-m", "edge_ti", "train", *common, "--out", whole],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    rc, err = invoke("train", *common, "--out", whole)
+    assert rc == 0, err
 
     killed = str(tmp_path / "killed.safetensors")
     log = str(tmp_path / "killed.log.jsonl")
@@ -112,9 +112,8 @@ def test_resume_after_kill_matches_uninterrupted(tiny_sd, concept_dir, tmp_path)
     assert np.array_equal(edge_ti.load_embedding(killed)["<c>"], edge_ti.load_embedding(whole)["<c>"])
     assert open(log).read() != "" and len(open(log).read().splitlines()) == 20
     # resuming with other settings is refused with one line
-    proc = subprocess.run([sys.executable, "-m", "edge_ti", "train", *common[:-2], "--seed", "4", "--out", killed,
-                           "--resume"], capture_output=True, text=True)
-    assert proc.returncode == 1 and "other settings" in proc.stderr and "Traceback" not in proc.stderr
+    rc, err = invoke("train", *common[:-2], "--seed", "4", "--out", killed, "--resume")
+    assert rc == 1 and "other settings" in err and "Traceback" not in err
 
 
 def test_train_cli_without_torch(tiny_sd, concept_dir, tmp_path):
