@@ -53,7 +53,8 @@ def test_corrupt_embedding(tiny_sd, tmp_path):
 def test_convert_corrupt_pt_writes_nothing(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"PK\x03\x04 this is not a torch archive")
-    rc, _, err = run_cli("convert", str(bad))
+    from test_safe_by_default import invoke  # in this process: torch (for .pt files) loads once per session
+    rc, err = invoke("convert", str(bad))
     _one_line_error(rc, err, str(bad))
     assert sorted(os.listdir(tmp_path)) == ["bad.pt"]
 

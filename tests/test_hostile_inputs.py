@@ -19,7 +19,8 @@ from edge_ti import latents as lat
 from edge_ti.errors import EdgeTIError
 from edge_ti.evaluate import evaluate, init_from_file, load_for_evaluation, read_prompts
 
-from test_cli import _one_line_error, run_cli
+from test_cli import _one_line_error
+from test_safe_by_default import invoke  # the CLI in this process
 
 WIDTH = 32  # the tiny model's embedding width
 
@@ -169,7 +170,8 @@ def test_clip_reads_files_like_training(tmp_path):
 
 
 def _train_cli(model_dir, out, *args):
-    return run_cli("train", model_dir, "--init-word", "cat", "--budget", "20", "--out", str(out), *args)
+    rc, err = invoke("train", model_dir, "--init-word", "cat", "--budget", "20", "--out", str(out), *args)
+    return rc, "", err
 
 
 def _hostile_images(folder):
@@ -197,7 +199,7 @@ def test_evaluate_cli_refuses_hostile_images(tiny_sd, tmp_path):
     edge_ti.save_embedding(emb, {"<t>": np.zeros((1, WIDTH), np.float32)}, metadata={"edge_ti.init_word": "mug"})
     out = tmp_path / "out" / "r.json"
     for image, problem in _hostile_images(tmp_path):
-        rc, _, err = run_cli("evaluate", tiny_sd[1], "--embedding", emb, "--images", image, "--json", str(out))
+        rc, err = invoke("evaluate", tiny_sd[1], "--embedding", emb, "--images", image, "--json", str(out))
         _one_line_error(rc, err, image, problem)
     assert not (tmp_path / "out").exists()
 
@@ -239,7 +241,7 @@ def test_empty_or_spaced_token_is_refused(tiny_sd, token, problem):
 def test_tokenize_cli_spaced_token(tiny_sd, tmp_path):
     path = str(tmp_path / "my mug.safetensors")
     edge_ti.save_embedding(path, {"my mug": np.ones((1, WIDTH), np.float32)})
-    rc, _, err = run_cli("tokenize", tiny_sd[1], "a my mug", "--embedding", path)
+    rc, err = invoke("tokenize", tiny_sd[1], "a my mug", "--embedding", path)
     _one_line_error(rc, err, "'my mug'", "whitespace")
 
 
@@ -321,8 +323,8 @@ def test_evaluate_cli_bad_prompt_line(tiny_sd, concept_dir, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a photo of <t>\na {brace} without it\n")
     out = tmp_path / "r.json"
-    rc, _, err = run_cli("evaluate", tiny_sd[1], "--embedding", emb, "--images", concept_dir,
-                         "--prompts", str(prompts), "--json", str(out))
+    rc, err = invoke("evaluate", tiny_sd[1], "--embedding", emb, "--images", concept_dir,
+                     "--prompts", str(prompts), "--json", str(out))
     _one_line_error(rc, err, str(prompts), "line 2")
     assert not out.exists()
 

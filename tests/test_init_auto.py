@@ -309,9 +309,9 @@ def test_cli_export_with_clip_and_train_init_auto(tiny_sd, tmp_path):
     """`edge-ti export SOURCE OUT --clip CLIP` then `edge-ti train --init auto` prints the top words."""
     source = tiny_clip(str(tmp_path / "clip-src"), seed=0)
     out = str(tmp_path / "onnx")
-    proc = subprocess.run([sys.executable, "-m", "edge_ti", "export", tiny_sd[0], out, "--clip", source],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    from test_safe_by_default import invoke  # the CLI in this process: torch is already loaded
+    rc, err = invoke("export", tiny_sd[0], out, "--clip", source)
+    assert rc == 0, err
     assert os.path.isfile(os.path.join(out, "clip", "text_model.onnx"))
     images = tmp_path / "images"
     images.mkdir()
@@ -327,10 +327,10 @@ def test_cli_export_with_clip_and_train_init_auto(tiny_sd, tmp_path):
 
 
 def test_cli_export_bad_clip_source_fails_fast(tiny_sd, tmp_path):
+    from test_safe_by_default import invoke  # the CLI in this process: torch is already loaded
     out = tmp_path / "onnx"
-    proc = subprocess.run([sys.executable, "-m", "edge_ti", "export", tiny_sd[0], str(out), "--clip",
-                           str(tmp_path)], capture_output=True, text=True)
-    assert proc.returncode == 1 and "config.json" in proc.stderr and "Traceback" not in proc.stderr
+    rc, err = invoke("export", tiny_sd[0], str(out), "--clip", str(tmp_path))
+    assert rc == 1 and "config.json" in err and "Traceback" not in err
     assert not out.exists()
 
 

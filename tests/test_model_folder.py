@@ -19,6 +19,9 @@ from edge_ti.cache import file_digest, fingerprint
 from edge_ti.errors import EdgeTIError
 from edge_ti.session import SessionSettings, create_session
 
+# the CLI in this process, for one-line errors where a new interpreter is not what is tested
+from test_safe_by_default import invoke
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = ["CPUExecutionProvider"]
 # no limit on a write (RLIMIT_FSIZE) below this many bytes: the limited subprocesses' own small writes
@@ -239,7 +242,7 @@ def test_text_encoder_with_only_the_hidden_state(tiny_sd, model_copy, own_cache)
 def test_text_encoder_with_only_the_pooled_output(model_copy):
     path = _keep_outputs(model_copy, ["pooler_output"])
     before = snapshot(model_copy)
-    rc, _, err = run_cli("info", str(model_copy))
+    rc, err = invoke("info", str(model_copy))
     one_line_error(rc, err, f"{path}: no last hidden state [batch, tokens, width] among its outputs (pooler_output)")
     assert snapshot(model_copy) == before
 
@@ -254,7 +257,7 @@ def test_broken_tokenizer_config(model_copy, name, text, message):
     path = model_copy / "tokenizer" / name
     path.write_text(text, encoding="latin-1")
     before = snapshot(model_copy)
-    rc, _, err = run_cli("tokenize", str(model_copy), "a photo")
+    rc, err = invoke("tokenize", str(model_copy), "a photo")
     named = path if "JSON" in message else model_copy / "tokenizer"
     one_line_error(rc, err, f"{named}: {message}")
     assert snapshot(model_copy) == before
@@ -275,7 +278,7 @@ def test_config_value_of_the_wrong_kind(model_copy, part, key, value, must):
     config[key] = "VALUE"
     path.write_text(json.dumps(config).replace('"VALUE"', value))     # NaN is not what json.dumps writes
     before = snapshot(model_copy)
-    rc, _, err = run_cli("info", str(model_copy))
+    rc, err = invoke("info", str(model_copy))
     one_line_error(rc, err, f"{path}: {key} is {value}, but must be {must}")
     assert snapshot(model_copy) == before
 
@@ -283,7 +286,7 @@ def test_config_value_of_the_wrong_kind(model_copy, part, key, value, must):
 def test_config_that_is_not_an_object(model_copy):
     path = model_copy / "unet" / "config.json"
     path.write_text("[64]")
-    rc, _, err = run_cli("info", str(model_copy))
+    rc, err = invoke("info", str(model_copy))
     one_line_error(rc, err, f"{path}: not a JSON object")
 
 

@@ -156,26 +156,29 @@ def test_cli_quantize(tiny_sd, tmp_path):
     assert "WARNING" not in err                                  # onnxruntime.quantization's root-logger noise
     assert np.all(np.isfinite(_losses(str(out))))
     # a second run into the same folder: one line, the folder untouched
+    from test_safe_by_default import invoke  # the refusals in this process: no interpreter start-up
     before = _snapshot(str(out))
-    rc, _, err = run_cli("quantize", onnx_dir, str(out))
+    rc, err = invoke("quantize", onnx_dir, str(out))
     _one_line_error(rc, err, str(out), "already exists")
     assert _snapshot(str(out)) == before
-    rc, _, err = run_cli("quantize", str(tmp_path / "nothing"), str(tmp_path / "x"))
+    rc, err = invoke("quantize", str(tmp_path / "nothing"), str(tmp_path / "x"))
     _one_line_error(rc, err, "nothing")
 
 
 def test_cli_export_quantized(tiny_sd, tmp_path):
-    from test_cli import _one_line_error, run_cli
+    # the CLI in this process: torch is loaded once per session, not by a new interpreter per call
+    from test_cli import _one_line_error
+    from test_safe_by_default import invoke
     source, onnx_dir = tiny_sd
     out = tmp_path / "exported-int8"
-    rc, _, err = run_cli("export", source, str(out), "--quantize", "int8")
+    rc, err = invoke("export", source, str(out), "--quantize", "int8")
     assert rc == 0, err
     assert sorted(os.listdir(tmp_path)) == ["exported-int8"]     # the fp32 staging export is gone
     record = json.load(open(out / "edge_ti_quantization.json"))
     assert record["mode"] == "int8" and record["conv"] == "none" and record["source"] == source
     # the quantized export scores like the fp32 export of the same weights
     assert spearman(_losses(onnx_dir), _losses(str(out))) >= 0.8
-    rc, _, err = run_cli("export", source, str(tmp_path / "y"), "--quantize", "int8", "--fp16")
+    rc, err = invoke("export", source, str(tmp_path / "y"), "--quantize", "int8", "--fp16")
     _one_line_error(rc, err, "--fp16")
     assert not (tmp_path / "y").exists()
 

@@ -200,7 +200,8 @@ def _default_sigint():
 
 def test_ctrl_c_writes_the_best_so_far_and_the_rerun_ends_where_an_unbroken_run_does(tiny_sd, concept_dir,
                                                                                        tmp_path):
-    args = [tiny_sd[1], concept_dir, *TRAIN, "--budget", "240", "--popsize", "8"]
+    args = [tiny_sd[1], concept_dir, *TRAIN, "--budget", "120", "--popsize", "8",  # 15 generations
+            "--triples", "2", "--heldout-triples", "8"]
     whole = str(tmp_path / "whole.safetensors")
     rc, err = invoke("train", *args, "--out", whole)
     assert rc == 0, err
@@ -218,15 +219,15 @@ def test_ctrl_c_writes_the_best_so_far_and_the_rerun_ends_where_an_unbroken_run_
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     line = one_line_error(proc.returncode, err, "interrupted at generation", out, "run the same command again")
-    assert "training, evaluations: 8/240" in err  # progress lines although stderr is no terminal
+    assert "training, evaluations: 8/120" in err  # progress lines although stderr is no terminal
     done = int(line.split("interrupted at generation ")[1].split()[0])
-    assert 3 <= done < 30
+    assert 3 <= done < 15
     assert edge_ti.load_embedding(out)["<c>"].shape == (1, 32)   # the best so far, written
     assert not (tmp_path / "c.lock").exists()
     rc, err = invoke("train", *args, "--out", out)               # the same command continues
     assert rc == 0 and f"at generation {done}" in err, err
     assert np.array_equal(edge_ti.load_embedding(out)["<c>"], edge_ti.load_embedding(whole)["<c>"])
-    assert len(log.read_text().splitlines()) == 30
+    assert len(log.read_text().splitlines()) == 15
 
 
 # ---- 4. two runs on one --out ----

@@ -60,9 +60,13 @@ def test_tiny_vocab_matches_transformers(tiny_sd):
 @pytest.fixture(scope="module")
 def real_clip_tokenizer_dir(tmp_path_factory):
     """The real CLIP vocab/merges (SD 1.x), rebuilt offline from open_clip's BPE file like openai/CLIP does."""
-    spec = importlib.util.find_spec("open_clip")
+    spec = importlib.util.find_spec("open_clip")  # found, never imported: only its data file is read
     if spec is None:
-        pytest.fail("open_clip_torch is not installed (.ci/run installs it with --no-deps for its BPE file)")
+        # not in the `test` extra: open_clip_torch's torchvision does not load beside the CPU torch
+        why = "CLIP's BPE file comes from open_clip_torch: pip install --no-deps open_clip_torch"
+        if os.environ.get("CI"):  # .ci/run installs it: there a missing file is a failure
+            pytest.fail(why)
+        pytest.skip(why)
     bpe = os.path.join(os.path.dirname(spec.origin), "bpe_simple_vocab_16e6.txt.gz")
     merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     from edge_ti_export.tiny import bytes_to_unicode

@@ -59,7 +59,8 @@ def test_common_random_numbers_and_batching(tiny_sd):
 def test_train_run_lowers_heldout_loss(tiny_sd, concept_dir, tmp_path):
     model = edge_ti.open_model(tiny_sd[1])
     out = str(tmp_path / "c.safetensors")
-    settings = TrainSettings(vectors=2, budget=600, popsize=10, eval_every=2, patience=0, seed=0)
+    settings = TrainSettings(vectors=2, budget=600, popsize=10, eval_every=2, patience=0, seed=0,
+                             triples=2, heldout_triples=8)  # fewer triples: a quarter of the time
     result = train(model, [concept_dir], "<c>", out, init_word="cat", settings=settings)
     assert result.best_heldout < result.init_heldout
     emb = edge_ti.load_embedding(out)
@@ -84,19 +85,21 @@ def test_train_run_lowers_heldout_loss(tiny_sd, concept_dir, tmp_path):
 def test_early_stop(tiny_sd, concept_dir, tmp_path):
     model = edge_ti.open_model(tiny_sd[1])
     result = train(model, [concept_dir], "<c>", str(tmp_path / "c.safetensors"), init_word="cat",
-                   settings=TrainSettings(budget=100000, popsize=6, eval_every=1, patience=3,
-                                          min_improvement=0.5))  # nothing improves by half: stop after 4 checks
+                   settings=TrainSettings(budget=100000, popsize=6, eval_every=1, patience=3, min_improvement=0.5,
+                                          triples=2, heldout_triples=8))  # nothing improves by half: stop after 4 checks
     assert result.generations == 4 and "improved by less than 0.5 in 3 checks" in result.stop_reason
 
 
 
 def test_resume_after_kill_matches_uninterrupted(tiny_sd, concept_dir, tmp_path):
-    common = [tiny_sd[1], concept_dir, "--token", "<c>", "--init-word", "cat", "--budget", "400",
-              "--popsize", "8", "--seed", "3"]
+    # 20 generations of 8 (fewer triples than the defaults: cheaper, checked the same), killed after 4
+    # or more, resumed to the end
+    common = [tiny_sd[1], concept_dir, "--token", "<c>", "--init-word", "cat", "--budget", "160",
+              "--triples", "2", "--heldout-triples", "8", "--popsize", "8", "--seed", "3"]
+    from test_safe_by_default import invoke  # the uninterrupted run and the refusal in this process
     whole = str(tmp_path / "whole.safetensors")
-    proc = subprocess.run([sys.executable, "-m", "edge_ti", "train", *common, "--out", whole],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    rc, err = invoke("train", *common, "--out", whole)
+    assert rc == 0, err
 
     killed = str(tmp_path / "killed.safetensors")
     log = str(tmp_path / "killed.log.jsonl")
@@ -104,7 +107,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_sd, concept_dir, tmp_path)
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(log) and len(open(log).read().splitlines()) >= 10:
+        if os.path.exists(log) and len(open(log).read().splitlines()) >= 4:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
@@ -112,16 +115,15 @@ def test_resume_after_kill_matches_uninterrupted(tiny_sd, concept_dir, tmp_path)
     proc.wait()
     assert not os.path.exists(killed)  # killed mid-run: no embedding yet
     done = len(open(log).read().splitlines())
-    assert 10 <= done < 50
+    assert 4 <= done < 20
     proc = subprocess.run([sys.executable, "-m", "edge_ti", "train", *common, "--out", killed, "--resume"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert np.array_equal(edge_ti.load_embedding(killed)["<c>"], edge_ti.load_embedding(whole)["<c>"])
-    assert open(log).read() != "" and len(open(log).read().splitlines()) == 50
+    assert open(log).read() != "" and len(open(log).read().splitlines()) == 20
     # resuming with other settings is refused with one line
-    proc = subprocess.run([sys.executable, "-m", "edge_ti", "train", *common[:-2], "--seed", "4", "--out", killed,
-                           "--resume"], capture_output=True, text=True)
-    assert proc.returncode == 1 and "other settings" in proc.stderr and "Traceback" not in proc.stderr
+    rc, err = invoke("train", *common[:-2], "--seed", "4", "--out", killed, "--resume")
+    assert rc == 1 and "other settings" in err and "Traceback" not in err
 
 
 def test_train_cli_without_torch(tiny_sd, concept_dir, tmp_path):

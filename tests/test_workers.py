@@ -172,15 +172,14 @@ def test_cli_ray_local_matches_in_process(tiny_sd, concept_dir, tmp_path):
     args = ["--token", "<c>", "--init-word", "cat", "--budget", str(SETTINGS["budget"]), "--popsize",
             str(SETTINGS["popsize"]), "--heldout-triples", str(SETTINGS["heldout_triples"]), "--patience", "0",
             "--seed", str(SETTINGS["seed"])]
+    from test_safe_by_default import invoke  # the in-process reference and the refusal: no interpreter start-up
     ref = str(tmp_path / "ref.safetensors")
-    proc = subprocess.run([sys.executable, "-m", "edge_ti", "train", tiny_sd[1], concept_dir, *args, "--out", ref],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    rc, err = invoke("train", tiny_sd[1], concept_dir, *args, "--out", ref)
+    assert rc == 0, err
     proc = subprocess.run([sys.executable, "-m", "edge_ti", "train", tiny_sd[1], concept_dir, *args,
                            "--workers", "ray-local:2", "--out", out], capture_output=True, text=True,
                           env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert np.array_equal(edge_ti.load_embedding(out)["<c>"], edge_ti.load_embedding(ref)["<c>"])
-    proc = subprocess.run([sys.executable, "-m", "edge_ti", "train", tiny_sd[1], concept_dir, *args,
-                           "--workers", "ray-local:zero", "--out", out], capture_output=True, text=True)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    rc, err = invoke("train", tiny_sd[1], concept_dir, *args, "--workers", "ray-local:zero", "--out", out)
+    assert rc == 1 and "Traceback" not in err
