@@ -98,6 +98,15 @@ def test_checkpoint_is_data_and_every_field_is_checked(tmp_path):
     assert np.array_equal(np.array(search.replay(loaded).ask()), np.array(es.ask()))
     with pytest.raises(EdgeTIError, match="other settings"):
         search.load_checkpoint(path, "another key")
+    # a checkpoint whose header length's first byte is 0x80 (a pickle's first byte) is still ours
+    for pad in range(256):
+        state.stop_reason = "x" * pad
+        search.save_checkpoint(path, state)
+        if open(path, "rb").read(1) == b"\x80":
+            assert search.load_checkpoint(path, "key").stop_reason == state.stop_reason
+            break
+    else:
+        raise AssertionError("no padding gave a header length ending in 0x80")
 
     from safetensors.numpy import load_file, save_file
     arrays = load_file(path)
