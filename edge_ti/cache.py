@@ -8,11 +8,14 @@ when one of those changes.
 """
 import hashlib
 import json
+import logging
 import os
 import time
 
 from .errors import EdgeTIError
 from .files import atomic_path
+
+log = logging.getLogger(__name__)
 
 # the model's own text files: configs and tokenizers do not change a part's weights
 NOT_WEIGHTS = (".json", ".txt", ".md")
@@ -54,8 +57,8 @@ def _remember(path, stamp, digest):
     try:
         with atomic_path(_index_path()) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(index, f)
-    except OSError as err:
-        raise cache_error(cache_root(), err) from None
+    except (OSError, EdgeTIError) as err:  # the index only saves time: the digest itself is right
+        log.info("cannot remember the digest of %s (%s)", path, err)
 
 
 def file_digest(path):

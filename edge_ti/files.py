@@ -1,15 +1,17 @@
 """Output files: atomic writes, refusal to replace what is not ours, and an advisory lock.
 
 A crash or Ctrl-C at any point leaves either the old file or the new one, never half of one:
-the new content goes to a temp file in the same folder (`.tmp-<pid>-*`), renamed over the target
-on success. A target that exists and is not a regular file (a symlink, a device, a FIFO, a
-folder) is refused, so `--out /dev/null` cannot replace the device. Temp files whose process is
-gone (a kill -9 during a write) are removed the next time that folder is written to.
+the new content goes to a temp file in the same folder (`.tmp-<pid>@<host>~*`), renamed over the
+target on success. A target that exists and is not a regular file (a symlink, a device, a FIFO,
+a folder) is refused, so `--out /dev/null` cannot replace the device. Temp files whose process is
+gone (a kill -9 during a write) are removed the next time that folder is written to; the host is
+in the name so that machines sharing a folder (a Ray cluster's cache on NFS) leave each other's alone.
 """
 import contextlib
 import os
 import re
 import shutil
+import socket
 import stat
 import tempfile
 
@@ -17,7 +19,12 @@ from .errors import EdgeTIError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-_TEMP = re.compile(r"^\.tmp-(\d+)-")
+_HOST = socket.gethostname().replace("~", "_").replace(os.sep, "_")
+_TEMP = re.compile(r"^\.tmp-(\d+)@([^~]*)~")
+
+
+def _temp_prefix():
+    return f".tmp-{os.getpid()}@{_HOST}~"
 
 
 def check_output_path(path, what="output"):
@@ -42,7 +49,7 @@ def check_output_path(path, what="output"):
     if not os.path.isdir(existing):
         raise EdgeTIError(f"{path}: {existing} is not a folder")
     try:  # a probe file: permissions, read-only mounts and full disks all show here
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=f".tmp-{os.getpid()}-")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=_temp_prefix())
         os.close(fd)
         os.remove(probe)
     except OSError as err:
@@ -60,14 +67,17 @@ def _process_alive(pid):
 
 
 def remove_stale_temps(folder):
-    """Remove `.tmp-<pid>-*` files and folders left in FOLDER by processes that no longer run."""
+    """Remove temp files and folders left in FOLDER by processes of this machine that no longer run."""
     try:
         names = os.listdir(folder)
     except OSError:
         return
     for name in names:
         match = _TEMP.match(name)
-        if not match or int(match.group(1)) == os.getpid() or _process_alive(int(match.group(1))):
+        if not match or match.group(2) != _HOST:
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _process_alive(pid):
             continue
         stale = os.path.join(folder, name)
         with contextlib.suppress(OSError):
@@ -79,7 +89,7 @@ def remove_stale_temps(folder):
 
 def temp_name(folder, suffix="", directory=False):
     """A new temp file (or folder) in FOLDER whose name carries our pid, for remove_stale_temps."""
-    prefix = f".tmp-{os.getpid()}-"
+    prefix = _temp_prefix()
     if directory:
         return tempfile.mkdtemp(dir=folder, prefix=prefix)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)

@@ -9,6 +9,7 @@ import os
 import pickle
 import resource
 import signal
+import socket
 import stat
 import struct
 import subprocess
@@ -284,12 +285,14 @@ def test_full_disk_is_one_line_and_leaves_nothing(tiny_sd, concept_dir, tmp_path
 def test_stale_temp_files_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f".tmp-{dead.pid}-x.safetensors"
-    live = tmp_path / f".tmp-{os.getppid()}-y.safetensors"  # a process that still runs
-    stale.write_bytes(b"half")
-    live.write_bytes(b"in progress")
+    host = socket.gethostname()
+    stale = tmp_path / f".tmp-{dead.pid}@{host}~x.safetensors"
+    live = tmp_path / f".tmp-{os.getppid()}@{host}~y.safetensors"  # a process that still runs
+    elsewhere = tmp_path / f".tmp-{dead.pid}@another-machine~z.safetensors"  # its pid means nothing here
+    for path in (stale, live, elsewhere):
+        path.write_bytes(b"half")
     edge_ti.save_embedding(str(tmp_path / "e.safetensors"), {"<t>": np.ones((1, 4), np.float32)})
-    assert sorted(os.listdir(tmp_path)) == sorted(["e.safetensors", live.name])
+    assert sorted(os.listdir(tmp_path)) == sorted(["e.safetensors", live.name, elsewhere.name])
 
 
 # ---- 6, 10. hostile embedding files ----
