@@ -50,20 +50,11 @@ def _history(result):
         return [{k: v for k, v in json.loads(line).items() if k != "elapsed"} for line in f]
 
 
-def test_ray_training_matches_in_process(tiny_sd, concept_dir, in_process_run, tmp_path):
+def test_ray_training_matches_in_process(tiny_sd, concept_dir, in_process_run, tmp_path, local_ray):
+    # a Ray the pool starts (and stops) itself: test_cli_ray_local_matches_in_process
     expected, reference = in_process_run
-    assert not ray.is_initialized()
-    addresses = []
-
-    def make_scorer(*args):
-        scorer = ray_scorer(local_workers=2)(*args)  # starts its own Ray, this machine only, 2 actors
-        addresses.extend(node["NodeManagerAddress"] for node in ray.nodes())
-        return scorer
-
     result = train(edge_ti.open_model(tiny_sd[1]), [concept_dir], "<c>", str(tmp_path / "c.safetensors"),
-                   init_word="cat", settings=TrainSettings(**SETTINGS), make_scorer=make_scorer)
-    assert addresses == ["127.0.0.1"]
-    assert not ray.is_initialized()  # ... and shuts it down at the end
+                   init_word="cat", settings=TrainSettings(**SETTINGS), make_scorer=ray_scorer(workers=2))
     assert np.array_equal(result.embedding["<c>"], expected)
     assert _history(result) == _history(reference)
     assert (result.best_heldout, result.generations) == (reference.best_heldout, reference.generations)
