@@ -40,13 +40,5 @@ def tiny_sd_v(tmp_path_factory):
 @pytest.fixture(scope="session")
 def concept_dir(tmp_path_factory):
     """Three 'photos' of a concept: a red disc on a blue background, at different places."""
-    import numpy as np
-    from PIL import Image
-    folder = tmp_path_factory.mktemp("concept")
-    for i, (cx, cy) in enumerate([(12, 14), (20, 18), (16, 10)]):
-        y, x = np.mgrid[0:40, 0:40]
-        img = np.zeros((40, 40, 3), np.uint8)
-        img[...] = (30, 40, 200)
-        img[(x - cx) ** 2 + (y - cy) ** 2 < 64] = (220, 30, 30)
-        Image.fromarray(img).save(folder / f"{i}.png")
-    return str(folder)
+    from edge_ti_export.tiny import write_tiny_concept
+    return write_tiny_concept(str(tmp_path_factory.mktemp("concept")))
