@@ -192,6 +192,15 @@ _TYPES = {"settings_key": str, "dim": int, "sigma0": float, "popsize": int, "see
 
 def load_checkpoint(path, settings_key):
     """A checkpoint written by save_checkpoint, every field checked, and for the run's settings."""
+    state = read_checkpoint(path)
+    if state.settings_key != settings_key:
+        raise EdgeTIError(f"{path}: checkpoint of a run with other settings, images or model; rerun with its "
+                          "options to continue it, or --restart to discard it")
+    return state
+
+
+def read_checkpoint(path):
+    """A checkpoint written by save_checkpoint, every field checked before it is used."""
     try:
         with open(path, "rb") as f:
             start = f.read(9) if os.path.isfile(path) else b""
@@ -224,8 +233,5 @@ def load_checkpoint(path, settings_key):
     if not (all(isinstance(x, (int, float)) for x in header["heldout_bests"])
             and all(isinstance(r, dict) for r in header["history"]) and len(header["history"]) == generation):
         raise _bad(path, "malformed history")
-    if header["settings_key"] != settings_key:
-        raise EdgeTIError(f"{path}: checkpoint of a run with other settings, images or model; rerun with its "
-                          "options to continue it, or --restart to discard it")
     values = {f.name: header[f.name] for f in fields(SearchState) if f.name in _TYPES}
     return SearchState(**values, best_z=np.array(arrays["best_z"]), losses=list(np.array(arrays["losses"])))

@@ -215,6 +215,8 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
     with FileLock(paths["lock"], f"the output {out}"):
         if resume == "require" and not os.path.exists(paths["checkpoint"]):
             raise EdgeTIError(f"{paths['checkpoint']}: no checkpoint to resume from")
+        if resume != "restart" and os.path.lexists(paths["checkpoint"]):
+            search.read_checkpoint(paths["checkpoint"])  # a damaged or foreign file: refused now, not after encoding
         if resume == "auto" and os.path.exists(out) and not os.path.exists(paths["checkpoint"]):
             raise EdgeTIError(f"{out}: already exists and has no checkpoint beside it; choose another output "
                               "or --restart to overwrite it")
