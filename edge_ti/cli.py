@@ -11,11 +11,10 @@ import time
 
 import click
 
-from .embeddings import load_embedding
+from .embeddings import MAX_VECTORS, load_embedding
 from .errors import EdgeTIError
 from .model import PROVIDERS, open_model
 from .schedulers import SAMPLERS
-from .embeddings import MAX_VECTORS
 from .train import TEMPLATES, TrainSettings
 
 # parse-time ranges: a bad option is one line before any work (edge_ti.train.check_settings repeats them)
