@@ -392,7 +392,6 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
           budget, max_time, triples, crn, heldout_triples, patience, max_batch, resolution, no_flip, seed, threads,
           device, workers, ray_address, worker_device, resume, restart, allow_vocabulary_token, out):
     """Learn TOKEN from IMAGES (files or folders) with forward passes only; write OUT."""
-    from .files import check_output_path
     from .train import Interrupted, check_settings, output_paths, train as run_training
     from .workers import scorer_factory
 
@@ -405,11 +404,7 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
                              sigma=sigma, budget=budget, max_time=_duration(max_time), seed=seed, triples=triples,
                              crn=crn, heldout_triples=heldout_triples, patience=patience, max_batch=max_batch,
                              resolution=resolution, flip=not no_flip)
-    check_settings(settings)
-    for path in output_paths(out).values():  # a bad --out is one line now, not after the run
-        check_output_path(path)
-    if init_mode == "word" and not init_word:
-        raise EdgeTIError("give --init-word WORD or --init auto")
+    check_settings(settings)  # before the model folder is opened; train() checks the rest before any work
     model = open_model(model_dir, device=device, threads=threads)
 
     last = {}

@@ -74,7 +74,7 @@ class TrainSettings:
     min_improvement: float = 1e-4  # relative: the denoising loss is mostly irreducible noise, gains are small
     flip: bool = True             # add mirror images of the concept images (diffusers flips at random)
     latent_sample: bool = False   # VAE latent: the distribution's mean (False) or a seeded sample
-    max_batch: int = None         # UNet samples per call; None: the memory cap, edge_ti.model.auto_max_batch
+    max_batch: int = None         # UNet samples per call; None: the memory cap, edge_ti.denoiser.auto_max_batch
     resolution: int = None        # training images' size in pixels; None: the model's (SD 1.5: 512)
 
 
