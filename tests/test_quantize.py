@@ -218,3 +218,10 @@ def test_model_sessions_use_the_optimized_graph_cache(tiny_sd, tmp_path, monkeyp
     again = Denoiser(edge_ti.open_model(tiny_sd[1], threads=1)).unet(sample, 500.0, hidden)
     assert os.listdir(tmp_path / "cache" / "sessions") == entries  # loaded, not optimized again
     np.testing.assert_allclose(again, first, rtol=1e-5, atol=1e-6)
+
+
+def test_export_refuses_an_unknown_quantization_before_exporting(tiny_sd, tmp_path):
+    from edge_ti_export.onnx_export import export_pipeline
+    with pytest.raises(EdgeTIError, match="unknown quantization 'int4'"):
+        export_pipeline(tiny_sd[0], str(tmp_path / "out"), quantize="int4")
+    assert os.listdir(tmp_path) == []
