@@ -13,7 +13,8 @@ import click
 
 from .embeddings import MAX_VECTORS, load_embedding
 from .errors import EdgeTIError
-from .model import PROVIDERS, open_model
+from .model import open_model
+from .runtime import DEVICES
 from .schedulers import SAMPLERS
 from .train import TEMPLATES, TrainSettings
 
@@ -37,7 +38,7 @@ class _Float(click.FloatRange):
 FINITE = _Float(-1e6, 1e6)
 POSITIVE = _Float(0, 1e6, min_open=True)
 
-DEVICE = click.option("--device", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True,
+DEVICE = click.option("--device", type=click.Choice(list(DEVICES)), default="cpu", show_default=True,
                       help="onnxruntime execution provider")
 
 
@@ -380,7 +381,7 @@ def _duration(text):
               help="where candidates are scored: here; on the Ray cluster at --ray-address (one actor per node); "
                    "or on N actors of a Ray started on this machine")
 @click.option("--ray-address", default=None, help="the cluster for --workers ray [default: RAY_ADDRESS, else auto]")
-@click.option("--worker-device", type=click.Choice([*PROVIDERS, "auto"]), default=None,
+@click.option("--worker-device", type=click.Choice([*DEVICES, "auto"]), default=None,
               help="the Ray actors' device [--device]; auto: CUDA on GPU nodes, one actor per GPU, CPU elsewhere")
 @click.option("--resume", is_flag=True, help="insist on continuing OUT's checkpoint (a rerun continues it anyway "
               "when its settings match)")

@@ -12,13 +12,13 @@ import math
 import os
 
 import numpy as np
-import onnxruntime as ort
 
 from . import text_encoder as te
 from .cache import cache_error, cache_root, fingerprint
 from .denoiser import Denoiser
 from .embeddings import check_vectors
 from .errors import EdgeTIError
+from .runtime import providers_for
 from .session import SessionSettings, create_session
 from .tokenizer import ClipTokenizer, check_token, placeholder_ids
 
@@ -27,20 +27,6 @@ log = logging.getLogger(__name__)
 # onnxruntime's input types -> numpy: fp16 exports take float16 samples, old exports int64 timesteps
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "directml": "DmlExecutionProvider"}
-
-
-def providers_for(device):
-    """--device cpu|cuda|directml -> onnxruntime providers, or a one-line error naming what exists."""
-    if device not in PROVIDERS:
-        raise EdgeTIError(f"unknown device {device!r}: choose one of {', '.join(PROVIDERS)}")
-    available = ort.get_available_providers()
-    wanted = PROVIDERS[device]
-    if wanted not in available:
-        raise EdgeTIError(f"device {device!r} needs {wanted}, but this onnxruntime has only: {', '.join(available)}")
-    return [wanted] if device == "cpu" else [wanted, "CPUExecutionProvider"]
-
 
 def _is_number(value):
     # JSON's true/false are Python ints, and json reads NaN and Infinity: none is a usable number

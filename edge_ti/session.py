@@ -19,17 +19,15 @@ import platform
 import shutil
 from dataclasses import asdict, dataclass
 
-import onnxruntime as ort
-
 from .cache import cache_error, fingerprint
 from .files import remove_stale_temps, temp_name
+from .runtime import check_providers, onnxruntime
 
 log = logging.getLogger(__name__)
 
-LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-          "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+# SessionSettings.optimization -> onnxruntime.GraphOptimizationLevel's member
+LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+          "all": "ORT_ENABLE_ALL"}
 
 
 @dataclass
@@ -55,7 +53,7 @@ def cpu_signature():
 def cache_key(path, providers, settings):
     """What the optimized graph depends on: the model's files, onnxruntime, providers, level, CPU."""
     # the file's name too: one folder may hold several graphs (clip/: text_model.onnx, vision_model.onnx)
-    parts = {"model": fingerprint(path), "file": os.path.basename(path), "onnxruntime": ort.__version__,
+    parts = {"model": fingerprint(path), "file": os.path.basename(path), "onnxruntime": onnxruntime().__version__,
              "providers": list(providers),
              "optimization": settings.optimization, "cpu": cpu_signature()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -63,13 +61,14 @@ def cache_key(path, providers, settings):
 
 def session_options(settings, optimized_model_path=None):
     """SessionSettings -> onnxruntime.SessionOptions; with a path, the optimized graph is saved there."""
+    ort = onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if settings.threads:
         options.intra_op_num_threads = settings.threads
     options.inter_op_num_threads = 1       # one op at a time (sequential execution): the ops are big
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = LEVELS[settings.optimization]
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[settings.optimization])
     options.enable_cpu_mem_arena = settings.arena
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spinning else "0")
     if not settings.prepacking:
@@ -84,27 +83,37 @@ def session_options(settings, optimized_model_path=None):
     return options
 
 
+def _inference_session(path, options, providers):
+    session = onnxruntime().InferenceSession(path, options, providers=providers)
+    check_providers(session, providers, path)
+    return session
+
+
 def create_session(path, providers, settings=None, cache_dir=None):
     """An InferenceSession of PATH; with cache_dir and settings.cache, through the optimized-graph cache."""
     settings = settings or SessionSettings()
     if not (cache_dir and settings.cache and settings.optimization != "disable"):
-        return ort.InferenceSession(path, session_options(settings), providers=providers)
+        return _inference_session(path, session_options(settings), providers)
     entry = os.path.join(cache_dir, cache_key(path, providers, settings))
     cached = os.path.join(entry, "model.onnx")
     if os.path.isfile(cached):
         # already optimized for this CPU: load as it is
         loaded = SessionSettings(**{**asdict(settings), "optimization": "disable"})
         try:
-            return ort.InferenceSession(cached, session_options(loaded), providers=providers)
+            session = onnxruntime().InferenceSession(cached, session_options(loaded), providers=providers)
         except Exception as err:  # a damaged cache entry: rebuild it
             log.warning("optimized graph %s unusable (%s): optimizing again", cached, str(err).splitlines()[0])
             shutil.rmtree(entry, ignore_errors=True)
+        else:
+            check_providers(session, providers, path)
+            return session
     try:
         os.makedirs(cache_dir, exist_ok=True)
         remove_stale_temps(cache_dir)  # left by killed processes
         tmp = temp_name(cache_dir, directory=True)
     except OSError as err:
         raise cache_error(cache_dir, err) from None
+    ort = onnxruntime()
     try:
         log.info("optimizing %s once -> %s", path, entry)
         try:
@@ -115,6 +124,7 @@ def create_session(path, providers, settings=None, cache_dir=None):
             # failed: a load without saving tells (and raises the model's own error if it is the model)
             ort.InferenceSession(path, session_options(settings), providers=providers)
             raise cache_error(cache_dir, "onnxruntime could not save the optimized graph") from None
+        check_providers(session, providers, path)
         try:
             os.rename(tmp, entry)
         except OSError:  # another process saved the same entry first: theirs is as good
