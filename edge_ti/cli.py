@@ -461,8 +461,9 @@ def demo(out_dir, budget, seed, n):
     click.echo(f"{'':<8}" + "".join(f"{name:>9}" for name in names))
     for row in ("init", "learned"):
         click.echo(f"{row:<8}" + "".join(f"{report[row][name]:>9.2f}" for name in names))
-    click.echo(f"wrote {out_dir}/: concept/, init/, learned/, init-grid.png, learned-grid.png, "
-               f"concept.safetensors, concept.loss.png")
+    click.echo(report["verdict"])
+    click.echo(f"wrote {out_dir}/: side-by-side.png (drawn | init | learned), concept/, init/, learned/, "
+               f"init-grid.png, learned-grid.png, concept.safetensors, concept.loss.png")
 
 
 def main():

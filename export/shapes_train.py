@@ -545,6 +545,9 @@ def main(argv=None):
     for field in dataclasses.fields(TrainConfig):  # every setting is a flag: --unet-steps 100 ...
         if field.name != "seed" and field.type in (int, float, "int", "float"):
             parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
+        elif field.type in (tuple, "tuple"):  # --unet-channels 64,128,128
+            parser.add_argument("--" + field.name.replace("_", "-"), default=field.default,
+                                type=lambda text: tuple(int(v) for v in text.split(",")))
     args = parser.parse_args(argv)
     handlers = [logging.StreamHandler(sys.stderr)]
     if args.out:
