@@ -34,6 +34,7 @@ with warnings.catch_warnings():  # cma warns that matplotlib (for its own plots)
 from .embeddings import read_safetensors
 from .errors import EdgeTIError
 from .files import atomic_path
+from .zo_adam import ZerothOrderAdam
 
 CHECKPOINT_VERSION = 2  # 1 was a pickle: refused
 
@@ -50,9 +51,11 @@ class Limits:
 class SearchState:
     settings_key: str                 # a resume must use the same settings, images and model
     dim: int                          # of z
-    sigma0: float                     # CMA-ES's initial step size
+    sigma0: float                     # CMA-ES's initial step size; zo-adam's smoothing radius
     popsize: int
     seed: int
+    optimizer: str = "cma"            # cma | zo-adam (edge_ti.zo_adam)
+    lr: float = 0.0                   # zo-adam's Adam step size in z
     generation: int = 0
     evaluations: int = 0              # candidate evaluations (one candidate on one generation's triples)
     heldout_evaluations: int = 0      # candidate evaluations on the held-out triples
@@ -76,7 +79,9 @@ def _chain(digest, zs):
 
 
 def new_optimizer(state):
-    """A fresh cma optimizer for STATE's dimension, step size, population and seed."""
+    """A fresh optimizer (cma, or zo-adam) for STATE's dimension, step size, population and seed."""
+    if state.optimizer == "zo-adam":
+        return ZerothOrderAdam(state.dim, state.sigma0, state.lr, state.popsize, state.seed)
     # seed + 1: the stream earlier versions drew (cma seeded numpy's global generator with it)
     randn = np.random.RandomState(state.seed + 1).randn
     return cma.CMAEvolutionStrategy(np.zeros(state.dim), state.sigma0, {
@@ -187,7 +192,10 @@ def _bad(path, why):
 # the JSON fields and their types, checked before any is used
 _TYPES = {"settings_key": str, "dim": int, "sigma0": float, "popsize": int, "seed": int, "generation": int,
           "evaluations": int, "heldout_evaluations": int, "elapsed": float, "best_heldout": float,
-          "init_heldout": float, "heldout_bests": list, "history": list, "asked_digest": str, "stop_reason": str}
+          "init_heldout": float, "heldout_bests": list, "history": list, "asked_digest": str, "stop_reason": str,
+          "optimizer": str, "lr": float}
+# fields added after CHECKPOINT_VERSION 2 was first written: absent in those files, they take these values
+_ADDED = {"optimizer": "cma", "lr": 0.0}
 
 
 def load_checkpoint(path, settings_key):
@@ -220,6 +228,9 @@ def read_checkpoint(path):
         raise _bad(path, "no readable edge_ti.checkpoint header") from None
     if not isinstance(header, dict) or header.get("version") != CHECKPOINT_VERSION:
         raise _bad(path, "written by another edge-ti version")
+    header = {**_ADDED, **header}
+    if header["optimizer"] not in ("cma", "zo-adam"):
+        raise _bad(path, f"unknown optimizer {str(header['optimizer'])[:30]!r}")
     for name, kind in _TYPES.items():
         value = header.get(name)
         ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)

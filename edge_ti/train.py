@@ -63,6 +63,9 @@ class TrainSettings:
     dim: int = 256                # intrinsic dimension per vector: the paper's 256 (capped at D)
     popsize: int = 20             # the paper's population size (= cma's default for dim 256)
     sigma: float = None           # CMA-ES step size in z; None: 0.5 for pca/prior, 0.5*std(table) for full
+    optimizer: str = "cma"        # cma | zo-adam: gradient estimates from antithetic pairs + Adam (zo_adam.py);
+                                  # for zo-adam, sigma is the pairs' radius and popsize must be even
+    lr: float = 0.05              # zo-adam's Adam step size in z (pca z ~ N(0, I) spans the vocabulary)
     budget: int = 5000            # candidate evaluations: the paper's 5000; 0: no limit (time or patience stop)
     max_time: float = None        # seconds; None for no limit
     seed: int = 0
@@ -106,6 +109,7 @@ _RANGES = {
     "dim": (lambda v: v >= 1, "at least 1"),
     "popsize": (lambda v: v >= 2, "at least 2 (CMA-ES ranks candidates against each other)"),
     "sigma": (lambda v: v is None or (math.isfinite(v) and v > 0), "a positive number"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a positive number"),
     "budget": (lambda v: v >= 0, "0 (no limit) or more"),
     "max_time": (lambda v: v is None or (math.isfinite(v) and v > 0), "a positive duration"),
     "seed": (lambda v: 0 <= v < 2 ** 32, "0 to 2**32 - 1"),
@@ -131,6 +135,10 @@ def check_settings(settings):
         raise EdgeTIError(f"unknown crn {settings.crn!r}: choose redraw or fixed")
     if settings.subspace not in ("pca", "prior", "full"):
         raise EdgeTIError(f"unknown subspace {settings.subspace!r}: choose pca, prior or full")
+    if settings.optimizer not in ("cma", "zo-adam"):
+        raise EdgeTIError(f"unknown optimizer {settings.optimizer!r}: choose cma or zo-adam")
+    if settings.optimizer == "zo-adam" and settings.popsize % 2:
+        raise EdgeTIError(f"popsize must be even for zo-adam (two candidates per direction), got {settings.popsize}")
     return prompt_templates(settings.template)
 
 
@@ -165,6 +173,8 @@ def _settings_key(model, settings, latents, e0, token):
     # what cannot change the result of a generation: limits (a resume may extend them) and batching
     fields = {k: v for k, v in dataclasses.asdict(settings).items()
               if k not in ("budget", "max_time", "patience", "max_batch")}
+    if settings.optimizer == "cma":  # keys (and checkpoints) of runs from before zo-adam existed stay valid
+        del fields["optimizer"], fields["lr"]
     digest.update(json.dumps(fields, sort_keys=True).encode())
     digest.update(f"{model.text_encoder_key}{token}".encode())
     digest.update(latents.tobytes())
@@ -299,7 +309,8 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
             log.warning("resuming %s at generation %d (%d evaluations)", paths["checkpoint"], state.generation,
                         state.evaluations)
         else:
-            fresh = search.SearchState(key, settings.vectors * dim, sigma, settings.popsize, settings.seed)
+            fresh = search.SearchState(key, settings.vectors * dim, sigma, settings.popsize, settings.seed,
+                                       optimizer=settings.optimizer, lr=settings.lr)
             fresh.init_heldout = fresh.best_heldout = float(heldout_loss_of_z(np.zeros((1, fresh.dim)))[0])
             fresh.heldout_evaluations += 1
             search.save_checkpoint(paths["checkpoint"], fresh)
