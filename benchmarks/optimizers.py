@@ -112,9 +112,11 @@ def main():
     parser.add_argument("--budget", type=int, default=600)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 1.0])
     parser.add_argument("--settings", default="{}", help="JSON overrides for every method (e.g. threads)")
+    parser.add_argument("--define", default="{}", help='more methods as JSON: {"name": {TrainSettings overrides}}')
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", help="write every row here")
     args = parser.parse_args()
+    METHODS.update(json.loads(args.define))
     if args.quick:
         args.concepts, args.seeds, args.budget, args.fractions = 1, [0], 200, [1.0]
     import edge_ti

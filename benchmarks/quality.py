@@ -179,13 +179,14 @@ def child_train(spec):
         dim = min(settings.dim, table.shape[1]) if settings.subspace != "full" else table.shape[1]
         sigma = settings.sigma or (0.5 * float(table.std()) if settings.subspace == "full" else 0.5)
         W = subspace.basis(settings.subspace, table, dim, sigma, seed=settings.seed)
+        max_norm = subspace.max_row_norm(table) if settings.norm_cap else None
         samples = lambda s: s.evaluations * settings.triples + s.heldout_evaluations * settings.heldout_triples  # noqa: E731
 
         def on_generation(record, state):
             wall = time.perf_counter() - start
             while marks and wall >= marks[0]:
                 marks.pop(0)
-                snapshots.append((wall, samples(state), subspace.embeddings_from_z(e0, W, state.best_z[None])[0]))
+                snapshots.append((wall, samples(state), subspace.embeddings_from_z(e0, W, state.best_z[None], max_norm)[0]))
 
         result = train(model, images, TOKEN, spec["out"], init_word=concept.init_word, settings=settings,
                        on_generation=on_generation, resume="restart")  # a timed run starts afresh

@@ -44,9 +44,20 @@ def basis(kind, table, dim, sigma, seed=0):
     raise EdgeTIError(f"unknown subspace {kind!r}: choose pca, prior or full")
 
 
-def embeddings_from_z(e0, W, z):
-    """e0 [n, D], W [D, d], z [P, n*d] -> candidates [P, n, D] = e0 + W z per vector."""
+def max_row_norm(table):
+    """The longest token embedding of the vocabulary: the cap of a learned vector's norm."""
+    return float(np.linalg.norm(table, axis=1).max())
+
+
+def embeddings_from_z(e0, W, z, max_norm=None):
+    """e0 [n, D], W [D, d], z [P, n*d] -> candidates [P, n, D] = e0 + W z per vector; with max_norm,
+    a vector longer than that is shortened to it (the search can then not leave the vocabulary's
+    range of norms, where the text encoder was never trained; the direction is kept)."""
     P = z.shape[0]
     n, d = e0.shape[0], W.shape[1]
     z = z.reshape(P, n, d)                                        # (P, n, d)
-    return (e0[None] + np.einsum("pnd,Dd->pnD", z, W)).astype(np.float32)  # (P, n, D)
+    e = e0[None] + np.einsum("pnd,Dd->pnD", z, W)                 # (P, n, D), float64
+    if max_norm is not None:
+        norms = np.linalg.norm(e, axis=-1, keepdims=True)         # (P, n, 1)
+        e = e * np.minimum(1.0, max_norm / np.maximum(norms, 1e-30))
+    return e.astype(np.float32)

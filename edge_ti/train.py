@@ -66,6 +66,7 @@ class TrainSettings:
     optimizer: str = "cma"        # cma | zo-adam: gradient estimates from antithetic pairs + Adam (zo_adam.py);
                                   # for zo-adam, sigma is the pairs' radius and popsize must be even
     lr: float = 0.05              # zo-adam's Adam step size in z (pca z ~ N(0, I) spans the vocabulary)
+    norm_cap: bool = False        # shorten candidates longer than the vocabulary's longest row
     budget: int = 5000            # candidate evaluations: the paper's 5000; 0: no limit (time or patience stop)
     max_time: float = None        # seconds; None for no limit
     seed: int = 0
@@ -135,6 +136,8 @@ def check_settings(settings):
         raise EdgeTIError(f"unknown crn {settings.crn!r}: choose redraw or fixed")
     if settings.subspace not in ("pca", "prior", "full"):
         raise EdgeTIError(f"unknown subspace {settings.subspace!r}: choose pca, prior or full")
+    if not isinstance(settings.norm_cap, bool):
+        raise EdgeTIError(f"norm_cap must be true or false, got {settings.norm_cap!r}")
     if settings.optimizer not in ("cma", "zo-adam"):
         raise EdgeTIError(f"unknown optimizer {settings.optimizer!r}: choose cma or zo-adam")
     if settings.optimizer == "zo-adam" and settings.popsize % 2:
@@ -264,6 +267,7 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         dim = D
     sigma = settings.sigma or (0.5 * float(table.std()) if settings.subspace == "full" else 0.5)
     W = subspace.basis(settings.subspace, table, dim, sigma, seed=settings.seed)  # (D, dim)
+    max_norm = subspace.max_row_norm(table) if settings.norm_cap else None
 
     # 3. prompts and the common random numbers
     prompts = [t.format(token) for t in templates]
@@ -284,10 +288,10 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
     def population_loss_of_z(zs, generation):
         generation_key = 0 if settings.crn == "fixed" else generation
         triples = triples_for(0, generation_key, count=settings.triples)
-        return scorer.population_loss(subspace.embeddings_from_z(e0, W, zs), triples)  # candidates (P, n, D)
+        return scorer.population_loss(subspace.embeddings_from_z(e0, W, zs, max_norm), triples)  # (P, n, D)
 
     def heldout_loss_of_z(zs):
-        return scorer.population_loss(subspace.embeddings_from_z(e0, W, zs), heldout)
+        return scorer.population_loss(subspace.embeddings_from_z(e0, W, zs, max_norm), heldout)
 
     # 4. the search: resumed from the checkpoint, or new
     key = _settings_key(model, settings, latents, e0, token)
@@ -321,17 +325,17 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         if state is None:
             raise
         state.stop_reason = f"interrupted at generation {state.generation}"
-        raise Interrupted(_finish(state, e0, W, token, init_word, init_words, paths)) from None
+        raise Interrupted(_finish(state, e0, W, max_norm, token, init_word, init_words, paths)) from None
     finally:
         scorer.close()
 
     # 5. the result: the best held-out candidate, the log and the curve (on Ctrl-C too, above)
-    return _finish(state, e0, W, token, init_word, init_words, paths)
+    return _finish(state, e0, W, max_norm, token, init_word, init_words, paths)
 
 
-def _finish(state, e0, W, token, init_word, init_words, paths):
+def _finish(state, e0, W, max_norm, token, init_word, init_words, paths):
     """Write the best held-out candidate (z = 0, the init, if nothing beat it), the log, the curve."""
-    embedding = {token: subspace.embeddings_from_z(e0, W, state.best_z[None])[0]}
+    embedding = {token: subspace.embeddings_from_z(e0, W, state.best_z[None], max_norm)[0]}
     save_embedding(paths["embedding"], embedding, metadata={
         "edge_ti.init": json.dumps(e0.tolist()), "edge_ti.init_word": init_word or "",
         "edge_ti.heldout_loss": f"{state.best_heldout:.6g}", "edge_ti.init_heldout_loss": f"{state.init_heldout:.6g}"})

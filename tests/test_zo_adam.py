@@ -97,3 +97,20 @@ def test_bad_optimizer_settings_are_one_line_errors(changes, message):
 def test_odd_population_is_refused_by_the_optimizer_itself():
     with pytest.raises(ValueError, match="even"):
         ZerothOrderAdam(dim=2, radius=0.1, lr=0.1, popsize=5, seed=0)
+
+
+def test_the_norm_cap_shortens_only_vectors_longer_than_the_longest_row():
+    from edge_ti import subspace
+    table = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    cap = subspace.max_row_norm(table)
+    e0, W = table[:2], subspace.pca_basis(table, 4)
+    z = np.array([np.zeros(8), np.full(8, 0.1), np.full(8, 40.0)])        # (3, 2 vectors * 4)
+    free, capped = subspace.embeddings_from_z(e0, W, z), subspace.embeddings_from_z(e0, W, z, cap)
+    norms = np.linalg.norm(capped, axis=-1)
+    assert np.all(norms <= cap * (1 + 1e-6)) and np.linalg.norm(free[2], axis=-1).min() > cap
+    short = np.linalg.norm(free, axis=-1) <= cap
+    assert np.array_equal(capped[short], free[short])                  # the init and small steps untouched
+    cos = np.sum(capped[2] * free[2], axis=-1) / (norms[2] * np.linalg.norm(free[2], axis=-1))
+    assert np.allclose(cos, 1.0, atol=1e-6)                              # the direction kept
+    with pytest.raises(EdgeTIError, match="norm_cap must be true or false"):
+        check_settings(TrainSettings(norm_cap="yes"))
