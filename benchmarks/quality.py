@@ -93,6 +93,11 @@ METHODS = {
     "edge-ti:p10t8": {"kind": "edge-ti", "settings": {"popsize": 10, "triples": 8}},
     "edge-ti:p8t16-dim16": {"kind": "edge-ti", "settings": {"popsize": 8, "triples": 16, "dim": 16}},
     "edge-ti:p8t32-dim16": {"kind": "edge-ti", "settings": {"popsize": 8, "triples": 32, "dim": 16}},
+    # issue 16, step 2: forward-only gradient estimates (edge_ti/zo_adam.py), tuned on benchmarks/optimizers.py's
+    # concepts (none of these eight); and the defaults without the norm cap they now have
+    "edge-ti:zo": {"kind": "edge-ti", "settings": {"optimizer": "zo-adam", "lr": 0.3, "sigma": 0.1, "popsize": 8,
+                                                   "eval_every": 12}},
+    "edge-ti:nocap": {"kind": "edge-ti", "settings": {"norm_cap": False}},
     # the defaults again, for variants run at another time: the machine is shared, and a wall-time
     # budget buys more or fewer evaluations with its load
     "edge-ti:control": {"kind": "edge-ti", "settings": {}},
