@@ -177,7 +177,7 @@ def _settings_key(model, settings, latents, e0, token):
     # what cannot change the result of a generation: limits (a resume may extend them) and batching
     fields = {k: v for k, v in dataclasses.asdict(settings).items()
               if k not in ("budget", "max_time", "patience", "max_batch")}
-    if settings.optimizer == "cma":  # keys (and checkpoints) of runs from before zo-adam existed stay valid
+    if settings.optimizer == "cma":  # lr is zo-adam's: changing it cannot change a cma run
         del fields["optimizer"], fields["lr"]
     digest.update(json.dumps(fields, sort_keys=True).encode())
     digest.update(f"{model.text_encoder_key}{token}".encode())
