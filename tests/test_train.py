@@ -70,6 +70,8 @@ def test_train_run_lowers_heldout_loss(tiny_sd, concept_dir, tmp_path):
     assert json.loads(lines[-1])["evaluations"] == 300
     assert Image.open(result.paths["curve"]).size == (720, 480)
     assert not np.allclose(emb["<c>"], model.token_embeddings[model.tokenizer.token_ids("cat")].mean(0))
+    # the norm cap (on by default): no vector longer than the vocabulary's longest row
+    assert np.linalg.norm(emb["<c>"], axis=-1).max() <= np.linalg.norm(model.token_embeddings, axis=1).max() * (1 + 1e-6)
     # the written embedding is the held-out winner, re-scored: it reproduces best_heldout. The held-out
     # triples, as train() draws them: from default_rng([seed, 1, 0]), over the latents of the images
     # and their mirrors and the object templates
