@@ -4,7 +4,7 @@
     python benchmarks/optimizers.py --quick                 # a smoke run
     python benchmarks/optimizers.py --methods cma:dim16 zo:lr0.05 --budget 1200
 
-Every method trains the same concepts (drawn like benchmarks/signal.py: a shape plus two other
+Every method trains the same concepts (drawn like benchmarks/signal_per_sample.py: a shape plus two other
 attributes, none of quality.py's eight) from the same images, init word and seed with
 edge_ti.train, the same budget of candidate evaluations, in this process one after another
 (so the wall times are comparable within a run). The trainer picks its result on its own held-out
@@ -31,9 +31,6 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-# the standard library's signal, loaded before benchmarks/signal.py (loaded below by path) puts this
-# folder first on sys.path, where its name would shadow it for edge_ti's own `import signal`
-import signal as _stdlib_signal  # noqa: E402,F401
 
 TOKEN = "<c>"
 JUDGE_TRIPLES = 256
@@ -53,7 +50,7 @@ METHODS = {
 
 def draw_concepts(seed, count):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("signal_benchmark", os.path.join(HERE, "signal.py"))
+    spec = importlib.util.spec_from_file_location("signal_per_sample", os.path.join(HERE, "signal_per_sample.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.draw_concepts(np.random.default_rng(seed), count), module.concept_name

@@ -212,3 +212,11 @@ def test_a_provider_that_fails_to_load_is_an_error_not_a_silent_cpu_run(tmp_path
     ok = session_module.create_session(path, ["CPUExecutionProvider"], session_module.SessionSettings(),
                                        str(tmp_path / "cache"))
     assert ok.run(None, {"x": np.array([-1, 2], np.float32)})[0].tolist() == [0, 2]
+
+
+def test_no_benchmark_script_shadows_a_standard_library_module():
+    # a script's folder comes first on sys.path: benchmarks/signal.py once replaced `signal` for
+    # every module quality.py's subprocesses imported (torch's multiprocessing among them)
+    folder = os.path.join(ROOT, "benchmarks")
+    names = {name[:-3] for name in os.listdir(folder) if name.endswith(".py")}
+    assert not names & set(sys.stdlib_module_names), names & set(sys.stdlib_module_names)

@@ -1,9 +1,9 @@
 """Signal per UNet sample: how well a population's ranking from k samples per candidate agrees with its
 ranking on many fresh samples, for several ways of drawing and scoring the samples (issue 16, step 1).
 
-    python benchmarks/signal.py                     # the default run (4 concepts, ~20 min on 2 cores)
-    python benchmarks/signal.py --quick             # a smoke run, under a minute
-    python benchmarks/signal.py --concepts 6 --seed 1 --truth 1024 --pool 512 --ks 4 8 16 32 64
+    python benchmarks/signal_per_sample.py                     # the default run (4 concepts, ~20 min on 2 cores)
+    python benchmarks/signal_per_sample.py --quick             # a smoke run, under a minute
+    python benchmarks/signal_per_sample.py --concepts 6 --seed 1 --truth 1024 --pool 512 --ks 4 8 16 32 64
 
 For each population (P candidates e = c + W z, z ~ sigma N(0, I) in the pca subspace of dimension d
 around a centre c: the init word, or a token trained briefly with edge_ti.train) it computes the
@@ -438,7 +438,7 @@ def main():
     T = len(denoiser.alphas_bar)
     templates = [t.format(TOKEN) for t in prompt_templates("object")]
     concepts = draw_concepts(np.random.default_rng(args.seed), args.concepts)
-    print(f"# signal.py: {args.concepts} concepts (seed {args.seed}), P={args.popsize}, sigma {args.sigma}, "
+    print(f"# signal_per_sample.py: {args.concepts} concepts (seed {args.seed}), P={args.popsize}, sigma {args.sigma}, "
           f"truth {args.truth}, pool {args.pool} (+ twins, + {args.pool // 2} one-template), "
           f"{args.resamples} resamples, {len(templates)} templates, {args.threads} threads")
     print("# concepts: " + ", ".join(concept_name(c) for c in concepts), flush=True)
