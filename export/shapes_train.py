@@ -536,6 +536,17 @@ def train(out, cfg, vae_dir=None):
     return onnx_dir
 
 
+def _channels(text):
+    """'64,128,128' -> (64, 128, 128): positive multiples of 32 (the UNet's GroupNorm has 32 groups)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(v <= 0 or v % 32 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated positive multiples of 32, e.g. 64,128,128")
+    return values
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="output folder (diffusers/, clip/, onnx/, train.log)")
@@ -546,8 +557,7 @@ def main(argv=None):
         if field.name != "seed" and field.type in (int, float, "int", "float"):
             parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
         elif field.type in (tuple, "tuple"):  # --unet-channels 64,128,128
-            parser.add_argument("--" + field.name.replace("_", "-"), default=field.default,
-                                type=lambda text: tuple(int(v) for v in text.split(",")))
+            parser.add_argument("--" + field.name.replace("_", "-"), default=field.default, type=_channels)
     args = parser.parse_args(argv)
     handlers = [logging.StreamHandler(sys.stderr)]
     if args.out:

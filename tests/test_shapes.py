@@ -118,3 +118,18 @@ def test_shipped_model_draws_the_prompted_color():
         hits += [analyzer.analyze(image)["color"] == color for image in images]
     assert sum(hits) >= 4, hits                                                 # most of the 6
     assert _listing(MODEL) == before  # the runtime wrote only to its cache
+
+
+@pytest.mark.parametrize("value", ["64,x", "", "64,100", "0,64", "-64"])
+def test_shapes_train_refuses_bad_unet_channels_before_any_work(value, tmp_path, capsys):
+    from edge_ti_export import shapes_train
+    with pytest.raises(SystemExit) as stop:
+        shapes_train.main(["--out", str(tmp_path / "run"), "--unet-channels", value])
+    assert stop.value.code == 2
+    assert "positive multiples of 32" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_shapes_train_reads_unet_channels():
+    from edge_ti_export.shapes_train import _channels
+    assert _channels("64,128,128") == (64, 128, 128)
