@@ -174,17 +174,13 @@ def child_train(spec):
     if method["kind"] == "edge-ti":
         import edge_ti
         from edge_ti import init as initialization, subspace
-        from edge_ti.train import TrainSettings, train
+        from edge_ti.train import TrainSettings, search_space, train
         model = edge_ti.open_model(spec["onnx"], threads=spec["threads"])
         settings = TrainSettings(template=template, seed=spec["seed"], max_time=budget,
                                  **{**spec.get("edge_settings", {}), **method["settings"]})
         # e0 and W as edge_ti.train builds them, to turn a snapshot's best z into its embedding
-        table = model.token_embeddings
         e0 = initialization.from_word(model, concept.init_word, settings.vectors)
-        dim = min(settings.dim, table.shape[1]) if settings.subspace != "full" else table.shape[1]
-        sigma = settings.sigma or (0.5 * float(table.std()) if settings.subspace == "full" else 0.5)
-        W = subspace.basis(settings.subspace, table, dim, sigma, seed=settings.seed)
-        max_norm = subspace.max_row_norm(table) if settings.norm_cap else None
+        _, _, W, max_norm = search_space(model.token_embeddings, settings)
         samples = lambda s: s.evaluations * settings.triples + s.heldout_evaluations * settings.heldout_triples  # noqa: E731
 
         def on_generation(record, state):

@@ -238,10 +238,23 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
                       resume, on_generation, make_scorer)
 
 
+def search_space(table, settings):
+    """(dim, sigma, W [D, dim], max_norm) of e = e0 + W z for the vocabulary table [V, D]: what turns a
+    search point z into an embedding (subspace.embeddings_from_z(e0, W, z, max_norm))."""
+    D = table.shape[1]
+    dim = settings.dim if settings.subspace != "full" else D
+    if settings.subspace == "pca" and dim > D:
+        log.info("--dim %d is more than the embedding width %d: using %d", dim, D, D)
+        dim = D
+    sigma = settings.sigma or (0.5 * float(table.std()) if settings.subspace == "full" else 0.5)
+    W = subspace.basis(settings.subspace, table, dim, sigma, seed=settings.seed)  # (D, dim)
+    max_norm = subspace.max_row_norm(table) if settings.norm_cap else None
+    return dim, sigma, W, max_norm
+
+
 def _train(model, images, token, paths, init_word, init_embedding, init, init_top_k, settings, templates, resume,
            on_generation, make_scorer):
     table = model.token_embeddings                                      # (V, D)
-    D = table.shape[1]
 
     # 1. the concept latents, encoded once (cached on disk)
     resolution = settings.resolution or model.resolution
@@ -262,13 +275,7 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         e0 = np.tile(e0[:1], (settings.vectors, 1)) if len(e0) != settings.vectors else e0
     else:
         e0 = initialization.from_word(model, init_word, settings.vectors)
-    dim = settings.dim if settings.subspace != "full" else D
-    if settings.subspace == "pca" and dim > D:
-        log.info("--dim %d is more than the embedding width %d: using %d", dim, D, D)
-        dim = D
-    sigma = settings.sigma or (0.5 * float(table.std()) if settings.subspace == "full" else 0.5)
-    W = subspace.basis(settings.subspace, table, dim, sigma, seed=settings.seed)  # (D, dim)
-    max_norm = subspace.max_row_norm(table) if settings.norm_cap else None
+    dim, sigma, W, max_norm = search_space(table, settings)
 
     # 3. prompts and the common random numbers
     prompts = [t.format(token) for t in templates]
