@@ -5,7 +5,8 @@
 
 Writes DIR/diffusers/ (a StableDiffusionPipeline folder), DIR/clip/ (a transformers CLIPModel
 folder), DIR/onnx/ (optimum's ONNX layout with clip/ inside: what ships as edge_ti/shapes/model)
-and DIR/train.log. Same seed, same weights (on the same torch build and thread count).
+and DIR/train.log. Same seed, same weights (on the same torch build, device and thread count);
+--device cuda runs the same recipe on a GPU (the same random draws, other rounding).
 
 The recipe is the one of diffusers' train_text_to_image.py shrunk to 32 px:
 1. draw a fixed training set with edge_ti.shapes.draw (the HELD_OUT combinations never appear);
@@ -14,8 +15,9 @@ The recipe is the one of diffusers' train_text_to_image.py shrunk to 32 px:
 3. the CLIP BPE tokenizer: the 256 byte symbols, every caption word and a few hundred common
    English words fully merged (so `--init-word` and a PCA over the vocabulary mean something);
 4. the text encoder (CLIPTextModel) and the UNet (UNet2DConditionModel with cross-attention)
-   jointly, epsilon prediction under the DDPM scaled_linear schedule, 10% empty captions for
-   classifier-free guidance (Ho & Salimans 2022), and an EMA of the weights that is saved;
+   jointly, v-prediction (as SD 2.x; epsilon is an option) under the DDPM scaled_linear schedule,
+   10% empty captions for classifier-free guidance (Ho & Salimans 2022), and an EMA of the weights
+   that is saved;
 5. optionally a tiny CLIP (ViT 32 px / text) trained contrastively on images and captions
    (Radford et al. 2021, the symmetric InfoNCE loss), for `--init auto` and CLIP metrics;
 6. export through optimum (edge_ti_export.onnx_export.export_pipeline) and check the ONNX folder:
@@ -79,10 +81,10 @@ class TrainConfig:
     n_images: int = 20000          # fixed training set: ~8 images per allowed attribute combination
     caption_drop_p: float = 0.2    # each attribute left out of a caption with this probability
     # VAE: 3 blocks (32, 64, 64) -> 8x8x4, ~1M parameters
-    vae_max_steps: int = 2400      # ~0.5 s of one core per step; training stops earlier when...
-    vae_target: float = 0.9        # ...the analyzer reads all six attributes of this share of reconstructions
-    vae_check_every: int = 200     # steps between those checks (200 images of the whole world)
-    vae_batch: int = 32
+    vae_max_steps: int = 8000      # 1-2 s of one shared core per step (417 s on a GPU); training stops earlier when...
+    vae_target: float = 0.98       # ...the analyzer reads all six attributes of this share of reconstructions
+    vae_check_every: int = 1000    # steps between those checks (200 images of the whole world)
+    vae_batch: int = 64            # 2400 steps of 32 (the first model's VAE) left stripes and dots at 0.93
     vae_lr: float = 2e-3           # constant after a 50-step warmup (the stopping step is not known ahead)
     vae_fg_weight: float = 3.0     # loss weight of shape pixels against background ones
     vae_kl: float = 1e-6           # small: a near-deterministic autoencoder; scaling_factor fixes the scale
@@ -92,12 +94,18 @@ class TrainConfig:
     # UNet: (64, 128) with cross-attention in both levels, one layer per block
     unet_channels: tuple = (64, 128)
     unet_layers_per_block: int = 1
-    unet_steps: int = 2200         # ~0.75 s of one core per step: ~28 min
+    unet_steps: int = 3000         # 0.9-1.7 s of one shared core per step: 45-85 min
     unet_batch: int = 64
     unet_lr: float = 1e-3
     warmup: int = 100
-    max_loss_weight: float = 1.0   # cap of the 1 + 1/SNR loss weight; 1 = off, the plain eps loss the
-                                   # shipped model was trained with (> 1 was tried for position, not shipped)
+    max_loss_weight: float = 1.0   # cap of the 1 + 1/SNR loss weight on the eps error; 1 = off (20 with
+                                   # epsilon left position at chance: benchmarks/results/shapes_sweep.md)
+    # the UNet's regression target: v (Salimans & Ho 2022) weighs the high-noise steps, where only the
+    # caption can say where the shape goes, like the x0 error; with epsilon (the first model) those
+    # steps weigh ~SNR ~ 0.01 and "left" / "right" were ignored (position 0.33 = chance, 1.00 with v)
+    prediction_type: str = "v_prediction"
+    zero_snr: int = 0              # 1: betas rescaled to zero terminal SNR and "trailing" sampling steps
+                                   # (Lin et al. 2024): at t = T the input holds no trace of the image
     uncond_p: float = 0.1          # empty caption: the unconditional branch of guidance
     ema_decay: float = 0.998       # EMA of UNet + text encoder weights, warmed up as (1+t)/(10+t)
     # tiny CLIP for --init auto and metrics (0 steps: none)
@@ -109,6 +117,7 @@ class TrainConfig:
     eval_prompts: int = 100        # per group (trained combinations, held-out ones)
     eval_steps: int = 25
     eval_guidance: float = 4.0
+    device: str = "cpu"            # torch device of the VAE and UNet stages (cuda: same recipe, not the same bits)
 
 
 # ---------------------------------------------------------------- data
@@ -221,12 +230,15 @@ def make_unet(cfg, latent_size):
         attention_head_dim=4, norm_num_groups=32)
 
 
-def make_scheduler():
-    # SD's schedule (scaled_linear 0.00085..0.012, 1000 steps), saved as the DDIM config SD ships
+def make_scheduler(prediction_type="epsilon", zero_snr=False):
+    # SD's schedule (scaled_linear 0.00085..0.012, 1000 steps), saved as the DDIM config SD ships;
+    # zero_snr: as SD 2.1's successors fixed it (Lin et al. 2024, sec. 3.1 and 3.3)
     from diffusers import DDIMScheduler
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                         steps_offset=1, prediction_type="epsilon")
+                         steps_offset=1, prediction_type=prediction_type,
+                         rescale_betas_zero_snr=bool(zero_snr),
+                         timestep_spacing="trailing" if zero_snr else "leading")
 
 
 def n_params(module):
@@ -245,14 +257,17 @@ def lr_at(step, total, base, warmup):
 def train_vae(cfg, images, gen):
     """AutoencoderKL on weighted L1 + MSE + cfg.vae_kl * KL, until the analyzer reads its reconstructions.
 
-    Returns it in eval mode (scaling_factor is set afterwards, from the latents' std).
+    Returns it in eval mode on cfg.device (scaling_factor is set afterwards, from the latents' std).
+    Random draws come from `gen` on the CPU whatever the device: the same batches everywhere.
     """
+    device = torch.device(cfg.device)
     vae = make_vae()
     # start near-deterministic: log-variance channels of the posterior at -6 (std 0.05) instead of
     # 0 (std 1), which buried the latents in noise and left the decoder drawing blobs for 500 steps
     with torch.no_grad():
         vae.quant_conv.bias[4:].fill_(-6.0)
     log.info("vae: %.2fM parameters", n_params(vae) / 1e6)
+    vae.to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     x_all = to_tensor(images)                                                   # [N, 3, 32, 32]
     # pixels of the shape and around it (its pattern's holes included) weigh cfg.vae_fg_weight: a
@@ -270,9 +285,10 @@ def train_vae(cfg, images, gen):
         for group in opt.param_groups:
             group["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 50)
         index = torch.randint(len(x_all), (cfg.vae_batch,), generator=gen)
-        x, weight = x_all[index], w_all[index]                                  # [B, 3, 32, 32], [B, 1, 32, 32]
+        x, weight = x_all[index].to(device), w_all[index].to(device)            # [B, 3, 32, 32], [B, 1, 32, 32]
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample             # [B, 3, 32, 32]
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
+        recon = vae.decode(z).sample                                            # [B, 3, 32, 32]
         error = recon - x
         loss = (weight * (error.abs() + error ** 2)).mean() + cfg.vae_kl * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -281,7 +297,8 @@ def train_vae(cfg, images, gen):
         if step % 50 == 0:
             log.info("vae step %d loss %.4f (%.0f s)", step + 1, loss.item(), time.time() - t0)
         if (step + 1) % cfg.vae_check_every == 0:
-            accuracy = analyzer.accuracy(reconstruct(vae, check_images), check_attributes)
+            accuracy = analyzer.accuracy(reconstruct(vae.eval(), check_images), check_attributes)
+            vae.train()
             log.info("vae step %d: analyzer on reconstructions %s", step + 1,
                      {k: round(v, 3) for k, v in accuracy.items()})
             if accuracy["all"] >= cfg.vae_target:
@@ -292,8 +309,9 @@ def train_vae(cfg, images, gen):
 @torch.no_grad()
 def reconstruct(vae, images):
     """uint8 [n, 32, 32, 3] -> uint8 [n, 32, 32, 3] through the posterior mean."""
-    recon = vae.decode(vae.encode(to_tensor(images)).latent_dist.mean).sample  # [n, 3, 32, 32]
-    return ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    x = to_tensor(images).to(vae.device)
+    recon = vae.decode(vae.encode(x).latent_dist.mean).sample                  # [n, 3, 32, 32]
+    return ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -301,9 +319,9 @@ def encode_all(vae, images, batch=500):
     """Posterior means and stds of the whole set: float32 [N, 4, 8, 8] each."""
     means, stds = [], []
     for i in range(0, len(images), batch):
-        posterior = vae.encode(to_tensor(images[i:i + batch])).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
+        posterior = vae.encode(to_tensor(images[i:i + batch]).to(vae.device)).latent_dist
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -313,23 +331,29 @@ def ema_update(ema_params, params, decay):
     torch._foreach_add_(ema_params, params, alpha=1 - decay)
 
 
-def train_unet(cfg, means, stds, scaling_factor, attributes, ids_of, tokenizer, gen, rng):
-    """Text encoder + UNet jointly on eps-prediction; returns their EMA copies."""
+def train_unet(cfg, means, stds, scaling_factor, attributes, ids_of, tokenizer, gen, rng, stop_at=None):
+    """Text encoder + UNet jointly on eps- or v-prediction; returns their EMA copies on the CPU.
+
+    Random draws come from `gen` and `rng` on the CPU whatever cfg.device. stop_at: a time.time()
+    after which training stops early (logged; the learning-rate schedule is not shortened).
+    """
     from diffusers import DDPMScheduler
+    device = torch.device(cfg.device)
     text_encoder = make_text_encoder(cfg, tokenizer)
     unet = make_unet(cfg, means.shape[-1])
     log.info("text encoder: %.2fM parameters, unet: %.2fM parameters",
              n_params(text_encoder) / 1e6, n_params(unet) / 1e6)
-    noise_scheduler = DDPMScheduler.from_config(make_scheduler().config)
-    # Loss weight per timestep: the eps error weighted as the v-prediction loss weighs it,
-    # 1 + 1/SNR(t) (Salimans & Ho 2022, eq. 9 with v = sqrt(a) eps - sqrt(1 - a) x0), capped at
-    # cfg.max_loss_weight and normalized to mean 1 over t. With the plain eps loss, the
-    # high-noise steps (where the caption alone decides where the shape goes) weigh ~SNR ~ 0.01
-    # and the first model ignored "left" / "right" entirely.
+    noise_scheduler = DDPMScheduler.from_config(make_scheduler(cfg.prediction_type, cfg.zero_snr).config)
+    # Loss weight per timestep (epsilon only; off by default): the eps error weighted as the
+    # v-prediction loss weighs it, 1 + 1/SNR(t) (Salimans & Ho 2022, eq. 9 with
+    # v = sqrt(a) eps - sqrt(1 - a) x0), capped at cfg.max_loss_weight and normalized to mean 1
+    # over t. Capped at 20 it left position at chance; predicting v itself fixed it.
     alphas_cumprod = noise_scheduler.alphas_cumprod                            # [T]
-    snr = alphas_cumprod / (1 - alphas_cumprod)                                 # [T]
+    snr = alphas_cumprod / (1 - alphas_cumprod)                                 # [T]; 0 at T with zero_snr: 1/0, capped
     weights = (1 + 1 / snr).clamp(max=cfg.max_loss_weight)                      # [T]
-    weights = weights / weights.mean()
+    weights = (weights / weights.mean()).to(device)
+    text_encoder.to(device)
+    unet.to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema_text, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
@@ -341,14 +365,20 @@ def train_unet(cfg, means, stds, scaling_factor, attributes, ids_of, tokenizer, 
         index = torch.randint(len(means), (cfg.unet_batch,), generator=gen)  # [B]
         # latents sampled from the VAE posterior, scaled to unit variance (SD's latents * 0.18215)
         latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=gen)) * scaling_factor
+        latents = latents.to(device)
         captions = ["" if rng.random() < cfg.uncond_p
                     else world.caption(attributes[i], rng, drop_p=cfg.caption_drop_p) for i in index.tolist()]
-        noise = torch.randn(latents.shape, generator=gen)                       # [B, 4, 8, 8]
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen).to(device)            # [B, 4, 8, 8]
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.unet_batch,),
+                                  generator=gen).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)          # x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps
-        hidden = text_encoder(ids_of(captions))[0]                              # [B, 77, D]
+        if cfg.prediction_type == "v_prediction":                               # v = sqrt(a_t) eps - sqrt(1 - a_t) x_0
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        hidden = text_encoder(ids_of(captions).to(device))[0]                   # [B, 77, D]
         pred = unet(noisy, timesteps, hidden).sample                           # [B, 4, 8, 8]
-        per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))                  # [B]
+        per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))                 # [B]
         loss = (weights[timesteps] * per_sample).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -357,7 +387,10 @@ def train_unet(cfg, means, stds, scaling_factor, attributes, ids_of, tokenizer, 
         ema_update(ema_params, params, min(cfg.ema_decay, (1 + step) / (10 + step)))
         if step % 50 == 0 or step == cfg.unet_steps - 1:
             log.info("unet step %d/%d loss %.4f (%.0f s)", step + 1, cfg.unet_steps, loss.item(), time.time() - t0)
-    return ema_text, ema_unet
+        if stop_at is not None and time.time() > stop_at:
+            log.warning("unet: out of time, stopped after step %d of %d", step + 1, cfg.unet_steps)
+            break
+    return ema_text.cpu(), ema_unet.cpu()
 
 
 def train_clip(cfg, images, attributes, tokenizer, gen, rng):
@@ -454,10 +487,11 @@ def evaluate(model_dir, cfg):
 
 
 # ---------------------------------------------------------------- main
-def save_pipeline(out, vae, text_encoder, unet, tokenizer):
+def save_pipeline(out, vae, text_encoder, unet, tokenizer, cfg):
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, unet=unet, tokenizer=tokenizer,
-                                   scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=make_scheduler(cfg.prediction_type, cfg.zero_snr),
+                                   safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out)
     return pipe
@@ -498,7 +532,7 @@ def train(out, cfg, vae_dir=None):
     t = time.time()
     if vae_dir:  # the VAE of an earlier run of this command with the same seed: the same weights
         from diffusers import AutoencoderKL
-        vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+        vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(cfg.device)
         log.info("vae: loaded from %s", vae_dir)
     else:
         vae = train_vae(cfg, images, *_stage_random(cfg.seed)[:1])
@@ -514,7 +548,7 @@ def train(out, cfg, vae_dir=None):
                                     tokenizer, *_stage_random(cfg.seed + 1))
     timings["unet"] = time.time() - t
     log.info("unet + text encoder: %.0f s", timings["unet"])
-    save_pipeline(os.path.join(out, "diffusers"), vae, text_encoder, unet, tokenizer)
+    save_pipeline(os.path.join(out, "diffusers"), vae.cpu(), text_encoder, unet, tokenizer, cfg)
 
     clip_dir = None
     if cfg.clip_steps:
@@ -530,7 +564,8 @@ def train(out, cfg, vae_dir=None):
     timings["export"] = time.time() - t
     log.info("export: %.0f s -> %s", timings["export"], onnx_dir)
     with open(os.path.join(out, "train.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "timings_s": timings, "scaling_factor": scaling_factor,
+        json.dump({"config": dataclasses.asdict(cfg), "vae_from": vae_dir, "timings_s": timings,
+                   "scaling_factor": scaling_factor,
                    "params": {"vae": n_params(vae), "text_encoder": n_params(text_encoder), "unet": n_params(unet)}},
                   f, indent=2)
     return onnx_dir
@@ -547,6 +582,20 @@ def _channels(text):
     return values
 
 
+_CHOICES = {"prediction_type": ("epsilon", "v_prediction"), "device": ("cpu", "cuda")}
+
+
+def recipe_problem(cfg):
+    """What makes CFG's settings unusable together, or None."""
+    if cfg.zero_snr and cfg.prediction_type == "epsilon":  # alpha_bar_T = 0: eps says nothing about x0 at T
+        return "--zero-snr 1 needs --prediction-type v_prediction"
+    if cfg.max_loss_weight != 1 and cfg.prediction_type != "epsilon":  # v's loss already weighs by 1 + 1/SNR
+        return "--max-loss-weight weighs the epsilon loss: use it with --prediction-type epsilon"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: torch sees no CUDA device here"
+    return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="output folder (diffusers/, clip/, onnx/, train.log)")
@@ -554,17 +603,25 @@ def main(argv=None):
     parser.add_argument("--evaluate", metavar="ONNX_DIR", help="only check an exported folder's prompt accuracy")
     parser.add_argument("--vae", metavar="VAE_DIR", help="reuse DIR/vae of an earlier run with the same seed")
     for field in dataclasses.fields(TrainConfig):  # every setting is a flag: --unet-steps 100 ...
-        if field.name != "seed" and field.type in (int, float, "int", "float"):
+        if field.name == "zero_snr":
+            parser.add_argument("--zero-snr", type=int, choices=(0, 1), default=field.default)
+        elif field.name != "seed" and field.type in (int, float, "int", "float"):
             parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
         elif field.type in (tuple, "tuple"):  # --unet-channels 64,128,128
             parser.add_argument("--" + field.name.replace("_", "-"), default=field.default, type=_channels)
+        elif field.name in _CHOICES:  # --prediction-type v_prediction, --device cuda
+            parser.add_argument("--" + field.name.replace("_", "-"), default=field.default,
+                                choices=_CHOICES[field.name])
     args = parser.parse_args(argv)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
+    problem = recipe_problem(cfg)
+    if problem:
+        parser.error(problem)
     handlers = [logging.StreamHandler(sys.stderr)]
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         handlers.append(logging.FileHandler(os.path.join(args.out, "train.log")))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
     if args.evaluate:
         print(json.dumps(evaluate(args.evaluate, cfg), indent=2))
         return
