@@ -98,6 +98,10 @@ METHODS = {
     "edge-ti:zo": {"kind": "edge-ti", "settings": {"optimizer": "zo-adam", "lr": 0.3, "sigma": 0.1, "popsize": 8,
                                                    "eval_every": 12}},
     "edge-ti:nocap": {"kind": "edge-ti", "settings": {"norm_cap": False}},
+    # a v-prediction model scored by its own v loss (as diffusers trains) instead of the epsilon loss; the
+    # held-out loss column judges every method by the model's own loss (what gradient TI and this variant
+    # minimize), so compare them by accuracy
+    "edge-ti:vloss": {"kind": "edge-ti", "settings": {"loss_weighting": "model"}},
     # the defaults again, for variants run at another time: the machine is shared, and a wall-time
     # budget buys more or fewer evaluations with its load
     "edge-ti:control": {"kind": "edge-ti", "settings": {}},

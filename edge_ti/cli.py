@@ -11,6 +11,7 @@ import time
 
 import click
 
+from .demo import BUDGET as DEMO_BUDGET
 from .embeddings import MAX_VECTORS, load_embedding
 from .errors import EdgeTIError
 from .model import open_model
@@ -365,6 +366,9 @@ def _duration(text):
               help="(latent, prompt, timestep, noise) samples per generation, shared by all candidates")
 @click.option("--crn", type=click.Choice(["redraw", "fixed"]), default=TrainSettings.crn, show_default=True,
               help="common random numbers: new each generation, or fixed for the run")
+@click.option("--loss-weighting", type=click.Choice(["eps", "model"]), default=TrainSettings.loss_weighting,
+              show_default=True, help="score candidates by the epsilon loss whatever the model predicts (eps), "
+              "or by the model's own loss (model: a v-prediction model's v loss, as diffusers trains)")
 @click.option("--heldout-triples", type=click.IntRange(1), default=TrainSettings.heldout_triples, show_default=True)
 @click.option("--patience", type=click.IntRange(0), default=TrainSettings.patience, show_default=True,
               help="stop when the best held-out loss gained < 0.01%% over this many checks (0: never)")
@@ -390,8 +394,8 @@ def _duration(text):
               help="allow a --token that is already a word of the vocabulary (it takes over that word in prompts)")
 @click.option("--out", required=True, type=click.Path(), help="the embedding file to write (.safetensors)")
 def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, template, subspace, dim, popsize, sigma,
-          budget, max_time, triples, crn, heldout_triples, patience, max_batch, resolution, no_flip, seed, threads,
-          device, workers, ray_address, worker_device, resume, restart, allow_vocabulary_token, out):
+          budget, max_time, triples, crn, loss_weighting, heldout_triples, patience, max_batch, resolution, no_flip,
+          seed, threads, device, workers, ray_address, worker_device, resume, restart, allow_vocabulary_token, out):
     """Learn TOKEN from IMAGES (files or folders) with forward passes only; write OUT."""
     from .train import Interrupted, check_settings, output_paths, train as run_training
     from .workers import scorer_factory
@@ -404,7 +408,7 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
     settings = TrainSettings(vectors=vectors, template=template, subspace=subspace, dim=dim, popsize=popsize,
                              sigma=sigma, budget=budget, max_time=_duration(max_time), seed=seed, triples=triples,
                              crn=crn, heldout_triples=heldout_triples, patience=patience, max_batch=max_batch,
-                             resolution=resolution, flip=not no_flip)
+                             resolution=resolution, flip=not no_flip, loss_weighting=loss_weighting)
     check_settings(settings)  # before the model folder is opened; train() checks the rest before any work
     model = open_model(model_dir, device=device, threads=threads)
 
@@ -440,7 +444,8 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
 @cli.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="edge-ti-demo", show_default=True,
               help="folder for the concept images, the embedding, generations, grids and the loss curve")
-@click.option("--budget", type=click.IntRange(1), default=1000, show_default=True, help="candidate evaluations")
+@click.option("--budget", type=click.IntRange(1), default=DEMO_BUDGET, show_default=True,
+              help="candidate evaluations")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--n", "n", type=click.IntRange(1, MAX_IMAGES), default=16, show_default=True,
               help="images generated from the init and the learned token")

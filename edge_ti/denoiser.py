@@ -85,6 +85,17 @@ class Denoiser:
             return (sqrt_a * noise - sqrt_1ma * x0).astype(np.float32)    # v (Salimans & Ho 2022, sec. 4)
         raise EdgeTIError(f"unsupported prediction_type {self.prediction_type!r}")
 
+    def eps_weight(self, timesteps):
+        """timesteps [B] -> [B]: the factor that turns this model's loss into the epsilon loss.
+
+        For v: eps_hat - eps = sqrt(alpha_bar_t) (v_hat - v) (insert v = sqrt(a) eps - sqrt(1 - a) x0
+        and eps_hat = sqrt(a) v_hat + sqrt(1 - a) x_t), so the eps loss is alpha_bar_t x the v loss,
+        which weighs t near T up to 1 / alpha_bar_T (~200x for SD's schedule) more than the eps loss.
+        """
+        if self.prediction_type == "v_prediction":
+            return self.alphas_bar[np.asarray(timesteps)].astype(np.float64)
+        return np.ones(len(timesteps))
+
     def _scales(self, timesteps):
         a = self.alphas_bar[np.asarray(timesteps)][:, None, None, None]       # (B, 1, 1, 1)
         return np.sqrt(a).astype(np.float32), np.sqrt(1.0 - a).astype(np.float32)

@@ -5,6 +5,8 @@ For a triple (latent x0, prompt c, timestep t, noise eps), diffusers' textual_in
     target = eps                                                      (epsilon prediction)
            | sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0         (v prediction, Salimans & Ho 2022 sec. 4)
     loss   = mean((unet(x_t, t, text_encoder(c with the token)) - target)^2)
+           x weight (1 = the model's own loss, as diffusers; Denoiser.eps_weight puts a v model's
+             loss in epsilon units, the weighting edge-ti's search was measured and tuned with)
 Common random numbers: every candidate of a generation is scored on the same triples, so the
 ranking reflects the embedding, not the noise. The networks and the schedule come from a
 denoiser (edge_ti.denoiser), which also writes q(x_t | x0) and the target.
@@ -21,6 +23,7 @@ class Triples:
     prompt_index: np.ndarray   # (T,) int: which prompt template
     timesteps: np.ndarray      # (T,) int in [0, num_train_timesteps)
     noise: np.ndarray          # (T, C, h, w) float32
+    weight: np.ndarray = None  # (T,) float: each triple's loss multiplier; None = 1
 
 
 def draw_triples(rng, count, n_latents, n_prompts, num_train_timesteps, latent_shape):
@@ -54,6 +57,8 @@ def population_loss(denoiser, candidates, prompt_ids, latents, triples, max_batc
         states = np.stack([hidden[p, row_of_prompt[int(triples.prompt_index[i])]] for p, i in pairs])  # (B, L, D)
         pred = denoiser.unet(sample, float(t), states, max_batch)                     # (B, C, h, w)
         err = ((pred - np.stack([target[i] for _, i in pairs])) ** 2).mean(axis=(1, 2, 3))
+        if triples.weight is not None:
+            err = err * triples.weight[[i for _, i in pairs]]
         for (p, _), e in zip(pairs, err):
             squared_error[p] += e
     return (squared_error / len(triples.timesteps)).astype(np.float64)  # mean over triples

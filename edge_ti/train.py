@@ -20,6 +20,7 @@ from PIL import Image
 from . import init as initialization
 from . import latents as lat
 from . import objective, search, subspace
+from .denoiser import Denoiser
 from .embeddings import MAX_VECTORS, save_embedding
 from .errors import EdgeTIError
 from .files import FileLock, atomic_path, check_output_path
@@ -68,6 +69,9 @@ class TrainSettings:
     lr: float = 0.05              # zo-adam's Adam step size in z (pca z ~ N(0, I) spans the vocabulary)
     norm_cap: bool = True         # shorten candidates longer than the vocabulary's longest row: a search
                                   # never leaves the norms the text encoder was trained on (measured: no loss)
+    loss_weighting: str = "eps"   # eps: score in epsilon-loss units whatever the model predicts; model: the
+                                  # model's own loss (diffusers' TI loss; for v models it weighs t ~ T up to
+                                  # ~200x more and lost the demo concept's shape in 2 of 3 seeds, models.md)
     budget: int = 5000            # candidate evaluations: the paper's 5000; 0: no limit (time or patience stop)
     max_time: float = None        # seconds; None for no limit
     seed: int = 0
@@ -139,6 +143,8 @@ def check_settings(settings):
         raise EdgeTIError(f"unknown subspace {settings.subspace!r}: choose pca, prior or full")
     if not isinstance(settings.norm_cap, bool):
         raise EdgeTIError(f"norm_cap must be true or false, got {settings.norm_cap!r}")
+    if settings.loss_weighting not in ("eps", "model"):
+        raise EdgeTIError(f"unknown loss_weighting {settings.loss_weighting!r}: choose eps or model")
     if settings.optimizer not in ("cma", "zo-adam"):
         raise EdgeTIError(f"unknown optimizer {settings.optimizer!r}: choose cma or zo-adam")
     if settings.optimizer == "zo-adam" and settings.popsize % 2:
@@ -179,6 +185,8 @@ def _settings_key(model, settings, latents, e0, token):
               if k not in ("budget", "max_time", "patience", "max_batch")}
     if settings.optimizer == "cma":  # lr is zo-adam's: changing it cannot change a cma run
         del fields["optimizer"], fields["lr"]
+    if settings.loss_weighting == "model" or model.prediction_type == "epsilon":
+        del fields["loss_weighting"]  # the loss of before the option: earlier checkpoints still match
     digest.update(json.dumps(fields, sort_keys=True).encode())
     digest.update(f"{model.text_encoder_key}{token}".encode())
     digest.update(latents.tobytes())
@@ -286,9 +294,14 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
                           "cut at 77 tokens; use fewer --vectors or shorter templates")
     T_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
 
+    in_eps_units = settings.loss_weighting == "eps" and model.prediction_type == "v_prediction"
+
     def triples_for(*key, count):
         rng = np.random.default_rng([settings.seed, *key])
-        return objective.draw_triples(rng, count, len(latents), len(prompts), T_train, latents.shape[1:])
+        triples = objective.draw_triples(rng, count, len(latents), len(prompts), T_train, latents.shape[1:])
+        if in_eps_units:
+            triples.weight = Denoiser(model).eps_weight(triples.timesteps)
+        return triples
 
     heldout = triples_for(1, 0, count=settings.heldout_triples)
     scorer = make_scorer(model, prompt_ids, latents, settings.max_batch)

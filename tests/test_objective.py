@@ -1,4 +1,6 @@
 """The population loss equals diffusers' textual-inversion loss computed with torch."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -28,6 +30,8 @@ def test_loss_matches_diffusers(which, request, tmp_path):
                                 timesteps=np.array([10, 500, 10, 999]),
                                 noise=rng.standard_normal((4, *latents.shape[1:]), dtype=np.float32))
     ours = objective.population_loss(Denoiser(model), candidates, prompt_ids, latents, triples, max_batch=4)
+    weighted = dataclasses.replace(triples, weight=Denoiser(model).eps_weight(triples.timesteps))
+    ours_eps = objective.population_loss(Denoiser(model), candidates, prompt_ids, latents, weighted, max_batch=4)
 
     pipe = StableDiffusionPipeline.from_pretrained(source)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -52,6 +56,12 @@ def test_loss_matches_diffusers(which, request, tmp_path):
             pred = pipe.unet(noisy, t, hidden).sample
             want = F.mse_loss(pred.float(), target.float(), reduction="mean").item()
             assert abs(ours[p] - want) <= 1e-4 * abs(want), (p, ours[p], want)
+            # in epsilon units: the noise the prediction implies (eps itself, or from v and x_t)
+            a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+            v_model = scheduler.config.prediction_type == "v_prediction"
+            eps_hat = a.sqrt() * pred + (1 - a).sqrt() * noisy if v_model else pred
+            want_eps = F.mse_loss(eps_hat.float(), noise.float(), reduction="mean").item()
+            assert abs(ours_eps[p] - want_eps) <= 1e-4 * abs(want_eps), (p, ours_eps[p], want_eps)
     assert np.ptp(ours) > 0  # different candidates, different losses
 
 

@@ -362,7 +362,7 @@ def test_save_refuses_nonfinite_vectors(tmp_path):
     ["--popsize", "0"], ["--popsize", "1"], ["--dim", "0"], ["--vectors", "0"], ["--vectors", "76"],
     ["--seed", "-1"], ["--sigma", "nan"], ["--sigma", "-1"], ["--triples", "0"], ["--heldout-triples", "0"],
     ["--max-batch", "-1"], ["--budget", "-5"], ["--patience", "-1"], ["--max-time", "0"], ["--max-time", "-5m"],
-    ["--resolution", "100000"], ["--threads", "0"], ["--init-top-k", "0"],
+    ["--resolution", "100000"], ["--threads", "0"], ["--init-top-k", "0"], ["--loss-weighting", "v"],
 ])
 def test_train_options_out_of_range(concept_dir, tmp_path, option):
     out = tmp_path / "o.safetensors"

@@ -13,7 +13,8 @@ from PIL import Image
 import edge_ti
 from edge_ti import latents as lat, objective, subspace
 from edge_ti.denoiser import Denoiser
-from edge_ti.train import TrainSettings, prompt_templates, train
+from edge_ti.errors import EdgeTIError
+from edge_ti.train import TrainSettings, _settings_key, check_settings, prompt_templates, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -82,6 +83,31 @@ def test_train_run_lowers_heldout_loss(tiny_sd, concept_dir, tmp_path):
     rescored = objective.population_loss(Denoiser(model), emb["<c>"][None], model.tokenize(prompts, emb), latents,
                                          heldout)
     assert float(rescored[0]) == result.best_heldout
+
+
+def test_loss_weighting(tiny_sd, tiny_sd_v, concept_dir, tmp_path):
+    """eps (the default) scores a v model by alpha_bar_t x its v loss; an epsilon model is scored the same
+    either way, so its checkpoints and results do not change."""
+    runs = {}
+    for which, folder in (("eps-model", tiny_sd[1]), ("v-model", tiny_sd_v[1])):
+        model = edge_ti.open_model(folder)
+        for weighting in ("eps", "model"):
+            out = str(tmp_path / f"{which}-{weighting}.safetensors")
+            settings = TrainSettings(budget=24, popsize=6, eval_every=2, patience=0, triples=2, heldout_triples=8,
+                                     loss_weighting=weighting)
+            runs[which, weighting] = train(model, [concept_dir], "<c>", out, init_word="cat", settings=settings)
+    same, v = (runs["eps-model", "eps"], runs["eps-model", "model"]), (runs["v-model", "eps"], runs["v-model", "model"])
+    assert same[0].init_heldout == same[1].init_heldout
+    np.testing.assert_array_equal(same[0].embedding["<c>"], same[1].embedding["<c>"])
+    assert v[0].init_heldout < v[1].init_heldout  # every weight alpha_bar_t < 1
+    # checkpoints: an epsilon model's key ignores the setting; a v model's tells the two losses apart
+    latents, e0 = np.zeros((1, 4, 4, 4), np.float32), np.zeros((1, 32), np.float32)
+    for folder, differ in ((tiny_sd[1], False), (tiny_sd_v[1], True)):
+        model = edge_ti.open_model(folder)
+        keys = {w: _settings_key(model, TrainSettings(loss_weighting=w), latents, e0, "<c>") for w in ("eps", "model")}
+        assert (keys["eps"] != keys["model"]) == differ
+    with pytest.raises(EdgeTIError, match="unknown loss_weighting 'v'"):
+        check_settings(TrainSettings(loss_weighting="v"))
 
 
 def test_early_stop(tiny_sd, concept_dir, tmp_path):
