@@ -22,6 +22,9 @@ from .train import TrainSettings, train
 CONCEPT = {"shape": "star", "color": "blue", "pattern": "striped"}
 INIT_WORD = "star"
 TOKEN = "<concept>"
+# candidate evaluations: on the second shapes model 1000 left the token at the init word's colour (blue
+# in 0-19% of generations, 3 seeds); 3000 learned it (models.md), in about a minute on 2 cores
+BUDGET = 3000
 # prompt templates in the world's caption style ("a small striped red star on the left, black
 # background"): the token stands where the pattern, color and shape words would be
 TEMPLATES = ["a {}", "a small {}", "a big {}", "a {} on the left", "a {} in the center", "a {} on the right",
@@ -79,7 +82,7 @@ def side_by_side(panels, upscale=UPSCALE):
     return np.asarray(canvas)
 
 
-def run(out_dir, budget=1000, seed=0, n=16, steps=25, guidance=4.0, images=6, on_generation=None,
+def run(out_dir, budget=BUDGET, seed=0, n=16, steps=25, guidance=4.0, images=6, on_generation=None,
         model_dir=None):
     """Draw, learn, generate, measure. Returns {"init": accuracies, "learned": accuracies, "verdict": line,
     "result": TrainResult}."""

@@ -1,5 +1,6 @@
 """The shapes world: deterministic drawing, the analyzer reads it back, held-out combinations stay
 out of training samples, and the shipped model opens, tokenizes like transformers and draws colors."""
+import json
 import os
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_shipped_model_opens_and_tokenizes_like_transformers():
     transformers = pytest.importorskip("transformers")
     model = edge_ti.open_model(MODEL)
     assert model.resolution == 32 and model.vae_scale_factor == 4
-    assert model.prediction_type == "epsilon"
+    assert model.prediction_type == "v_prediction"
     hf = transformers.CLIPTokenizer.from_pretrained(os.path.join(MODEL, "tokenizer"))
     rng = np.random.default_rng(0)
     captions = [world.caption(world.sample_attributes(rng, exclude=()), rng, drop_p=0.3) for _ in range(100)]
@@ -133,3 +134,68 @@ def test_shapes_train_refuses_bad_unet_channels_before_any_work(value, tmp_path,
 def test_shapes_train_reads_unet_channels():
     from edge_ti_export.shapes_train import _channels
     assert _channels("64,128,128") == (64, 128, 128)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--prediction-type", "sample", "invalid choice: 'sample'"),
+    ("--zero-snr", "2", "invalid choice: 2"),
+    ("--zero-snr", "yes", "invalid int value"),
+    ("--device", "tpu", "invalid choice: 'tpu'"),
+    ("--zero-snr 1 --prediction-type", "epsilon", "--zero-snr 1 needs --prediction-type v_prediction"),
+    ("--max-loss-weight", "20", "--max-loss-weight weighs the epsilon loss"),
+    ("--device", "cuda", "--device cuda: torch sees no CUDA device here"),
+])
+def test_shapes_train_refuses_bad_recipe_flags_before_any_work(flag, value, message, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from edge_ti_export import shapes_train
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CI has no GPU; a developer's may
+    with pytest.raises(SystemExit) as stop:
+        shapes_train.main(["--out", str(tmp_path / "run"), *flag.split(), value])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@needs_model
+def test_shipped_schedule_is_the_recipe_of_shapes_train():
+    """The shipped scheduler config is what shapes_train's defaults save: the model was trained under it."""
+    from edge_ti_export.shapes_train import TrainConfig, make_scheduler
+
+    cfg = TrainConfig()
+    want = make_scheduler(cfg.prediction_type, cfg.zero_snr).config
+    with open(os.path.join(MODEL, "scheduler", "scheduler_config.json")) as f:
+        shipped = json.load(f)
+    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+                "rescale_betas_zero_snr", "timestep_spacing", "steps_offset", "set_alpha_to_one"):
+        assert shipped[key] == want[key], key
+
+
+@pytest.mark.parametrize("prediction_type, zero_snr", [("epsilon", 0), ("v_prediction", 0), ("v_prediction", 1)])
+def test_shapes_train_schedule_is_the_one_edge_ti_reads(prediction_type, zero_snr):
+    """The scheduler config the trainer saves gives edge-ti the schedule the UNet was trained under."""
+    from diffusers import DDPMScheduler
+
+    from edge_ti import denoiser
+    from edge_ti_export.shapes_train import make_scheduler
+
+    config = dict(make_scheduler(prediction_type, zero_snr).config)
+    trained = DDPMScheduler.from_config(config).alphas_cumprod.numpy()
+    np.testing.assert_allclose(denoiser.alphas_cumprod(config), trained, rtol=1e-5, atol=1e-7)
+    assert (trained[-1] == 0) == bool(zero_snr)
+    assert config["prediction_type"] == prediction_type
+
+
+def test_shapes_sweep_refuses_unknown_recipes(capsys):
+    from edge_ti_export import shapes_sweep
+    with pytest.raises(SystemExit) as stop:
+        shapes_sweep.main(["run", "--data", "d.npz", "--out", "o", "--recipes", "v-3lvl,bogus"])
+    assert stop.value.code == 2
+    assert "unknown recipes ['bogus']" in capsys.readouterr().err
+
+
+def test_shapes_sweep_scales_steps_of_every_stage():
+    from edge_ti_export.shapes_sweep import RECIPES, scaled
+    recipe = scaled(RECIPES["vz-3lvl-newvae"], 0.01)
+    assert recipe["unet_steps"] == 40 and recipe["vae"]["vae_max_steps"] == 80
+    assert RECIPES["vz-3lvl-newvae"]["unet_steps"] == 4000  # the table itself is left alone
