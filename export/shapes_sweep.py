@@ -80,16 +80,10 @@ def prompt_accuracy_torch(pipe, n_prompts=100, steps=25, guidance=4.0, seed=1000
 
     from edge_ti.shapes import analyzer
     from edge_ti.shapes import draw as world
-
-    rng = np.random.default_rng(seed)
-
-    def held_out():
-        combo = world.HELD_OUT[rng.integers(len(world.HELD_OUT))]
-        return world.sample_attributes(rng, exclude=(), **combo)
+    from edge_ti_export.shapes_train import check_attributes
 
     results = {}
-    for name, sample in (("trained", lambda: world.sample_attributes(rng)), ("held_out", held_out)):
-        attributes = [sample() for _ in range(n_prompts)]
+    for name, attributes in check_attributes(n_prompts, seed).items():
         generators = [torch.Generator(pipe.device).manual_seed(seed + i) for i in range(n_prompts)]
         images = pipe([world.caption(a) for a in attributes], num_inference_steps=steps, guidance_scale=guidance,
                       generator=generators, height=world.SIZE, width=world.SIZE, output_type="np").images

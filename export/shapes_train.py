@@ -446,6 +446,18 @@ def reconstruction_accuracy(model_dir, n=1000, seed=2000):
     return {"clean": analyzer.accuracy(images, attributes), "vae": analyzer.accuracy(recon, attributes)}
 
 
+def check_attributes(n_prompts, seed):
+    """The attribute sets of the prompted check: {"trained": [...], "held_out": [...]}, n_prompts each."""
+    rng = np.random.default_rng(seed)
+
+    def held_out():
+        combo = world.HELD_OUT[rng.integers(len(world.HELD_OUT))]
+        return world.sample_attributes(rng, exclude=(), **combo)
+
+    return {"trained": [world.sample_attributes(rng) for _ in range(n_prompts)],
+            "held_out": [held_out() for _ in range(n_prompts)]}
+
+
 def prompt_accuracy(model_dir, n_prompts=100, steps=25, guidance=4.0, seed=1000):
     """One generation per full caption (edge_ti.generate, DDIM on onnxruntime), read back by the analyzer.
 
@@ -456,15 +468,8 @@ def prompt_accuracy(model_dir, n_prompts=100, steps=25, guidance=4.0, seed=1000)
     from edge_ti.generate import generate
 
     model = edge_ti.open_model(model_dir)
-    rng = np.random.default_rng(seed)
-
-    def held_out():
-        combo = world.HELD_OUT[rng.integers(len(world.HELD_OUT))]
-        return world.sample_attributes(rng, exclude=(), **combo)
-
     results = {}
-    for name, sample in (("trained", lambda: world.sample_attributes(rng)), ("held_out", held_out)):
-        attributes = [sample() for _ in range(n_prompts)]
+    for name, attributes in check_attributes(n_prompts, seed).items():
         images = np.concatenate([generate(model, world.caption(a), steps=steps, guidance=guidance,
                                           sampler="ddim", seed=seed + i, n=1)
                                  for i, a in enumerate(attributes)])               # [n_prompts, 32, 32, 3]

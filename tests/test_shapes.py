@@ -199,3 +199,12 @@ def test_shapes_sweep_scales_steps_of_every_stage():
     recipe = scaled(RECIPES["vz-3lvl-newvae"], 0.01)
     assert recipe["unet_steps"] == 40 and recipe["vae"]["vae_max_steps"] == 80
     assert RECIPES["vz-3lvl-newvae"]["unet_steps"] == 4000  # the table itself is left alone
+
+
+def test_check_attributes_are_seeded_and_split_by_held_out():
+    from edge_ti_export.shapes_train import check_attributes
+    groups = check_attributes(20, seed=1000)
+    assert groups == check_attributes(20, seed=1000) and groups != check_attributes(20, seed=1001)
+    assert len(groups["trained"]) == len(groups["held_out"]) == 20
+    assert not any(world.is_held_out(a) for a in groups["trained"])
+    assert all(world.is_held_out(a) for a in groups["held_out"])
