@@ -22,8 +22,8 @@ from .train import TrainSettings, train
 CONCEPT = {"shape": "star", "color": "blue", "pattern": "striped"}
 INIT_WORD = "star"
 TOKEN = "<concept>"
-# candidate evaluations: on the second shapes model 1000 left the token at the init word's colour (blue
-# in 0-19% of generations, 3 seeds); 3000 learned it (models.md), in about a minute on 2 cores
+# candidate evaluations: on a v-prediction shapes model 1000 never reached the blue (0-19% of generations,
+# 3 seeds) and 3000 did in every seed; on the shipped one 3000 reaches the stripes (models.md). ~1.5 min
 BUDGET = 3000
 # prompt templates in the world's caption style ("a small striped red star on the left, black
 # background"): the token stands where the pattern, color and shape words would be

@@ -71,7 +71,7 @@ class TrainSettings:
                                   # never leaves the norms the text encoder was trained on (measured: no loss)
     loss_weighting: str = "eps"   # eps: score in epsilon-loss units whatever the model predicts; model: the
                                   # model's own loss (diffusers' TI loss; for v models it weighs t ~ T up to
-                                  # ~200x more and lost the demo concept's shape in 2 of 3 seeds, models.md)
+                                  # ~200x more, and kept less of the demo concept's shape: models.md)
     budget: int = 5000            # candidate evaluations: the paper's 5000; 0: no limit (time or patience stop)
     max_time: float = None        # seconds; None for no limit
     seed: int = 0
