@@ -252,6 +252,8 @@ def main(argv=None):
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         parser.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
+    if not os.path.isfile(args.data):
+        parser.error(f"{args.data}: no such file (make it with: shapes_sweep prepare --out {args.data})")
     print(table(run(args.data, args.out, args.device, args.minutes, names, args.scale)))
 
 

@@ -194,6 +194,15 @@ def test_shapes_sweep_refuses_unknown_recipes(capsys):
     assert "unknown recipes ['bogus']" in capsys.readouterr().err
 
 
+def test_shapes_sweep_refuses_a_missing_data_file(tmp_path, capsys):
+    from edge_ti_export import shapes_sweep
+    with pytest.raises(SystemExit) as stop:
+        shapes_sweep.main(["run", "--data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "o")])
+    assert stop.value.code == 2
+    assert "d.npz: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_shapes_sweep_scales_steps_of_every_stage():
     from edge_ti_export.shapes_sweep import RECIPES, scaled
     recipe = scaled(RECIPES["vz-3lvl-newvae"], 0.01)
