@@ -8,17 +8,23 @@ copies `<name>-onnx-int8`, `<name>-onnx-fp16` are made with edge_ti.quantize on 
 Every row runs in its own subprocess, one at a time, so its peak RSS is its own (ru_maxrss of
 that process: loading, optimizing and running). The rows:
 
-    torch fwd        diffusers UNet forward, eager, inference_mode                       (per sample)
-    torch grad step  text encoder + UNet forward, MSE loss, backward to the token-embedding
-                     table only, AdamW step: one step of diffusers' textual_inversion.py  (batch 1)
+    torch fwd P      diffusers UNet forward, eager, inference_mode                       (per sample)
+    torch grad step P  text encoder + UNet forward, MSE loss, backward to the token-embedding
+                     table only, AdamW step: one step of diffusers' textual_inversion.py
+                     (per sample, at --torch-batches)
+                     P, the precision: fp32; bf16-autocast (torch.autocast(bfloat16)); bf16 (the
+                     UNet's weights in bfloat16, as the script's --mixed_precision bf16)
     ort <variant>    edge_ti.objective.population_loss with B candidates and 1 triple:
-                     B candidate evaluations (text encoder for B prompts, UNet batch B)
+                     B candidate evaluations (text encoder for B prompts, UNet batch B);
+                     openvino[-X]: the folder of variant X with --device openvino, run by
+                     --openvino-python (onnxruntime-openvino cannot share a Python with onnxruntime)
     generation       population_loss with 20 candidates x 4 triples: one training generation
                      as `edge-ti train` runs it (TrainSettings defaults); its losses feed the
                      Spearman check, fp32 vs int8
 
 A candidate evaluation is one candidate on one triple: one text-encoder prompt + one UNet sample,
-the same work as the forward half of a gradient step at batch 1, whose time is the ratio's unit.
+the same work as the forward half of a gradient step on one sample. The ratio columns' unit is the
+strongest torch gradient step per sample (the fastest precision and batch measured).
 FLOPs are counted once with torch.utils.flop_counter (conv, matmul, attention; 2 per multiply-add).
 """
 import argparse
@@ -60,6 +66,7 @@ def cpu_description():
     return {"model": first.get("model name", "?"), "vendor": first.get("vendor_id"), "family": family,
             "model_id": first.get("model"), "cores": cores, "mhz": mhz, "flops_per_cycle": per_cycle,
             "peak_gflops": cores * mhz * 1e-3 * per_cycle, "peak_how": how,
+            "bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
             "simd": " ".join(sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx")))),
             "onnxruntime": __import__("onnxruntime").__version__}
 
@@ -98,9 +105,15 @@ def peak_rss_gb():
 
 
 # ---------------------------------------------------------------- rows (each in its own process)
+SLOW = 20.0  # seconds: a row whose warm-up took longer is timed once (bf16 without hardware bf16 crawls)
+
+
 def _timed(fn, reps, warmup=1):
     for _ in range(warmup):
+        start = time.perf_counter()
         fn()
+        if time.perf_counter() - start > SLOW:
+            reps = 1
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -109,23 +122,40 @@ def _timed(fn, reps, warmup=1):
     return statistics.median(times), times
 
 
+TORCH_PRECISIONS = ("fp32", "bf16-autocast", "bf16")  # bf16: the weights themselves in bfloat16
+
+
 def row_torch_fwd(args):
+    import contextlib
+
     import torch
     from diffusers import UNet2DConditionModel
     torch.set_num_threads(args["threads"])
+    precision = args.get("precision", "fp32")
     unet = UNet2DConditionModel.from_pretrained(os.path.join(args["diffusers"], "unet")).eval()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    unet = unet.to(dtype)
     B, L = args["batch"], args["latent"]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, 4, L, L, generator=g)                                   # (B, 4, h, w)
+    x = torch.randn(B, 4, L, L, generator=g).to(dtype)                        # (B, 4, h, w)
     t = torch.full((B,), 500)
-    h = torch.randn(B, 77, unet.config.cross_attention_dim, generator=g)       # (B, 77, D)
-    with torch.inference_mode():
+    h = torch.randn(B, 77, unet.config.cross_attention_dim, generator=g).to(dtype)  # (B, 77, D)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-autocast"
+                else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
         seconds, times = _timed(lambda: unet(x, t, h), args["reps"])
     return {"seconds": seconds, "times": times, "evaluations": B}
 
 
 def row_torch_grad(args):
-    """One textual-inversion step as diffusers' examples/textual_inversion/textual_inversion.py takes it."""
+    """One textual-inversion step as diffusers' examples/textual_inversion/textual_inversion.py takes it.
+
+    precision bf16-autocast: the forward passes under torch.autocast(bfloat16); bf16: also the UNet's
+    weights in bfloat16, the text encoder (which holds the trained rows) in float32, as the script
+    does with --mixed_precision bf16 (weight_dtype for the frozen UNet and VAE, autocast around them).
+    """
+    import contextlib
+
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -146,6 +176,11 @@ def row_torch_grad(args):
     embeddings.requires_grad_(True)
     text_encoder.train()
     unet.train()
+    precision = args.get("precision", "fp32")
+    if precision == "bf16":
+        unet.to(torch.bfloat16)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision != "fp32"
+                else contextlib.nullcontext())
     optimizer = torch.optim.AdamW([embeddings], lr=5e-4)
     original = embeddings.detach().clone()
     keep = torch.ones(len(tokenizer), dtype=torch.bool)
@@ -160,8 +195,9 @@ def row_torch_grad(args):
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, 1000, (B,), generator=g)
         noisy = scheduler.add_noise(latents, noise, t)
-        hidden = text_encoder(ids)[0]                                          # (B, 77, D)
-        pred = unet(noisy, t, hidden).sample
+        with autocast:
+            hidden = text_encoder(ids)[0]                                      # (B, 77, D)
+            pred = unet(noisy.to(unet.dtype), t, hidden.to(unet.dtype)).sample
         loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
         loss.backward()
         optimizer.step()
@@ -194,8 +230,10 @@ def _open_model(args):
     """edge_ti.open_model with this row's threads and session settings (edge_ti.session)."""
     import edge_ti
     from edge_ti.session import SessionSettings
-    return edge_ti.open_model(args["onnx"], threads=args["threads"],
-                              session_settings=SessionSettings(**args.get("session", {})))
+    device = args.get("device", "cpu")
+    settings = {"cache": device == "cpu", **args.get("session", {})}
+    return edge_ti.open_model(args["onnx"], device=device, threads=args["threads"],
+                              session_settings=SessionSettings(**settings))
 
 
 def _population(model, P, L, seed=0, n_latents=1):
@@ -340,6 +378,7 @@ def child(spec):
 QUIET = {"threshold": 0.3, "max_wait": 600, "tries": 3, "max_memory_gb": 18.0}
 
 
+PYTHONS = {}  # device -> the Python whose onnxruntime build has it (--openvino-python); default this one
 REUSE = {}  # json of a row's args -> results logged by earlier runs (--log): rows are not rerun
 
 
@@ -383,7 +422,8 @@ def _run_row_once(args, log, quiet=True):
     start = time.perf_counter()
     busy0, own0 = busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
     spec = dict(args, max_memory_gb=QUIET["max_memory_gb"])
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--row", json.dumps(spec)],
+    python = PYTHONS.get(args.get("device", "cpu"), sys.executable)
+    proc = subprocess.run([python, os.path.abspath(__file__), "--row", json.dumps(spec)],
                           capture_output=True, text=True)
     wall = time.perf_counter() - start
     own1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -402,27 +442,42 @@ def _run_row_once(args, log, quiet=True):
     return result
 
 
+def variant_device(variant):
+    """openvino[-X] -> ("openvino", X or fp32): the folder of variant X through OpenVINO; others run on the CPU."""
+    if variant.startswith("openvino"):
+        return "openvino", variant.partition("-")[2] or "fp32"
+    return "cpu", variant
+
+
 def ensure_variants(base, variants):
     """The quantized copies, each made in a child process: ru_maxrss survives fork + exec on Linux,
     so a driver that had grown to quantizing's ~10 GB would hand that peak to every row after it."""
     paths = {"fp32": base}
     for v in variants:
-        if v == "fp32":
+        _, folder = variant_device(v)
+        if folder == "fp32":
+            paths[v] = base
             continue
-        mode, _, extra = v.partition("-")
-        out = f"{base}-{v}"
+        mode, _, extra = folder.partition("-")
+        out = f"{base}-{folder}"
         if not os.path.isdir(out):
             print(f"# making {out}", flush=True)
             start = time.perf_counter()
             conv = {"conv": "dynamic", "static": "static"}.get(extra, "none")
-            code = ("import sys; from edge_ti.quantize import quantize_model; "
+            code = ("import sys; from edge_ti.quantize import FLOAT_LAYERS, quantize_model; "
                     "quantize_model(sys.argv[1], sys.argv[2], mode=sys.argv[3], conv=sys.argv[4], "
-                    "per_channel=sys.argv[5] == '1')")
-            subprocess.run([sys.executable, "-c", code, base, out, mode, conv, str(int(extra in ("pc", "static")))],
-                           check=True)
+                    "per_channel=sys.argv[5] == '1', float_layers=() if sys.argv[6] == '1' else FLOAT_LAYERS)")
+            subprocess.run([sys.executable, "-c", code, base, out, mode, conv, str(int(extra in ("pc", "static"))),
+                            str(int(extra == "all"))], check=True)
             print(f"#   {time.perf_counter() - start:.0f} s", flush=True)
         paths[v] = out
-    return paths
+    return {v: paths[v] for v in ["fp32", *variants] if v in paths}
+
+
+def device_of(variant):
+    """A row's device argument: none for the CPU provider (so rows logged before the option still match)."""
+    device, _ = variant_device(variant)
+    return {} if device == "cpu" else {"device": device}
 
 
 def folder_gb(path):
@@ -437,8 +492,10 @@ def main():
     parser.add_argument("--latents", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 20])
     parser.add_argument("--variants", nargs="+", default=["fp32", "int8", "fp16"],
-                        help="fp32, int8 (MatMul/Gemm), int8-pc (per channel), int8-conv (Conv too, dynamic), "
-                             "int8-static (Conv calibrated, per channel), fp16")
+                        help="fp32, int8 (MatMul, the UNet's feed-forward kept float), int8-all (every MatMul), "
+                             "int8-pc (per channel), int8-conv (Conv too, dynamic), "
+                             "int8-static (Conv calibrated, per channel), fp16; openvino[-X]: the folder of X "
+                             "through --device openvino (needs --openvino-python)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--max-batch", type=int, default=20)
@@ -447,6 +504,14 @@ def main():
     parser.add_argument("--generation", type=int, nargs="*", default=None, metavar="LATENT",
                         help="also time one training generation (20 x 4) at these latent sizes")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--torch-precisions", nargs="+", choices=TORCH_PRECISIONS, default=list(TORCH_PRECISIONS),
+                        help="torch rows: fp32, bf16-autocast (torch.autocast), bf16 (bfloat16 weights)")
+    parser.add_argument("--torch-batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--max-torch-samples", type=int, default=4,
+                        help="skip torch rows whose batch x (latent/32)^2 exceeds this (memory)")
+    parser.add_argument("--openvino-python", default=None,
+                        help="the Python whose onnxruntime is onnxruntime-openvino, for the openvino variants "
+                             "(its build cannot share a Python with the plain onnxruntime)")
     parser.add_argument("--sessions", action="store_true", help="session-option rows instead (32x32, batch 1)")
     parser.add_argument("--log", default=None, help="append every row's JSON here (default MODELS/speed-MODEL.jsonl); "
                         "rows already there are shown, not rerun")
@@ -463,6 +528,10 @@ def main():
     args = parser.parse_args()
     if args.row:
         return child(args.row)
+    if args.openvino_python:
+        PYTHONS["openvino"] = args.openvino_python
+    elif any(v.startswith("openvino") for v in args.variants):
+        parser.error("the openvino variants need --openvino-python (a Python with onnxruntime-openvino)")
     quiet = args.quiet if args.quiet is not None else max(0, os.cpu_count() - args.threads) + 0.3
     QUIET.update(threshold=quiet, max_wait=args.max_wait, tries=args.tries, max_memory_gb=args.max_memory_gb)
 
@@ -479,6 +548,9 @@ def main():
           f"{cpu['cores']} cores @ {cpu['mhz']:.0f} MHz; simd: {cpu['simd']}")
     print(f"# fp32 peak {cpu['peak_gflops']:.0f} GFLOP/s = {cpu['cores']} cores x {cpu['mhz'] / 1e3:.2f} GHz x "
           f"{cpu['flops_per_cycle']} FLOP/cycle ({cpu['peak_how']})")
+    if not cpu["bf16"]:
+        print("# no bf16 instructions (avx512_bf16, amx_bf16) on this CPU: torch emulates bf16, so its bf16 rows "
+              "are timed at batch 1 only", flush=True)
     print(f"# onnxruntime {cpu['onnxruntime']}, threads {args.threads}, load average at start {load_average():.2f}; "
           f"a row is rerun (up to {QUIET['tries']} times) when other processes used over {QUIET['threshold']:.1f} "
           "cores during it", flush=True)
@@ -511,7 +583,7 @@ def main():
                   "nominal figure", flush=True)
     paths = ensure_variants(onnx_dir, args.variants)
     for v, p in paths.items():
-        prep = run_row({**common, "kind": "prepare", "onnx": p}, log)
+        prep = run_row({**common, "kind": "prepare", "onnx": p, **device_of(v)}, log)
         print(f"# {v}: {p}: unet {folder_gb(os.path.join(p, 'unet')):.2f} GB, "
               f"text_encoder {folder_gb(os.path.join(p, 'text_encoder')):.2f} GB, all {folder_gb(p):.2f} GB; "
               f"sessions {prep.get('seconds', float('nan')):.0f} s, peak {prep.get('peak_rss_gb', float('nan')):.2f} GB",
@@ -537,14 +609,26 @@ def main():
 
     for L in args.latents:
         fwd_flops = flops[f"unet{L}"] + flops["text"]  # one candidate evaluation
-        grad = None
+        grad = None  # the unit of the ratio columns: the strongest torch gradient step per sample
         if not args.no_torch:
-            grad = run_row({**common, "kind": "torch_grad", "latent": L, "batch": 1, "reps": args.reps}, log)
-            show("torch grad step", L, 1, grad, grad, fwd_flops * flops["grad_factor"])
-            for B in (1,):
-                r = run_row({**common, "kind": "torch_fwd", "latent": L, "batch": B, "reps": args.reps}, log)
-                results[("torch_fwd", L, B)] = r
-                show("torch fwd (UNet only)", L, B, r, grad, flops[f"unet{L}"] * B)
+            rows = {}
+            for kind in ("torch_grad", "torch_fwd"):
+                for precision in args.torch_precisions:
+                    for B in args.torch_batches:
+                        if B * (L / 32) ** 2 > args.max_torch_samples:
+                            continue  # activation memory: the gradient step at 32x32 batch 4 already peaks at ~7 GB
+                        if precision != "fp32" and B > 1 and not cpu["bf16"]:
+                            continue  # emulated bf16 is several times slower than fp32: batch 1 shows it
+                        rows[(kind, precision, B)] = run_row({**common, "kind": kind, "precision": precision,
+                                                              "latent": L, "batch": B, "reps": args.reps}, log)
+            steps = [r for (kind, _, _), r in rows.items() if kind == "torch_grad" and "error" not in r]
+            grad = min(steps, key=lambda r: r["seconds"] / r["evaluations"]) if steps else None
+            for (kind, precision, B), r in rows.items():
+                results[(kind, precision, L, B)] = r
+                if kind == "torch_grad":
+                    show(f"torch grad step {precision}", L, B, r, grad, fwd_flops * flops["grad_factor"] * B)
+                else:
+                    show(f"torch fwd {precision} (UNet only)", L, B, r, grad, flops[f"unet{L}"] * B)
         for v, path in paths.items():
             for B in args.batches:
                 cost = B * (L / 32) ** 2  # activation memory grows with batch x pixels (x attention's tokens)
@@ -554,14 +638,14 @@ def main():
                     continue
                 dump = os.path.join(args.models, f"out-{args.model}-{v}-{L}.npy") if B == 1 else None
                 r = run_row({**common, "kind": "ort", "onnx": path, "latent": L, "batch": B,
-                             "reps": args.reps if B < 20 else 1, "dump": dump}, log)
+                             "reps": args.reps if B < 20 else 1, "dump": dump, **device_of(v)}, log)
                 results[(v, L, B)] = r
                 show(f"ort {v}", L, B, r, grad, fwd_flops * B)
         if args.generation and L in args.generation:
             for v in paths:
                 if v.startswith("fp16"):
                     continue
-                results[("generation", v, L)] = run_row({**common, "kind": "generation", "onnx": paths[v],
+                results[("generation", v, L)] = run_row({**common, "kind": "generation", "onnx": paths[v], **device_of(v),
                                                           "latent": L, "batch": 20, "triples": 4,
                                                           "alt": v == "fp32"}, log)
 

@@ -40,7 +40,7 @@ FINITE = _Float(-1e6, 1e6)
 POSITIVE = _Float(0, 1e6, min_open=True)
 
 DEVICE = click.option("--device", type=click.Choice(list(DEVICES)), default="cpu", show_default=True,
-                      help="onnxruntime execution provider")
+                      help="onnxruntime execution provider (openvino: OpenVINO on the CPU, with edge-ti[openvino])")
 
 
 class _Group(click.Group):

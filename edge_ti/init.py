@@ -114,8 +114,9 @@ def attention_weights(q, s, logit_scale, top_k=None):
     return a / a.sum(axis=1, keepdims=True)                      # (N, K), rows sum to 1
 
 
-def from_images(model, images, vectors=1, words=None, top_k=None, show=10):
-    """e0 [vectors, D] from concept IMAGES by cross-attention over WORDS (default: the SD vocabulary).
+def from_images(model, images, vectors=1, words=None, top_k=None, show=10, templates=TEMPLATES):
+    """e0 [vectors, D] from concept IMAGES by cross-attention over WORDS (default: the SD vocabulary),
+    each word's key the mean of its TEMPLATES sentences' CLIP features.
 
     Returns (e0, top): top lists the `show` words of largest mean weight over the images,
     as (word, weight), largest first (show=None lists every word).
@@ -127,7 +128,7 @@ def from_images(model, images, vectors=1, words=None, top_k=None, show=10):
     if not words:
         raise EdgeTIError("no words to initialize from")
     # 1. keys, values and queries
-    s = sentence_features(clip, words, model.cache_dir("clip_vocab"))  # (K, P)
+    s = sentence_features(clip, words, model.cache_dir("clip_vocab"), templates)  # (K, P)
     v = token_features(model, words)                                    # (K, D)
     q = clip.image_features(images)                                     # (N, P)
     # 2. attention weights; fix 1: with CLIP's logit scale, as CLIP itself turns cosines into

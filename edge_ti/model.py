@@ -18,7 +18,7 @@ from .cache import cache_error, cache_root, fingerprint
 from .denoiser import Denoiser
 from .embeddings import check_vectors
 from .errors import EdgeTIError
-from .runtime import providers_for
+from .runtime import openvino_provider, providers_for
 from .session import SessionSettings, create_session
 from .tokenizer import ClipTokenizer, check_token, placeholder_ids
 
@@ -109,11 +109,17 @@ class Model:
         self.providers = providers_for(device)
         self.threads = threads
         # the optimized-graph cache: CPU only (measured there; a graph optimized for CUDA or DirectML
-        # may hold provider-specific nodes), off with EDGE_TI_SESSION_CACHE=0 (a copy of each part on disk)
+        # may hold provider-specific nodes; OpenVINO caches its own compiled graphs), off with
+        # EDGE_TI_SESSION_CACHE=0 (a copy of each part on disk)
         cache = device == "cpu" and os.environ.get("EDGE_TI_SESSION_CACHE", "1") != "0"
         settings = session_settings or SessionSettings(cache=cache)
         # threads given here win over the settings' own (the CLI's --threads)
         self.session_settings = SessionSettings(**{**vars(settings), "threads": threads or settings.threads})
+        if device == "openvino":
+            self.providers = [openvino_provider(settings.precision, self.session_settings.threads,
+                                                self.cache_dir("openvino")), *self.providers[1:]]
+        elif settings.precision != "auto":
+            raise EdgeTIError(f"precision {settings.precision!r} is OpenVINO's setting: it needs --device openvino")
 
     # ---- configs, read once ----
     @functools.cached_property

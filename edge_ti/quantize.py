@@ -15,6 +15,10 @@ u8 x s8 kernel (VPMADDUBSW) saturates its int16 pair sums with full-range weight
 CPU reordered the tiny test model's candidates (Spearman -0.16 against fp32; 0.96 with 7 bits). On
 the trained shapes-world model neither saturates much: a generation's 20 candidates ranked at
 Spearman 0.73-0.87 (7 bits) and 0.83-0.96 (8 bits) against fp32 on that CPU (3 generations).
+The UNet's feed-forward MatMuls stay in float (FLOAT_LAYERS): with them in int8 too, a training
+generation of the trained shapes-world model ranked at Spearman 0.80 against fp32 (8 generations, an
+AVX2 CPU), with them float 0.96; no other group of layers moved it as much (benchmarks/int8_layers.py).
+(Gemm layers, e.g. the time embedding's, stay float anyway: dynamic quantization has no Gemm kernel.)
 Conv is left in float by default. Quantized at run time (conv="dynamic", ConvInteger) the UNet's
 convolutions were slower; calibrated (conv="static": activation ranges from a few UNet inputs,
 QLinearConv) they are about twice as fast on SD 1.5 with a third of the memory, but the 2-5% output
@@ -51,6 +55,12 @@ _EXTERNAL_THRESHOLD = 1 << 30
 # (static) is faster still, but ranked candidates unlike fp32 (Spearman ~0.6), so it is opt-in
 PRESETS = {"int8": {"mode": "int8", "conv": "none", "per_channel": False}, "fp16": {"mode": "fp16"}}
 
+# UNet layers that int8 leaves in float, by a part of their node name: the transformer blocks'
+# feed-forward MatMuls (ff/net.0/proj, ff/net.2). In int8 they reordered a trained model's candidates:
+# on the shapes-world model a generation ranked at Spearman 0.80 against fp32 with every MatMul in int8,
+# 0.96 with these kept float (benchmarks/int8_layers.py; no other group of layers mattered as much)
+FLOAT_LAYERS = ("/ff/",)
+
 
 def _has_external_data(model):
     return any(t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL
@@ -74,8 +84,9 @@ def _save(model, path):
         onnx.save(model, path)
 
 
-def quantize_int8(src, dst, conv="none", per_channel=False):
-    """Dynamic int8 quantization of MatMul/Gemm (and Conv if conv == "dynamic") of src into dst."""
+def quantize_int8(src, dst, conv="none", per_channel=False, exclude=(), only=None):
+    """Dynamic int8 quantization of MatMul/Gemm (and Conv if conv == "dynamic") of src into dst;
+    nodes named in EXCLUDE stay in float; with ONLY, just those nodes are quantized."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     op_types = ["MatMul", "Gemm"] + (["Conv"] if conv == "dynamic" else [])
@@ -84,6 +95,7 @@ def quantize_int8(src, dst, conv="none", per_channel=False):
     quantize_dynamic(src, dst, op_types_to_quantize=op_types, per_channel=per_channel,
                      weight_type=QuantType.QInt8, use_external_data_format=large,
                      reduce_range=True,  # 7-bit weights: no u8s8 saturation on AVX2-only CPUs
+                     nodes_to_exclude=list(exclude), nodes_to_quantize=list(only) if only else None,
                      extra_options={"MatMulConstBOnly": True})
 
 
@@ -124,9 +136,9 @@ def unet_calibration_feeds(model_dir, count=8, latent=None, seed=0):
     return feeds
 
 
-def quantize_int8_static_conv(src, dst, feeds, per_channel=True):
+def quantize_int8_static_conv(src, dst, feeds, per_channel=True, exclude=()):
     """Conv to int8 with activation ranges calibrated on feeds (QDQ: onnxruntime runs QLinearConv),
-    then MatMul/Gemm dynamic as in quantize_int8."""
+    then MatMul/Gemm dynamic as in quantize_int8 (but EXCLUDE)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     large = _weights_bytes(src) > _EXTERNAL_THRESHOLD
@@ -139,7 +151,7 @@ def quantize_int8_static_conv(src, dst, feeds, per_channel=True):
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
                         reduce_range=True)
-        quantize_int8(os.path.join(staged, "model.onnx"), dst, per_channel=per_channel)
+        quantize_int8(os.path.join(staged, "model.onnx"), dst, per_channel=per_channel, exclude=exclude)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
@@ -171,14 +183,22 @@ def convert_fp16(src, dst):
     _save(model, dst)
 
 
-def _convert_part(mode, conv, part, src, dst, per_channel, feeds):
-    """One part's model.onnx src -> dst; Conv is quantized in the UNet only."""
+def float_layers_of(path, patterns):
+    """Names of PATH's MatMul/Gemm nodes whose name contains one of PATTERNS."""
+    graph = onnx.load(path, load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and any(p in n.name for p in patterns)]
+
+
+def _convert_part(mode, conv, part, src, dst, per_channel, feeds, float_layers=()):
+    """One part's model.onnx src -> dst; Conv is quantized in the UNet only, FLOAT_LAYERS stay float there."""
     if mode == "fp16":
         convert_fp16(src, dst)
-    elif part == "unet" and conv == "static":
-        quantize_int8_static_conv(src, dst, feeds, per_channel)
+        return
+    exclude = float_layers_of(src, float_layers) if part == "unet" and float_layers else []
+    if part == "unet" and conv == "static":
+        quantize_int8_static_conv(src, dst, feeds, per_channel, exclude)
     else:
-        quantize_int8(src, dst, conv if part == "unet" else "none", per_channel)
+        quantize_int8(src, dst, conv if part == "unet" else "none", per_channel, exclude=exclude)
 
 
 class _QuietRoot:
@@ -194,8 +214,9 @@ class _QuietRoot:
 
 
 def quantize_model(model_dir, out_dir, mode="int8", parts=("unet", "text_encoder"), conv="none",
-                   per_channel=False, calibration=8, source_label=None):
-    """Copy the ONNX folder MODEL_DIR to OUT_DIR with PARTS quantized (int8) or converted (fp16).
+                   per_channel=False, calibration=8, source_label=None, float_layers=FLOAT_LAYERS):
+    """Copy the ONNX folder MODEL_DIR to OUT_DIR with PARTS quantized (int8) or converted (fp16);
+    int8 leaves the UNet's MatMuls named by FLOAT_LAYERS in float (() quantizes them all).
 
     Returns OUT_DIR. OUT_DIR must not exist and must not be inside MODEL_DIR; it appears only
     when every part was written. OUT_DIR/edge_ti_quantization.json records what was done.
@@ -226,7 +247,8 @@ def quantize_model(model_dir, out_dir, mode="int8", parts=("unet", "text_encoder
             record.update(op_types=["MatMul", "Gemm"] + (["Conv"] if conv != "none" else []), conv=conv,
                           per_channel=per_channel, weights="int8 symmetric, 7-bit range (reduce_range)",
                           activations="uint8 asymmetric, dynamic" + (", Conv: static (calibrated)"
-                                                                     if conv == "static" else ""))
+                                                                     if conv == "static" else ""),
+                          float_layers=list(float_layers))
             if conv == "static" and "unet" in parts:
                 feeds = unet_calibration_feeds(model_dir, count=calibration)
                 record["calibration"] = f"{calibration} UNet inputs: Gaussian x0, stratified timesteps"
@@ -245,7 +267,7 @@ def quantize_model(model_dir, out_dir, mode="int8", parts=("unet", "text_encoder
             log.info("%s: %s -> %s", entry, mode, dst)
             with _QuietRoot():
                 _convert_part(mode, conv, entry, os.path.join(src, "model.onnx"), os.path.join(dst, "model.onnx"),
-                              per_channel, feeds)
+                              per_channel, feeds, float_layers)
         with open(os.path.join(tmp, "edge_ti_quantization.json"), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
     return out_dir

@@ -23,6 +23,7 @@ from .cache import file_digest
 from .denoiser import Denoiser
 from .errors import EdgeTIError
 from .model import open_model
+from .runtime import provider_name
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class _Worker:
 
     def hello(self):
         return {"where": self.where, "error": self.error,
-                "providers": self.model.providers if self.model else None}
+                "providers": [provider_name(p) for p in self.model.providers] if self.model else None}
 
     def score(self, candidates, triples):
         """candidates [c, n, D] -> (loss [c], exactly what InProcess gives these rows; seconds it took)."""

@@ -9,19 +9,24 @@ line saying what to install, instead of an ImportError or a silent fall back to 
 """
 import importlib
 import importlib.metadata
+import json
 
 from .errors import EdgeTIError
 
 # distribution name -> the edge-ti extra that installs it (None: a build edge-ti has no extra for)
 BUILDS = {"onnxruntime": "cpu", "onnxruntime-gpu": "cuda", "onnxruntime-directml": "directml",
-          "onnxruntime-openvino": None, "onnxruntime-rocm": None, "onnxruntime-qnn": None,
+          "onnxruntime-openvino": "openvino", "onnxruntime-rocm": None, "onnxruntime-qnn": None,
           "onnxruntime-silicon": None, "onnxruntime-training": None}
 
 # --device -> (its execution provider, the extra whose build has it)
 DEVICES = {"cpu": ("CPUExecutionProvider", "cpu"), "cuda": ("CUDAExecutionProvider", "cuda"),
-           "directml": ("DmlExecutionProvider", "directml")}
+           "directml": ("DmlExecutionProvider", "directml"), "openvino": ("OpenVINOExecutionProvider", "openvino")}
 
-INSTALL_HINT = "pip install 'edge-ti[cpu]' (or [cuda] for an NVIDIA GPU, [directml] on Windows)"
+INSTALL_HINT = ("pip install 'edge-ti[cpu]' (or [cuda] for an NVIDIA GPU, [directml] on Windows, "
+                "[openvino] for OpenVINO on the CPU)")
+
+# OpenVINO's inference precision hints edge-ti asks for (SessionSettings.precision)
+OPENVINO_PRECISIONS = ("auto", "f32", "bf16")
 
 
 def installed_builds():
@@ -45,7 +50,8 @@ def onnxruntime():
 
 
 def providers_for(device):
-    """--device cpu|cuda|directml -> onnxruntime providers, or a one-line error saying what to install."""
+    """--device cpu|cuda|directml|openvino -> onnxruntime provider names, or a one-line error saying what
+    to install (Model adds OpenVINO's options: openvino_provider)."""
     if device not in DEVICES:
         raise EdgeTIError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
     ort = onnxruntime()
@@ -70,9 +76,46 @@ def providers_for(device):
     return [wanted] if device == "cpu" else [wanted, "CPUExecutionProvider"]
 
 
+def cpu_has_bf16():
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX): OpenVINO's bf16 hint is only
+    faster there (elsewhere OpenVINO ignores it and runs f32)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), ":").split(":", 1)[1].split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def openvino_provider(precision="auto", threads=None, cache_dir=None):
+    """("OpenVINOExecutionProvider", options) for OpenVINO's CPU plugin.
+
+    The precision goes in `load_config` as a JSON string: onnxruntime 1.24's `precision` option takes
+    only FP32/ACCURACY on the CPU, and a load_config given as a dict is refused; either way onnxruntime
+    drops the provider with a warning and runs on its CPU provider (check_providers turns that into an
+    error). auto: bf16 where the CPU has it natively, f32 elsewhere.
+    """
+    if precision not in OPENVINO_PRECISIONS:
+        raise EdgeTIError(f"OpenVINO precision {precision!r}: choose one of {', '.join(OPENVINO_PRECISIONS)}")
+    hint = ("bf16" if cpu_has_bf16() else "f32") if precision == "auto" else precision
+    options = {"device_type": "CPU", "load_config": json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": hint}})}
+    if threads:
+        options["num_of_threads"] = str(int(threads))
+    if cache_dir:
+        options["cache_dir"] = str(cache_dir)  # OpenVINO's compiled-model cache: later sessions start fast
+    return ("OpenVINOExecutionProvider", options)
+
+
+def provider_name(provider):
+    """A providers-list entry is a name or (name, options)."""
+    return provider[0] if isinstance(provider, tuple) else provider
+
+
 def check_providers(session, providers, path):
-    """onnxruntime falls back to the CPU when a GPU provider's libraries fail to load; say so instead."""
-    if providers[0] not in session.get_providers():
-        raise EdgeTIError(f"{path}: onnxruntime could not start {providers[0]} (the libraries it needs failed "
-                          f"to load) and would run on {', '.join(session.get_providers())} instead; "
-                          f"--device cpu runs on the CPU")
+    """onnxruntime runs on its CPU provider, with only a warning, when the first provider fails to start
+    (a GPU provider's libraries fail to load, OpenVINO refuses its options); say so instead."""
+    wanted = provider_name(providers[0])
+    if wanted not in session.get_providers():
+        raise EdgeTIError(f"{path}: onnxruntime could not start {wanted} (the libraries it needs failed "
+                          f"to load, or it refused its options) and would run on "
+                          f"{', '.join(session.get_providers())} instead; --device cpu runs on the CPU")

@@ -88,6 +88,10 @@ def test_text_features_match_transformers(clip_sd, torch_clip):
         want = _torch_unit(model.get_text_features(input_ids=ids))
     # batch=4: two calls, each cut after its own last EOS
     assert _rel_err(clip.text_features(PROMPTS, batch=4), want) <= 1e-4
+    # batches are made of prompts of similar length (sorted): each row still comes back in its place
+    got = clip.text_features(PROMPTS, batch=3)
+    assert len({int(n) for n in (ids == tokenizer.eos_token_id).int().argmax(dim=1)}) > 2  # lengths differ
+    assert max(_rel_err(got[i], want[i]) for i in range(len(PROMPTS))) <= 1e-4
     # the exported graph is the projected, unnormalized text_embeds at any length
     with torch.no_grad():
         raw = model.get_text_features(input_ids=ids).numpy()

@@ -51,12 +51,13 @@ def _pulled(metadata, extras):
 
 
 # what each documented install gets: nothing without a device extra, exactly one build with one
-DEVICE_EXTRAS = {"cpu": "onnxruntime", "cuda": "onnxruntime-gpu", "directml": "onnxruntime-directml"}
+DEVICE_EXTRAS = {"cpu": "onnxruntime", "cuda": "onnxruntime-gpu", "directml": "onnxruntime-directml",
+                 "openvino": "onnxruntime-openvino"}
 
 
 def test_each_device_extra_asks_for_exactly_its_onnxruntime_build(metadata):
     extras = set(metadata.get_all("Provides-Extra"))
-    assert extras >= {"cpu", "cuda", "directml", "export", "ray", "test"}
+    assert extras >= {"cpu", "cuda", "directml", "openvino", "export", "ray", "test"}
     others = sorted(extras - set(DEVICE_EXTRAS) - {"test"})
     for chosen in [()] + [(e,) for e in others] + [tuple(others)]:
         assert not set(_pulled(metadata, chosen)) & ORT_BUILDS, chosen  # the base and export, ray: none
@@ -107,7 +108,7 @@ def test_the_readme_installs_a_build_with_every_pip_command():
     assert commands and commands[0].startswith("pip install -e '.[cpu]'"), commands
     for command in commands:
         extras = command.split("'.[", 1)[1].split("]'")[0].split(",") if "'.[" in command else []
-        assert set(extras) & {"cpu", "cuda", "directml", "test"}, f"README: {command!r} installs no onnxruntime"
+        assert set(extras) & {"cpu", "cuda", "directml", "openvino", "test"}, f"README: {command!r} installs no onnxruntime"
 
 
 def test_published_requirements_are_ranges_and_ci_pins_lie_inside(metadata):

@@ -53,8 +53,19 @@ def test_quantized_scores_like_fp32(tiny_sd, tmp_path, mode, rtol, rho):
         size = lambda d: os.path.getsize(os.path.join(d, part, "model.onnx"))
         assert size(out) < size(onnx_dir), part
     if mode == "int8":
-        ops = {n.op_type for n in onnx.load(os.path.join(out, "unet", "model.onnx")).graph.node}
+        nodes = onnx.load(os.path.join(out, "unet", "model.onnx")).graph.node
+        ops = {n.op_type for n in nodes}
         assert "MatMulInteger" in ops and "ConvInteger" not in ops
+        # the feed-forward layers stay float (quantize.FLOAT_LAYERS), every other weight MatMul is int8
+        float_matmuls = {n.name for n in nodes if n.op_type == "MatMul" and n.name.endswith("/MatMul")
+                         and not n.name.startswith("/MatMul")}
+        weights = {i.name for i in onnx.load(os.path.join(onnx_dir, "unet", "model.onnx")).graph.initializer}
+        feed_forward = {n.name for n in onnx.load(os.path.join(onnx_dir, "unet", "model.onnx")).graph.node
+                        if "/ff/" in n.name and n.op_type == "MatMul" and any(i in weights for i in n.input)}
+        assert feed_forward and feed_forward <= float_matmuls
+        assert not {n for n in float_matmuls if "/to_q/" in n or "/to_k/" in n}
+        record = json.load(open(os.path.join(out, "edge_ti_quantization.json")))
+        assert record["float_layers"] == ["/ff/"]
 
 
 def test_refuses_bad_outputs(tiny_sd, tmp_path):
@@ -79,7 +90,7 @@ def test_refuses_bad_outputs(tiny_sd, tmp_path):
 def test_failure_leaves_nothing(tiny_sd, tmp_path, monkeypatch):
     _, onnx_dir = tiny_sd
 
-    def fail_after_writing(src, dst, *args):
+    def fail_after_writing(src, dst, *args, **kwargs):
         with open(dst, "wb") as f:
             f.write(b"half")
         raise RuntimeError("disk full")
@@ -225,3 +236,29 @@ def test_export_refuses_an_unknown_quantization_before_exporting(tiny_sd, tmp_pa
     with pytest.raises(EdgeTIError, match="unknown quantization 'int4'"):
         export_pipeline(tiny_sd[0], str(tmp_path / "out"), quantize="int4")
     assert os.listdir(tmp_path) == []
+
+
+def test_int8_keeps_excluded_layers_in_float(tiny_sd, tmp_path):
+    """quantize_int8(exclude=...) leaves those MatMuls float; only=... quantizes just those."""
+    src = os.path.join(tiny_sd[1], "unet", "model.onnx")
+    graph = onnx.load(src).graph
+    weights = {i.name for i in graph.initializer}
+    layers = [n.name for n in graph.node if n.op_type == "MatMul" and any(i in weights for i in n.input)]
+    keep = [n for n in layers if "/attn2/to_k/" in n or "/attn2/to_v/" in n]
+    assert keep and len(keep) < len(layers)
+
+    def float_matmuls(path):
+        return {n.name for n in onnx.load(path).graph.node if n.op_type == "MatMul"} & set(layers)
+    quantize.quantize_int8(src, str(tmp_path / "all.onnx"))
+    quantize.quantize_int8(src, str(tmp_path / "kept.onnx"), exclude=keep)
+    quantize.quantize_int8(src, str(tmp_path / "only.onnx"), only=keep)
+    assert float_matmuls(tmp_path / "all.onnx") == set()
+    assert float_matmuls(tmp_path / "kept.onnx") == set(keep)
+    assert float_matmuls(tmp_path / "only.onnx") == set(layers) - set(keep)
+
+
+def test_int8_of_every_layer_on_request(tiny_sd, tmp_path):
+    out = quantize.quantize_model(tiny_sd[1], str(tmp_path / "all"), float_layers=())
+    assert not [n.name for n in onnx.load(os.path.join(out, "unet", "model.onnx")).graph.node
+                if "/ff/" in n.name and n.op_type == "MatMul"]
+    assert json.load(open(os.path.join(out, "edge_ti_quantization.json")))["float_layers"] == []

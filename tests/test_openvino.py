@@ -1,0 +1,121 @@
+"""--device openvino: onnxruntime's OpenVINO execution provider on the CPU.
+
+onnxruntime-openvino installs the same `onnxruntime` folder as the plain build, so it cannot share
+this test environment: the end-to-end test runs in the Python named by EDGE_TI_OPENVINO_PYTHON
+(.ci/run makes one: a second venv with onnxruntime-openvino and edge-ti's base dependencies).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import edge_ti
+from edge_ti import objective, runtime
+from edge_ti.denoiser import Denoiser
+from edge_ti.errors import EdgeTIError
+from edge_ti.session import SessionSettings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPENVINO_PYTHON = os.environ.get("EDGE_TI_OPENVINO_PYTHON")
+
+
+def test_openvino_options_carry_the_precision_as_a_json_load_config(monkeypatch, tmp_path):
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    name, options = runtime.openvino_provider("auto", threads=3, cache_dir=tmp_path)
+    assert name == "OpenVINOExecutionProvider"
+    # a dict, or the `precision` option with BF16, make onnxruntime 1.24 drop the provider (measured)
+    assert json.loads(options["load_config"]) == {"CPU": {"INFERENCE_PRECISION_HINT": "f32"}}
+    assert options["device_type"] == "CPU" and options["num_of_threads"] == "3"
+    assert options["cache_dir"] == str(tmp_path) and "precision" not in options
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    assert "bf16" in runtime.openvino_provider("auto")[1]["load_config"]
+    assert "f32" in runtime.openvino_provider("f32")[1]["load_config"]
+    assert "num_of_threads" not in runtime.openvino_provider("auto")[1]
+
+
+def test_bad_openvino_precision_is_one_line():
+    with pytest.raises(EdgeTIError, match="OpenVINO precision 'fp8': choose one of auto, f32, bf16"):
+        runtime.openvino_provider("fp8")
+
+
+def test_precision_without_openvino_is_refused(tiny_sd):
+    with pytest.raises(EdgeTIError, match="precision 'bf16' is OpenVINO's setting: it needs --device openvino"):
+        edge_ti.open_model(tiny_sd[1], session_settings=SessionSettings(precision="bf16"))
+
+
+def test_openvino_on_the_plain_build_says_what_to_install(tiny_sd):
+    if "OpenVINOExecutionProvider" in runtime.onnxruntime().get_available_providers():
+        pytest.skip("this onnxruntime has OpenVINO")
+    with pytest.raises(EdgeTIError, match=r"needs OpenVINOExecutionProvider.*pip install 'edge-ti\[openvino\]'"):
+        edge_ti.open_model(tiny_sd[1], device="openvino")
+
+
+def test_a_dropped_provider_with_options_is_named():
+    class Session:
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+    with pytest.raises(EdgeTIError, match="could not start OpenVINOExecutionProvider .* refused its options"):
+        runtime.check_providers(Session(), [runtime.openvino_provider("f32"), "CPUExecutionProvider"], "m.onnx")
+
+
+# runs in the OpenVINO Python: a training generation's losses, and a provider onnxruntime drops
+CHILD = r"""
+import json, sys
+import numpy as np
+import edge_ti
+from edge_ti import objective
+from edge_ti.denoiser import Denoiser
+from edge_ti.errors import EdgeTIError
+from edge_ti.session import create_session
+spec = json.loads(sys.argv[1])
+model = edge_ti.open_model(spec["model"], device="openvino", threads=1)
+candidates = np.load(spec["candidates"])
+ids = model.tokenize(spec["prompts"], {"<t>": candidates[0]})
+data = np.load(spec["triples"])
+triples = objective.Triples(data["latent_index"], data["prompt_index"], data["timesteps"], data["noise"])
+losses = objective.population_loss(Denoiser(model), candidates, ids, data["latents"], triples)
+try:  # onnxruntime 1.24 drops the provider for this option and runs on the CPU: must be an error
+    create_session(model.part_path("unet"),
+                   [("OpenVINOExecutionProvider", {"device_type": "CPU", "precision": "BF16"}), "CPUExecutionProvider"])
+    dropped = "not detected"
+except EdgeTIError as err:
+    dropped = str(err)
+print("RESULT " + json.dumps({"losses": losses.tolist(), "providers": [p if isinstance(p, str) else p[0] for p in model.providers],
+                              "dropped": dropped}))
+"""
+
+
+@pytest.mark.skipif(not OPENVINO_PYTHON and os.environ.get("CI") != "true",
+                    reason="EDGE_TI_OPENVINO_PYTHON: a Python with onnxruntime-openvino (.ci/run makes one)")
+def test_openvino_scores_a_generation_as_the_cpu_provider_does(tiny_sd, tmp_path):
+    assert OPENVINO_PYTHON, "CI runs this test: .ci/run sets EDGE_TI_OPENVINO_PYTHON"
+    model = edge_ti.open_model(tiny_sd[1])
+    rng = np.random.default_rng(0)
+    D = model.hidden_size
+    e0 = model.token_embeddings[model.tokenizer.token_ids("cat")].mean(axis=0)
+    candidates = (e0[None, None] + 0.5 * model.token_embeddings.std() * rng.standard_normal((8, 1, D))).astype(np.float32)
+    prompts = ["a photo of a <t>", "a rendering of a <t>"]
+    L = int(model.unet_config["sample_size"])
+    latents = rng.standard_normal((2, 4, L, L)).astype(np.float32)
+    triples = objective.draw_triples(rng, 4, 2, 2, 1000, latents.shape[1:])
+    ids = model.tokenize(prompts, {"<t>": candidates[0]})
+    expected = objective.population_loss(Denoiser(model), candidates, ids, latents, triples)
+    np.save(tmp_path / "candidates.npy", candidates)
+    np.savez(tmp_path / "triples.npz", latents=latents, latent_index=triples.latent_index,
+             prompt_index=triples.prompt_index, timesteps=triples.timesteps, noise=triples.noise)
+    spec = {"model": tiny_sd[1], "candidates": str(tmp_path / "candidates.npy"), "prompts": prompts,
+            "triples": str(tmp_path / "triples.npz")}
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run([OPENVINO_PYTHON, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert proc.returncode == 0 and line, proc.stderr[-2000:]
+    result = json.loads(line[len("RESULT "):])
+    assert result["providers"] == ["OpenVINOExecutionProvider", "CPUExecutionProvider"]
+    np.testing.assert_allclose(result["losses"], expected, rtol=1e-4)
+    assert list(np.argsort(result["losses"])) == list(np.argsort(expected))  # the same ranking
+    assert "could not start OpenVINOExecutionProvider" in result["dropped"], result["dropped"]
+    assert sys.executable != OPENVINO_PYTHON
