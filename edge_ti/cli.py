@@ -182,7 +182,8 @@ def export(source, out, opset, clip_dir, quantize_mode, fp16):
 def quantize(model_dir, out, mode, conv, per_channel, calibration):
     """Write OUT: a copy of the ONNX folder MODEL_DIR with the UNet and text encoder in int8 or float16.
 
-    int8 (CPU): MatMul/Gemm weights int8, activations quantized at run time (--conv adds Conv).
+    int8 (CPU): MatMul weights int8, activations quantized at run time (--conv adds Conv); the
+    UNet's feed-forward MatMuls stay float (in int8 they reorder a trained model's candidates).
     fp16: for CUDA / DirectML (onnxruntime's CPU provider has few float16 kernels). Check that a
     quantized folder ranks candidates like the original with benchmarks/speed.py (its Spearman
     lines) before a long run."""

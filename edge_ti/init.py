@@ -21,6 +21,7 @@ L2-normalizes e0 to norm 1, whatever the scale of the table's rows.
 import hashlib
 import logging
 import os
+import time
 
 import numpy as np
 
@@ -32,14 +33,15 @@ log = logging.getLogger(__name__)
 
 # sentence templates, from textual inversion's imagenet_templates_small (the keys average over them);
 # few and short, since each costs one CLIP pass per word: SD 1.x has 32,230 whole words, and
-# 4 x 32,230 prompts take about 40 minutes on 2 CPU cores for CLIP ViT-L/14, once (then cached)
+# 4 x 32,230 prompts take about 19 minutes on 2 CPU cores for CLIP ViT-L/14, once (then cached;
+# benchmarks/results/init_speed.md: what an int8 text tower or one template would save)
 TEMPLATES = (
     "a photo of a {}",
     "a rendering of a {}",
     "a cropped photo of the {}",
     "a good photo of a {}",
 )
-PROGRESS_EVERY = 64 * 20  # prompts between progress lines in the log
+PROGRESS_EVERY = 64 * 20  # prompts between progress lines at least (at most ~20 lines in all)
 MIN_LETTERS = 3  # shorter whole words are mostly abbreviations and word pieces ("ab", "th")
 
 
@@ -81,9 +83,14 @@ def sentence_features(clip, words, cache_dir, templates=TEMPLATES):
     log.warning("CLIP: encoding %d words x %d templates, once for this CLIP (cached in %s)", K, T, cache_dir)
     prompts = [template.format(word) for word in words for template in templates]
     f = []
-    for start in range(0, len(prompts), PROGRESS_EVERY):
-        f.append(clip.text_features(prompts[start:start + PROGRESS_EVERY]))  # (b, P), unit rows
-        log.info("CLIP: %d / %d prompts", min(start + PROGRESS_EVERY, len(prompts)), len(prompts))
+    every = max(PROGRESS_EVERY, -(-len(prompts) // 20))
+    began = time.perf_counter()
+    for start in range(0, len(prompts), every):
+        f.append(clip.text_features(prompts[start:start + every]))  # (b, P), unit rows
+        done, seconds = min(start + every, len(prompts)), time.perf_counter() - began
+        # shown without --verbose: the first run on SD 1.x is minutes of otherwise silent work
+        log.warning("CLIP: %d / %d prompts, %.0f s, about %.0f s left", done, len(prompts), seconds,
+                    seconds / done * (len(prompts) - done))
     f = np.concatenate(f).reshape(K, T, -1)                      # (K, T, P)
     s = f.mean(axis=1)                                           # (K, P)
     s = (s / np.linalg.norm(s, axis=1, keepdims=True)).astype(np.float32)

@@ -385,3 +385,23 @@ def test_cli_evaluate_reports_learned_and_init(clip_sd, torch_clip, tmp_path):
         g = features(generated)
         assert abs(results[name]["clip_i"] - float((g @ c.T).mean())) <= 1e-5, name
         assert abs(results[name]["clip_t"] - float(np.sum(g * t, axis=1).mean())) <= 1e-5, name
+
+
+def test_vocabulary_encoding_shows_progress_without_verbose(tmp_path, caplog):
+    """The first --init auto encodes tens of thousands of prompts: progress lines at WARNING (shown by
+    default), at most ~20 of them, the last one complete."""
+    import logging
+
+    from edge_ti.init import sentence_features
+
+    class FakeClip:
+        text_key = "fake"
+
+        def text_features(self, prompts):
+            return np.ones((len(prompts), 4), np.float32)
+    words = [f"w{i}" for i in range(9000)]
+    with caplog.at_level(logging.WARNING, logger="edge_ti.init"):
+        s = sentence_features(FakeClip(), words, str(tmp_path))
+    assert s.shape == (9000, 4)
+    progress = [r.getMessage() for r in caplog.records if "prompts," in r.getMessage()]
+    assert 2 <= len(progress) <= 21 and progress[-1].startswith("CLIP: 36000 / 36000 prompts"), progress
