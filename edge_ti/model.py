@@ -109,15 +109,16 @@ class Model:
         self.providers = providers_for(device)
         self.threads = threads
         # the optimized-graph cache: CPU only (measured there; a graph optimized for CUDA or DirectML
-        # may hold provider-specific nodes; OpenVINO caches its own compiled graphs), off with
-        # EDGE_TI_SESSION_CACHE=0 (a copy of each part on disk)
+        # may hold provider-specific nodes), off with EDGE_TI_SESSION_CACHE=0 (a copy of each part on disk)
         cache = device == "cpu" and os.environ.get("EDGE_TI_SESSION_CACHE", "1") != "0"
         settings = session_settings or SessionSettings(cache=cache)
         # threads given here win over the settings' own (the CLI's --threads)
         self.session_settings = SessionSettings(**{**vars(settings), "threads": threads or settings.threads})
         if device == "openvino":
-            self.providers = [openvino_provider(settings.precision, self.session_settings.threads,
-                                                self.cache_dir("openvino")), *self.providers[1:]]
+            # no OpenVINO model cache: on SD 1.5 it took 7.4 GB and made a session slower to start
+            # (12-19 s against 4-6 s compiling afresh; benchmarks/results/speed.md, 2026-11-30)
+            self.providers = [openvino_provider(settings.precision, self.session_settings.threads),
+                              *self.providers[1:]]
         elif settings.precision != "auto":
             raise EdgeTIError(f"precision {settings.precision!r} is OpenVINO's setting: it needs --device openvino")
 

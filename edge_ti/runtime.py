@@ -102,7 +102,7 @@ def openvino_provider(precision="auto", threads=None, cache_dir=None):
     if threads:
         options["num_of_threads"] = str(int(threads))
     if cache_dir:
-        options["cache_dir"] = str(cache_dir)  # OpenVINO's compiled-model cache: later sessions start fast
+        options["cache_dir"] = str(cache_dir)  # OpenVINO's compiled-model cache (Model does not use it: slower)
     return ("OpenVINOExecutionProvider", options)
 
 
