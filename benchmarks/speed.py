@@ -45,6 +45,7 @@ PROMPT = "a photo of a <t>"
 # ---------------------------------------------------------------- machine
 def cpu_description():
     """lscpu-like facts and the fp32 peak: cores x clock x FLOPs per cycle (from the ISA flags)."""
+    from edge_ti.runtime import cpu_has_bf16
     with open("/proc/cpuinfo", encoding="utf-8") as f:
         first = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
     first = {k.strip(): v.strip() for k, v in first.items()}
@@ -66,7 +67,7 @@ def cpu_description():
     return {"model": first.get("model name", "?"), "vendor": first.get("vendor_id"), "family": family,
             "model_id": first.get("model"), "cores": cores, "mhz": mhz, "flops_per_cycle": per_cycle,
             "peak_gflops": cores * mhz * 1e-3 * per_cycle, "peak_how": how,
-            "bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
+            "bf16": cpu_has_bf16(),
             "simd": " ".join(sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx")))),
             "onnxruntime": __import__("onnxruntime").__version__}
 

@@ -115,8 +115,6 @@ class Model:
         # threads given here win over the settings' own (the CLI's --threads)
         self.session_settings = SessionSettings(**{**vars(settings), "threads": threads or settings.threads})
         if device == "openvino":
-            # no OpenVINO model cache: on SD 1.5 it took 7.4 GB and made a session slower to start
-            # (12-19 s against 4-6 s compiling afresh; benchmarks/results/speed.md, 2026-11-30)
             self.providers = [openvino_provider(settings.precision, self.session_settings.threads),
                               *self.providers[1:]]
         elif settings.precision != "auto":

@@ -22,14 +22,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPENVINO_PYTHON = os.environ.get("EDGE_TI_OPENVINO_PYTHON")
 
 
-def test_openvino_options_carry_the_precision_as_a_json_load_config(monkeypatch, tmp_path):
+def test_openvino_options_carry_the_precision_as_a_json_load_config(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
-    name, options = runtime.openvino_provider("auto", threads=3, cache_dir=tmp_path)
+    name, options = runtime.openvino_provider("auto", threads=3)
     assert name == "OpenVINOExecutionProvider"
     # a dict, or the `precision` option with BF16, make onnxruntime 1.24 drop the provider (measured)
     assert json.loads(options["load_config"]) == {"CPU": {"INFERENCE_PRECISION_HINT": "f32"}}
     assert options["device_type"] == "CPU" and options["num_of_threads"] == "3"
-    assert options["cache_dir"] == str(tmp_path) and "precision" not in options
+    assert "precision" not in options and "cache_dir" not in options  # the cache: 7.4 GB, and slower
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
     assert "bf16" in runtime.openvino_provider("auto")[1]["load_config"]
     assert "f32" in runtime.openvino_provider("f32")[1]["load_config"]
