@@ -358,13 +358,21 @@ def _duration(text):
               show_default=True)
 @click.option("--dim", type=click.IntRange(1), default=TrainSettings.dim, show_default=True,
               help="intrinsic dimension per vector")
-@click.option("--popsize", type=click.IntRange(2), default=TrainSettings.popsize, show_default=True)
-@click.option("--sigma", type=POSITIVE, default=None, help="CMA-ES step size [0.5 in z; 0.5*std(table) for full]")
+@click.option("--optimizer", type=click.Choice(["cma", "gauss-newton"]), default=TrainSettings.optimizer,
+              show_default=True, help="cma: CMA-ES ranks each generation's losses; gauss-newton: probes around one "
+              "point, every generation's predictions summed into one quadratic model")
+@click.option("--popsize", type=click.IntRange(2), default=None,
+              help="candidates per generation [cma 20; gauss-newton 9: the point and 8 probes]")
+@click.option("--sigma", type=POSITIVE, default=None,
+              help="CMA-ES step size [0.5 in z; 0.5*std(table) for full]; gauss-newton's probe distance [0.25]")
+@click.option("--prior", type=POSITIVE, default=TrainSettings.prior, show_default=True,
+              help="gauss-newton: how strongly the token is held near the init (30: as strongly as 30 "
+                   "generations' evidence pull it away)")
 @click.option("--budget", type=click.IntRange(0), default=TrainSettings.budget, show_default=True,
               help="candidate evaluations; 0: no limit (then --max-time or --patience stops the run)")
 @click.option("--max-time", default=None, help="wall-time limit, e.g. 30m")
-@click.option("--triples", type=click.IntRange(1), default=TrainSettings.triples, show_default=True,
-              help="(latent, prompt, timestep, noise) samples per generation, shared by all candidates")
+@click.option("--triples", type=click.IntRange(1), default=None,
+              help="(latent, prompt, timestep, noise) samples per generation, shared by all candidates [4]")
 @click.option("--crn", type=click.Choice(["redraw", "fixed"]), default=TrainSettings.crn, show_default=True,
               help="common random numbers: new each generation, or fixed for the run")
 @click.option("--loss-weighting", type=click.Choice(["eps", "model"]), default=TrainSettings.loss_weighting,
@@ -394,9 +402,10 @@ def _duration(text):
 @click.option("--allow-vocabulary-token", is_flag=True,
               help="allow a --token that is already a word of the vocabulary (it takes over that word in prompts)")
 @click.option("--out", required=True, type=click.Path(), help="the embedding file to write (.safetensors)")
-def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, template, subspace, dim, popsize, sigma,
-          budget, max_time, triples, crn, loss_weighting, heldout_triples, patience, max_batch, resolution, no_flip,
-          seed, threads, device, workers, ray_address, worker_device, resume, restart, allow_vocabulary_token, out):
+def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, template, subspace, dim, optimizer,
+          popsize, sigma, prior, budget, max_time, triples, crn, loss_weighting, heldout_triples, patience, max_batch,
+          resolution, no_flip, seed, threads, device, workers, ray_address, worker_device, resume, restart,
+          allow_vocabulary_token, out):
     """Learn TOKEN from IMAGES (files or folders) with forward passes only; write OUT."""
     from .train import Interrupted, check_settings, output_paths, train as run_training
     from .workers import scorer_factory
@@ -406,10 +415,11 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
     make_scorer = scorer_factory(workers, ray_address=ray_address, threads=threads, device=worker_device or device)
     if template not in TEMPLATES:
         template = _read_lines(template, "prompt templates")
-    settings = TrainSettings(vectors=vectors, template=template, subspace=subspace, dim=dim, popsize=popsize,
-                             sigma=sigma, budget=budget, max_time=_duration(max_time), seed=seed, triples=triples,
-                             crn=crn, heldout_triples=heldout_triples, patience=patience, max_batch=max_batch,
-                             resolution=resolution, flip=not no_flip, loss_weighting=loss_weighting)
+    settings = TrainSettings(vectors=vectors, template=template, subspace=subspace, dim=dim, optimizer=optimizer,
+                             popsize=popsize, sigma=sigma, prior=prior, budget=budget, max_time=_duration(max_time),
+                             seed=seed, triples=triples, crn=crn, heldout_triples=heldout_triples, patience=patience,
+                             max_batch=max_batch, resolution=resolution, flip=not no_flip,
+                             loss_weighting=loss_weighting)
     check_settings(settings)  # before the model folder is opened; train() checks the rest before any work
     model = open_model(model_dir, device=device, threads=threads)
 

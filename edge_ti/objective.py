@@ -41,6 +41,47 @@ def population_loss(denoiser, candidates, prompt_ids, latents, triples, max_batc
     once per distinct timestep with the whole population's samples, which Denoiser.unet splits
     into calls of at most max_batch (default: the denoiser's cap for this latent size).
     """
+    squared_error = np.zeros(candidates.shape[0], dtype=np.float64)
+    for _, residual, weight in _residuals(denoiser, candidates, prompt_ids, latents, triples, max_batch):
+        squared_error += weight * (residual ** 2).mean(axis=(1, 2, 3))                      # (P,)
+    return squared_error / len(triples.timesteps)                                          # mean over triples
+
+
+def population_gram(denoiser, candidates, prompt_ids, latents, triples, max_batch=None):
+    """candidates [P, n, D] -> G [P, P]: G[a, b] = the mean over triples of weight x mean(r_a * r_b),
+    r_a = unet(x_t, t, text(a)) - target, the residual of candidate a on the triple.
+
+    Its diagonal is population_loss; the rest says how the candidates' predictions differ on the
+    same samples, which a loss alone does not: G[a, a] - 2 G[a, b] + G[b, b] = the mean squared
+    difference of a's and b's predictions (edge_ti.gauss_newton builds its Jacobian from it).
+    """
+    return mean_gram(triple_grams(denoiser, candidates, prompt_ids, latents, triples, max_batch))
+
+
+def triple_grams(denoiser, candidates, prompt_ids, latents, triples, max_batch=None):
+    """candidates [P, n, D] -> [T, P, P]: each triple's weighted Gram matrix of the residuals, in the
+    triples' order (a scorer may compute them in parts: each depends on its own triple only)."""
+    P = candidates.shape[0]
+    grams = np.zeros((len(triples.timesteps), P, P), dtype=np.float64)
+    for i, residual, weight in _residuals(denoiser, candidates, prompt_ids, latents, triples, max_batch):
+        flat = residual.reshape(P, -1).astype(np.float64)                                  # (P, C*h*w)
+        grams[i] = weight * (flat @ flat.T) / flat.shape[1]
+    return grams
+
+
+def mean_gram(grams):
+    """[T, P, P] -> [P, P], the mean over triples (one summation order wherever the parts were computed)."""
+    return grams.sum(axis=0) / len(grams)
+
+
+def subset(triples, rows):
+    """The triples at ROWS (a slice or indices), as a Triples."""
+    return Triples(triples.latent_index[rows], triples.prompt_index[rows], triples.timesteps[rows],
+                   triples.noise[rows], None if triples.weight is None else triples.weight[rows])
+
+
+def _residuals(denoiser, candidates, prompt_ids, latents, triples, max_batch):
+    """Yield (i, residual [P, C, h, w], weight) per triple i: every candidate's prediction minus the target."""
     P = candidates.shape[0]
     used = np.unique(triples.prompt_index)                                # prompts this set needs
     hidden = denoiser.encode_population(prompt_ids[used], candidates)   # (P, K_used, L, D)
@@ -48,17 +89,13 @@ def population_loss(denoiser, candidates, prompt_ids, latents, triples, max_batc
     x0 = latents[triples.latent_index]                                   # (T, C, h, w)
     x_t = denoiser.add_noise(x0, triples.timesteps, triples.noise)       # (T, C, h, w)
     target = denoiser.target(x0, triples.timesteps, triples.noise)       # (T, C, h, w)
-    squared_error = np.zeros(P, dtype=np.float64)
     for t in np.unique(triples.timesteps):
         rows = np.flatnonzero(triples.timesteps == t)                     # triples at this timestep
         # every (candidate, triple) pair at timestep t, candidate-major
-        pairs = [(p, i) for p in range(P) for i in rows]
-        sample = np.stack([x_t[i] for _, i in pairs])                                 # (B, C, h, w)
-        states = np.stack([hidden[p, row_of_prompt[int(triples.prompt_index[i])]] for p, i in pairs])  # (B, L, D)
-        pred = denoiser.unet(sample, float(t), states, max_batch)                     # (B, C, h, w)
-        err = ((pred - np.stack([target[i] for _, i in pairs])) ** 2).mean(axis=(1, 2, 3))
-        if triples.weight is not None:
-            err = err * triples.weight[[i for _, i in pairs]]
-        for (p, _), e in zip(pairs, err):
-            squared_error[p] += e
-    return (squared_error / len(triples.timesteps)).astype(np.float64)  # mean over triples
+        sample = np.repeat(x_t[rows][None], P, axis=0).reshape(P * len(rows), *x_t.shape[1:])   # (B, C, h, w)
+        states = hidden[:, [row_of_prompt[int(triples.prompt_index[i])] for i in rows]]          # (P, R, L, D)
+        pred = denoiser.unet(sample, float(t), states.reshape(P * len(rows), *states.shape[2:]), max_batch)
+        pred = pred.reshape(P, len(rows), *pred.shape[1:])                                        # (P, R, C, h, w)
+        for r, i in enumerate(rows):
+            weight = np.float64(1.0 if triples.weight is None else triples.weight[i])
+            yield i, pred[:, r] - target[i], weight

@@ -98,6 +98,12 @@ class _Worker:
         losses = objective.population_loss(self.denoiser, candidates, self.prompt_ids, self.latents, triples)
         return losses, time.perf_counter() - start
 
+    def grams(self, candidates, triples):
+        """candidates [P, n, D], some triples -> (their Gram matrices [t, P, P] (objective.triple_grams); seconds)."""
+        start = time.perf_counter()
+        grams = objective.triple_grams(self.denoiser, candidates, self.prompt_ids, self.latents, triples)
+        return grams, time.perf_counter() - start
+
 
 @dataclass(eq=False)
 class _Slot:
@@ -127,11 +133,11 @@ class _Task:
 
 @dataclass(eq=False)
 class _Generation:
-    """One population_loss call: its chunks, which are done, and the losses so far."""
-    call: int                      # which population_loss call (answers of older calls are ignored)
-    bounds: list                   # (start, stop) of each chunk in the population
-    losses: np.ndarray             # [P] float64, filled in as chunks come back
-    done: list                     # per chunk: its losses are in
+    """One population_loss (or population_gram) call: its chunks, which are done, and their answers so far."""
+    call: int                      # which call (answers of older calls are ignored)
+    bounds: list                   # (start, stop) of each chunk: candidates (losses) or triples (Grams)
+    parts: list                    # per chunk: its answer (losses [c] or Grams [t, P, P]) once in
+    done: list                     # per chunk: its answer is in
     copies: list                   # per chunk: messages in flight (a backup makes two)
     todo: collections.deque        # chunks to send, in order (a lost actor's go back to the front)
     left: int                      # chunks not done
@@ -139,11 +145,10 @@ class _Generation:
 
     @classmethod
     def split(cls, call, population, size):
-        """POPULATION candidates in chunks of SIZE, none sent yet."""
+        """POPULATION items in chunks of SIZE, none sent yet."""
         bounds = [(s, min(s + size, population)) for s in range(0, population, size)]
         n = len(bounds)
-        return cls(call, bounds, np.zeros(population, dtype=np.float64), [False] * n, [0] * n,
-                   collections.deque(range(n)), n)
+        return cls(call, bounds, [None] * n, [False] * n, [0] * n, collections.deque(range(n)), n)
 
 
 @dataclass(frozen=True)
@@ -165,11 +170,12 @@ class RayPool:
     provider and CPU kind as the driver's in-process run reproduce it bitwise; a mixed cluster
     reproduces it to float rounding. model_path: the folder as every node sees it [model.path]; its
     files must be the driver's (fingerprints, checked when each actor starts).
-    chunk: candidates per message [about four chunks per actor]. depth: messages queued per actor
-    (2: it need not wait for the driver between chunks). An actor that dies has its chunks rescored
-    on the others and is replaced (max_restarts in all [one per actor]); a chunk stuck behind an
-    actor whose current chunk runs backup_after x the median gets a copy on an idle actor, and the
-    first answer wins. close() kills the actors, and shuts Ray down if the pool started it.
+    chunk: candidates per message (triples, for population_gram) [about four chunks per actor].
+    depth: messages queued per actor (2: it need not wait for the driver between chunks). An actor
+    that dies has its chunks rescored on the others and is replaced (max_restarts in all [one per
+    actor]); a chunk stuck behind an actor whose current chunk runs backup_after x the median gets a
+    copy on an idle actor, and the first answer wins. close() kills the actors, and shuts Ray down if
+    the pool started it.
     """
 
     def __init__(self, model, prompt_ids, latents, max_batch, address=None, local_workers=None,
@@ -339,8 +345,7 @@ class RayPool:
             slot.where, slot.ready = value["where"], not slot.dead
             log.info("Ray worker %d on %s: %s", slot.index, slot.where, ", ".join(value["providers"]))
         elif ours and not generation.done[task.chunk]:
-            start, stop = generation.bounds[task.chunk]
-            generation.losses[start:stop], seconds = value
+            generation.parts[task.chunk], seconds = value
             self.compute_seconds += seconds
             generation.done[task.chunk] = True
             generation.left -= 1
@@ -373,21 +378,34 @@ class RayPool:
 
     # ---- the scorer interface ----
     def population_loss(self, candidates, triples):
-        """candidates [P, n, D] -> loss [P] (float64), chunks handed out as actors become free."""
-        ray = self._ray
+        """candidates [P, n, D] -> loss [P] (float64), chunks of candidates handed out as actors become free."""
         candidates = np.asarray(candidates, dtype=np.float32)
-        P = len(candidates)
-        size = self.chunk or max(1, P // (4 * max(1, len(self._live()) or len(self._slots))))
+        triples_ref = self._ray.put(triples)                     # once per generation, read by every actor
+
+        def message(actor, start, stop):
+            return actor.score.remote(candidates[start:stop], triples_ref)
+        return np.concatenate(self._scatter(len(candidates), message))
+
+    def population_gram(self, candidates, triples):
+        """candidates [P, n, D] -> G [P, P] (objective.population_gram): chunks of triples, every actor
+        scoring the whole population on its own triples; their Gram matrices are averaged in order."""
+        candidates_ref = self._ray.put(np.asarray(candidates, dtype=np.float32))
+
+        def message(actor, start, stop):
+            return actor.grams.remote(candidates_ref, objective.subset(triples, slice(start, stop)))
+        return objective.mean_gram(np.concatenate(self._scatter(len(triples.timesteps), message)))
+
+    def _scatter(self, count, message):
+        """COUNT items in chunks, message(actor, start, stop) -> a ref per chunk sent; -> the answers in order."""
+        ray = self._ray
+        size = self.chunk or max(1, count // (4 * max(1, len(self._live()) or len(self._slots))))
         self._call += 1
-        generation = _Generation.split(self._call, P, size)
-        triples_ref = ray.put(triples)                           # once per generation, read by every actor
+        generation = _Generation.split(self._call, count, size)
         todo = generation.todo
 
         def send(slot, c):
-            start, stop = generation.bounds[c]
             generation.copies[c] += 1
-            self._send(slot, _Task(slot, "score", self._call, c),
-                       slot.actor.score.remote(candidates[start:stop], triples_ref))
+            self._send(slot, _Task(slot, "score", self._call, c), message(slot.actor, *generation.bounds[c]))
 
         while generation.left:
             # 1. hand out chunks breadth-first: every free actor one, then a second (depth) ...
@@ -414,7 +432,7 @@ class RayPool:
                     ray.cancel(ref)
                 except Exception:
                     pass
-        return generation.losses
+        return generation.parts
 
     def close(self):
         ray = getattr(self, "_ray", None)

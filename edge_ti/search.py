@@ -1,21 +1,25 @@
-"""The CMA-ES search over z: ask a population, score it, tell, keep the best held-out candidate.
+"""The search over z: ask a population, score it, tell, keep the best held-out candidate.
 
     state = SearchState(settings_key, dim, sigma0, popsize, seed)        # or load_checkpoint(path, key)
     run(state, population_loss_of_z, heldout_loss_of_z, Limits(budget=5000), checkpoint=path)
 
+The optimizer is CMA-ES (`cma`), zo-adam (edge_ti.zo_adam) or gauss-newton (edge_ti.gauss_newton,
+which is told each population's Gram matrix, population_gram_of_z, instead of its losses).
+
 The state is data: numbers, lists and arrays, written after every generation as a safetensors
 file (arrays) with a JSON header (the rest); nothing in it is code, and reading it back never
-unpickles. The `cma` optimizer itself is not stored: it is a pure function of its seed and of
-the losses it was told, so loading a checkpoint makes a new optimizer and tells it every
-recorded generation's losses again (a second or two per thousand generations). A digest of every
-population it asks must equal the one recorded, or the checkpoint is refused (another `cma` or
-numpy would replay differently). Per-generation randomness of our own (the common random
+unpickles. The optimizer itself is not stored: it is a pure function of its seed and of the
+losses (gauss-newton: Gram matrices) it was told, so loading a checkpoint makes a new optimizer
+and tells it every recorded generation's losses again (a second or two per thousand generations).
+A digest of every population it asks must equal the one recorded, or the checkpoint is refused
+(another `cma` or numpy would replay differently). Per-generation randomness of our own (the common random
 numbers) is a function of (seed, generation), so it needs no saved state; `cma` samples from
 its own numpy generator (its `randn` option), never numpy's global one.
 
-Early stop: every `eval_every` generations the optimizer's mean and the generation's best are
-re-scored on the fixed held-out triples; the run stops when the best held-out loss is no more
-than `min_improvement` (relative) below what it was `patience` checks earlier.
+Early stop: every `eval_every` generations the optimizer's mean and the generation's best
+(gauss-newton: its point alone) are re-scored on the fixed held-out triples; the run stops when the
+best held-out loss is no more than `min_improvement` (relative) below what it was `patience`
+checks earlier.
 """
 import hashlib
 import json
@@ -34,6 +38,7 @@ with warnings.catch_warnings():  # cma warns that matplotlib (for its own plots)
 from .embeddings import read_safetensors
 from .errors import EdgeTIError
 from .files import atomic_path
+from .gauss_newton import GaussNewton
 from .zo_adam import ZerothOrderAdam
 
 CHECKPOINT_VERSION = 2  # 1 was a pickle: refused
@@ -51,11 +56,12 @@ class Limits:
 class SearchState:
     settings_key: str                 # a resume must use the same settings, images and model
     dim: int                          # of z
-    sigma0: float                     # CMA-ES's initial step size; zo-adam's smoothing radius
+    sigma0: float                     # CMA-ES's initial step; zo-adam's smoothing radius; gauss-newton's probe distance
     popsize: int
     seed: int
-    optimizer: str = "cma"            # cma | zo-adam (edge_ti.zo_adam)
+    optimizer: str = "cma"            # cma | zo-adam (edge_ti.zo_adam) | gauss-newton (edge_ti.gauss_newton)
     lr: float = 0.0                   # zo-adam's Adam step size in z
+    prior: float = 0.0                # gauss-newton's pull toward the init (its lambda over the first curvature)
     generation: int = 0
     evaluations: int = 0              # candidate evaluations (one candidate on one generation's triples)
     heldout_evaluations: int = 0      # candidate evaluations on the held-out triples
@@ -66,6 +72,7 @@ class SearchState:
     heldout_bests: list = field(default_factory=list)  # best_heldout after each check
     history: list = field(default_factory=list)        # one record per generation (the log)
     losses: list = field(default_factory=list)         # each generation's losses as told to cma, float64 (P,)
+    grams: list = field(default_factory=list)          # gauss-newton: each generation's Gram matrix as told (P, P)
     asked_digest: str = ""            # sha256 chain over the populations cma asked
     stop_reason: str = ""
 
@@ -79,9 +86,11 @@ def _chain(digest, zs):
 
 
 def new_optimizer(state):
-    """A fresh optimizer (cma, or zo-adam) for STATE's dimension, step size, population and seed."""
+    """A fresh optimizer (cma, zo-adam or gauss-newton) for STATE's dimension, step size, population and seed."""
     if state.optimizer == "zo-adam":
         return ZerothOrderAdam(state.dim, state.sigma0, state.lr, state.popsize, state.seed)
+    if state.optimizer == "gauss-newton":
+        return GaussNewton(state.dim, state.popsize - 1, state.sigma0, state.prior, state.seed)
     # seed + 1: the stream earlier versions drew (cma seeded numpy's global generator with it)
     randn = np.random.RandomState(state.seed + 1).randn
     return cma.CMAEvolutionStrategy(np.zeros(state.dim), state.sigma0, {
@@ -92,16 +101,21 @@ def new_optimizer(state):
 def replay(state, source="checkpoint"):
     """The optimizer after STATE's generations: a new one told the recorded losses again."""
     es, digest = new_optimizer(state), ""
-    for losses in state.losses:
+    for generation, losses in enumerate(state.losses):
         zs = np.array(es.ask())                                          # (P, dim)
         digest = _chain(digest, zs)
-        es.tell(list(zs), [float(x) for x in losses])
+        es.tell(list(zs), state.grams[generation] if tells_gram(es) else [float(x) for x in losses])
     if digest != state.asked_digest:
         raise EdgeTIError(f"{source}: does not replay with this version of cma/numpy; --restart to start over")
     return es
 
 
-def step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every):
+def tells_gram(es):
+    """Whether ES is told each population's Gram matrix (objective.population_gram), not its losses."""
+    return getattr(es, "tells", "losses") == "gram"
+
+
+def step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every, population_gram_of_z=None):
     """One generation: ask, score on this generation's common random numbers, tell, maybe re-score.
 
     STATE changes only once the population is scored, so an interrupt during scoring leaves it
@@ -109,17 +123,22 @@ def step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every):
     """
     start = time.perf_counter()
     zs = np.array(es.ask())                                              # (P, dim)
-    losses = np.asarray(population_loss_of_z(zs, state.generation), np.float64)  # (P,)
-    if not np.all(np.isfinite(losses)):
+    if tells_gram(es):
+        gram = np.asarray(population_gram_of_z(zs, state.generation), np.float64)     # (P, P)
+        losses = np.diag(gram).copy()                                    # (P,): the Gram's diagonal
+    else:
+        losses = np.asarray(population_loss_of_z(zs, state.generation), np.float64)  # (P,)
+    if not np.all(np.isfinite(losses)) or (tells_gram(es) and not np.all(np.isfinite(gram))):
         raise EdgeTIError("the model gave NaN or infinite losses: check the model folder's weights and "
                           "scheduler_config.json")
-    es.tell(list(zs), [float(x) for x in losses])
+    es.tell(list(zs), gram if tells_gram(es) else [float(x) for x in losses])
     record = {"generation": state.generation + 1, "evaluations": state.evaluations + len(zs),
               "best_loss": float(np.min(losses)), "mean_loss": float(np.mean(losses)), "sigma": float(es.sigma)}
     best_heldout, best_z, checked = state.best_heldout, state.best_z, None
     if record["generation"] % eval_every == 0:
-        # the optimizer's mean and this generation's best, re-scored on the fixed held-out triples
-        contenders = np.stack([es.result.xfavorite, zs[int(np.argmin(losses))]])
+        # the optimizer's mean and this generation's best, re-scored on the fixed held-out triples (gauss-newton:
+        # its point alone; its probes' losses on one generation's few triples say little about them)
+        contenders = np.stack([es.result.xfavorite] + ([] if tells_gram(es) else [zs[int(np.argmin(losses))]]))
         heldout = heldout_loss_of_z(contenders)
         i = int(np.argmin(heldout))
         record["heldout_loss"] = checked = float(heldout[i])
@@ -131,9 +150,11 @@ def step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every):
     # commit
     state.asked_digest = _chain(state.asked_digest, zs)
     state.losses.append(losses)
+    if tells_gram(es):
+        state.grams.append(gram)
     state.generation, state.evaluations, state.elapsed = record["generation"], record["evaluations"], elapsed
     if checked is not None:
-        state.heldout_evaluations += 2
+        state.heldout_evaluations += len(contenders)
         state.best_heldout, state.best_z = best_heldout, best_z
         state.heldout_bests.append(best_heldout)
     state.history.append(record)
@@ -156,12 +177,15 @@ def finished(state, es, limits):
 
 
 def run(state, population_loss_of_z, heldout_loss_of_z, limits, eval_every=5, checkpoint=None,
-        on_generation=None):
+        on_generation=None, population_gram_of_z=None):
     """Search until a limit stops it; after every generation save the checkpoint and call
-    on_generation(record, state). Returns STATE with its stop_reason (resumed states continue)."""
+    on_generation(record, state). Returns STATE with its stop_reason (resumed states continue).
+    population_gram_of_z(zs, generation) -> [P, P] scores the populations of gauss-newton."""
     es = replay(state, source=checkpoint or "checkpoint")
+    if tells_gram(es) and population_gram_of_z is None:
+        raise EdgeTIError(f"the {state.optimizer} search needs population_gram_of_z")
     while not (reason := finished(state, es, limits)):
-        record = step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every)
+        record = step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every, population_gram_of_z)
         if checkpoint:
             save_checkpoint(checkpoint, state)
         if on_generation:
@@ -172,13 +196,16 @@ def run(state, population_loss_of_z, heldout_loss_of_z, limits, eval_every=5, ch
 
 # ---- the checkpoint file: safetensors arrays + the rest as JSON in its metadata ----
 _ARRAYS = ("best_z", "losses")
+_OPTIONAL_ARRAYS = ("grams",)       # written when not empty (gauss-newton)
 
 
 def save_checkpoint(path, state):
     """Atomic: a temp file renamed over the old checkpoint, so a kill never leaves half a file."""
-    fields_ = {k: v for k, v in asdict(state).items() if k not in _ARRAYS}
+    fields_ = {k: v for k, v in asdict(state).items() if k not in _ARRAYS + _OPTIONAL_ARRAYS}
     losses = (np.stack(state.losses) if state.losses else np.zeros((0, state.popsize))).astype(np.float64)
     arrays = {"best_z": np.ascontiguousarray(state.best_z, np.float64), "losses": losses}
+    if state.grams:
+        arrays["grams"] = np.stack(state.grams).astype(np.float64)
     header = json.dumps({"version": CHECKPOINT_VERSION, **fields_})
     data = save(arrays, metadata={"edge_ti.checkpoint": header})
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # Python's write: a full disk is an OSError
@@ -193,9 +220,10 @@ def _bad(path, why):
 _TYPES = {"settings_key": str, "dim": int, "sigma0": float, "popsize": int, "seed": int, "generation": int,
           "evaluations": int, "heldout_evaluations": int, "elapsed": float, "best_heldout": float,
           "init_heldout": float, "heldout_bests": list, "history": list, "asked_digest": str, "stop_reason": str,
-          "optimizer": str, "lr": float}
+          "optimizer": str, "lr": float, "prior": float}
 # fields added after CHECKPOINT_VERSION 2 was first written: absent in those files, they take these values
-_ADDED = {"optimizer": "cma", "lr": 0.0}
+_ADDED = {"optimizer": "cma", "lr": 0.0, "prior": 0.0}
+OPTIMIZERS = ("cma", "zo-adam", "gauss-newton")
 
 
 def load_checkpoint(path, settings_key):
@@ -229,20 +257,28 @@ def read_checkpoint(path):
     if not isinstance(header, dict) or header.get("version") != CHECKPOINT_VERSION:
         raise _bad(path, "written by another edge-ti version")
     header = {**_ADDED, **header}
-    if header["optimizer"] not in ("cma", "zo-adam"):
+    if header["optimizer"] not in OPTIMIZERS:
         raise _bad(path, f"unknown optimizer {str(header['optimizer'])[:30]!r}")
     for name, kind in _TYPES.items():
         value = header.get(name)
         ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
         if not ok or (kind is int and value < 0):
             raise _bad(path, f"field {name!r} is {str(value)[:30]}")
-    if set(arrays) != set(_ARRAYS):
+    if header["optimizer"] == "gauss-newton" and not (0 < header["sigma0"] < np.inf and 0 < header["prior"] < np.inf
+                                                      and 2 <= header["popsize"] <= header["dim"] + 1):
+        raise _bad(path, "gauss-newton settings out of range")
+    wants_grams = header["optimizer"] == "gauss-newton" and header["generation"] > 0
+    if set(arrays) != set(_ARRAYS) | ({"grams"} if wants_grams else set()):
         raise _bad(path, f"arrays {sorted(arrays)}")
     generation, popsize, dim = header["generation"], header["popsize"], header["dim"]
     if arrays["losses"].shape != (generation, popsize) or arrays["best_z"].shape != (dim,):
         raise _bad(path, "array shapes do not match its generations")
+    grams = arrays.get("grams", np.zeros((0, popsize, popsize)))
+    if wants_grams and (grams.shape != (generation, popsize, popsize) or not np.all(np.isfinite(grams))):
+        raise _bad(path, "Gram matrices do not match its generations")
     if not (all(isinstance(x, (int, float)) for x in header["heldout_bests"])
             and all(isinstance(r, dict) for r in header["history"]) and len(header["history"]) == generation):
         raise _bad(path, "malformed history")
     values = {f.name: header[f.name] for f in fields(SearchState) if f.name in _TYPES}
-    return SearchState(**values, best_z=np.array(arrays["best_z"]), losses=list(np.array(arrays["losses"])))
+    return SearchState(**values, best_z=np.array(arrays["best_z"]), losses=list(np.array(arrays["losses"])),
+                       grams=list(np.array(grams)))

@@ -62,11 +62,15 @@ class TrainSettings:
     template: object = "object"   # "object", "style", or a list of templates with one {}
     subspace: str = "pca"         # pca | prior | full (see subspace.py)
     dim: int = 256                # intrinsic dimension per vector: the paper's 256 (capped at D)
-    popsize: int = 20             # the paper's population size (= cma's default for dim 256)
+    popsize: int = None           # None: the optimizer's (OPTIMIZER_DEFAULTS; cma: the paper's 20)
     sigma: float = None           # CMA-ES step size in z; None: 0.5 for pca/prior, 0.5*std(table) for full
+                                  # (gauss-newton: its probes' distance, 0.25)
     optimizer: str = "cma"        # cma | zo-adam: gradient estimates from antithetic pairs + Adam (zo_adam.py);
                                   # for zo-adam, sigma is the pairs' radius and popsize must be even
+                                  # | gauss-newton: the point and popsize - 1 probes at distance sigma, each
+                                  # generation's predictions summed into one quadratic model (gauss_newton.py)
     lr: float = 0.05              # zo-adam's Adam step size in z (pca z ~ N(0, I) spans the vocabulary)
+    prior: float = 30.0           # gauss-newton's pull toward the init, in units of the first generation's curvature
     norm_cap: bool = True         # shorten candidates longer than the vocabulary's longest row: a search
                                   # never leaves the norms the text encoder was trained on (measured: no loss)
     loss_weighting: str = "eps"   # eps: score in epsilon-loss units whatever the model predicts; model: the
@@ -75,7 +79,8 @@ class TrainSettings:
     budget: int = 5000            # candidate evaluations: the paper's 5000; 0: no limit (time or patience stop)
     max_time: float = None        # seconds; None for no limit
     seed: int = 0
-    triples: int = 4              # (latent, prompt, timestep, noise) per generation, shared by all candidates
+    triples: int = None           # (latent, prompt, timestep, noise) per generation, shared by all candidates;
+                                  # None: the optimizer's (cma: 4)
     crn: str = "redraw"           # redraw the common random numbers each generation, or keep them fixed
     heldout_triples: int = 32     # the fixed held-out set that picks the result and decides early stop
     eval_every: int = 5           # generations between held-out checks
@@ -85,6 +90,24 @@ class TrainSettings:
     latent_sample: bool = False   # VAE latent: the distribution's mean (False) or a seeded sample
     max_batch: int = None         # UNet samples per call; None: the memory cap, edge_ti.denoiser.auto_max_batch
     resolution: int = None        # training images' size in pixels; None: the model's (SD 1.5: 512)
+
+    def __post_init__(self):
+        defaults = optimizer_defaults(self.optimizer)
+        self.popsize = defaults["popsize"] if self.popsize is None else self.popsize
+        self.triples = defaults["triples"] if self.triples is None else self.triples
+
+
+# what popsize, triples and sigma default to for each optimizer (benchmarks/results/optimizers.md)
+OPTIMIZER_DEFAULTS = {
+    "cma": {"popsize": 20, "triples": 4, "sigma": 0.5},
+    "zo-adam": {"popsize": 20, "triples": 4, "sigma": 0.5},
+    "gauss-newton": {"popsize": 9, "triples": 4, "sigma": 0.25},   # the point + 8 probes, each on 4 triples
+}
+
+
+def optimizer_defaults(optimizer):
+    """OPTIMIZER_DEFAULTS of OPTIMIZER (cma's for a name check_settings will refuse)."""
+    return OPTIMIZER_DEFAULTS.get(optimizer if isinstance(optimizer, str) else "cma", OPTIMIZER_DEFAULTS["cma"])
 
 
 @dataclass
@@ -116,6 +139,7 @@ _RANGES = {
     "popsize": (lambda v: v >= 2, "at least 2 (CMA-ES ranks candidates against each other)"),
     "sigma": (lambda v: v is None or (math.isfinite(v) and v > 0), "a positive number"),
     "lr": (lambda v: math.isfinite(v) and v > 0, "a positive number"),
+    "prior": (lambda v: math.isfinite(v) and v > 0, "a positive number"),
     "budget": (lambda v: v >= 0, "0 (no limit) or more"),
     "max_time": (lambda v: v is None or (math.isfinite(v) and v > 0), "a positive duration"),
     "seed": (lambda v: 0 <= v < 2 ** 32, "0 to 2**32 - 1"),
@@ -145,8 +169,8 @@ def check_settings(settings):
         raise EdgeTIError(f"norm_cap must be true or false, got {settings.norm_cap!r}")
     if settings.loss_weighting not in ("eps", "model"):
         raise EdgeTIError(f"unknown loss_weighting {settings.loss_weighting!r}: choose eps or model")
-    if settings.optimizer not in ("cma", "zo-adam"):
-        raise EdgeTIError(f"unknown optimizer {settings.optimizer!r}: choose cma or zo-adam")
+    if settings.optimizer not in search.OPTIMIZERS:
+        raise EdgeTIError(f"unknown optimizer {settings.optimizer!r}: choose {', '.join(search.OPTIMIZERS)}")
     if settings.optimizer == "zo-adam" and settings.popsize % 2:
         raise EdgeTIError(f"popsize must be even for zo-adam (two candidates per direction), got {settings.popsize}")
     return prompt_templates(settings.template)
@@ -183,8 +207,12 @@ def _settings_key(model, settings, latents, e0, token):
     # what cannot change the result of a generation: limits (a resume may extend them) and batching
     fields = {k: v for k, v in dataclasses.asdict(settings).items()
               if k not in ("budget", "max_time", "patience", "max_batch")}
-    if settings.optimizer == "cma":  # lr is zo-adam's: changing it cannot change a cma run
-        del fields["optimizer"], fields["lr"]
+    if settings.optimizer != "zo-adam":  # lr is zo-adam's, prior gauss-newton's: others cannot change the run
+        del fields["lr"]
+    if settings.optimizer != "gauss-newton":
+        del fields["prior"]
+    if settings.optimizer == "cma":  # as before the option existed: earlier checkpoints still match
+        del fields["optimizer"]
     if settings.loss_weighting == "model" or model.prediction_type == "epsilon":
         del fields["loss_weighting"]  # the loss of before the option: earlier checkpoints still match
     digest.update(json.dumps(fields, sort_keys=True).encode())
@@ -229,6 +257,10 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
         raise EdgeTIError("give an initialization: --init-word WORD or --init auto")
     if init_top_k is not None and init_top_k < 1:
         raise EdgeTIError(f"init_top_k must be at least 1, got {init_top_k}")
+    dim = subspace_dim(settings, model.hidden_size)
+    if settings.optimizer == "gauss-newton" and settings.popsize - 1 > settings.vectors * dim:
+        raise EdgeTIError(f"popsize {settings.popsize} is more than gauss-newton can use: the point and at most "
+                          f"{settings.vectors * dim} probes (one per dimension of z)")
     if resume not in RESUME_MODES:
         raise EdgeTIError(f"resume must be one of {', '.join(RESUME_MODES)}, got {resume!r}")
     paths = output_paths(out)
@@ -246,15 +278,22 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
                       resume, on_generation, make_scorer)
 
 
+def subspace_dim(settings, width):
+    """The dimension of z per vector: --dim, at most the embedding WIDTH for pca; WIDTH for full."""
+    if settings.subspace == "full":
+        return width
+    return min(settings.dim, width) if settings.subspace == "pca" else settings.dim
+
+
 def search_space(table, settings):
     """(dim, sigma, W [D, dim], max_norm) of e = e0 + W z for the vocabulary table [V, D]: what turns a
     search point z into an embedding (subspace.embeddings_from_z(e0, W, z, max_norm))."""
     D = table.shape[1]
-    dim = settings.dim if settings.subspace != "full" else D
-    if settings.subspace == "pca" and dim > D:
-        log.info("--dim %d is more than the embedding width %d: using %d", dim, D, D)
-        dim = D
-    sigma = settings.sigma or (0.5 * float(table.std()) if settings.subspace == "full" else 0.5)
+    dim = subspace_dim(settings, D)
+    if dim < settings.dim and settings.subspace == "pca":
+        log.info("--dim %d is more than the embedding width %d: using %d", settings.dim, D, D)
+    default = optimizer_defaults(settings.optimizer)["sigma"]
+    sigma = settings.sigma or (default * float(table.std()) if settings.subspace == "full" else default)
     W = subspace.basis(settings.subspace, table, dim, sigma, seed=settings.seed)  # (D, dim)
     max_norm = subspace.max_row_norm(table) if settings.norm_cap else None
     return dim, sigma, W, max_norm
@@ -305,11 +344,21 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
 
     heldout = triples_for(1, 0, count=settings.heldout_triples)
     scorer = make_scorer(model, prompt_ids, latents, settings.max_batch)
+    if settings.optimizer == "gauss-newton" and not hasattr(scorer, "population_gram"):
+        scorer.close()
+        raise EdgeTIError(f"the gauss-newton search needs each population's Gram matrix (population_gram), which "
+                          f"{type(scorer).__name__} does not give; use optimizer cma with it")
+
+    def generation_triples(generation):
+        return triples_for(0, 0 if settings.crn == "fixed" else generation, count=settings.triples)
 
     def population_loss_of_z(zs, generation):
-        generation_key = 0 if settings.crn == "fixed" else generation
-        triples = triples_for(0, generation_key, count=settings.triples)
-        return scorer.population_loss(subspace.embeddings_from_z(e0, W, zs, max_norm), triples)  # (P, n, D)
+        candidates = subspace.embeddings_from_z(e0, W, zs, max_norm)                  # (P, n, D)
+        return scorer.population_loss(candidates, generation_triples(generation))     # (P,)
+
+    def population_gram_of_z(zs, generation):
+        candidates = subspace.embeddings_from_z(e0, W, zs, max_norm)
+        return scorer.population_gram(candidates, generation_triples(generation))     # (P, P)
 
     def heldout_loss_of_z(zs):
         return scorer.population_loss(subspace.embeddings_from_z(e0, W, zs, max_norm), heldout)
@@ -335,13 +384,14 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
                         state.evaluations)
         else:
             fresh = search.SearchState(key, settings.vectors * dim, sigma, settings.popsize, settings.seed,
-                                       optimizer=settings.optimizer, lr=settings.lr)
+                                       optimizer=settings.optimizer, lr=settings.lr, prior=settings.prior)
             fresh.init_heldout = fresh.best_heldout = float(heldout_loss_of_z(np.zeros((1, fresh.dim)))[0])
             fresh.heldout_evaluations += 1
             search.save_checkpoint(paths["checkpoint"], fresh)
             state = fresh
         search.run(state, population_loss_of_z, heldout_loss_of_z, limits, settings.eval_every,
-                   checkpoint=paths["checkpoint"], on_generation=after_generation)
+                   checkpoint=paths["checkpoint"], on_generation=after_generation,
+                   population_gram_of_z=population_gram_of_z)
     except KeyboardInterrupt:
         if state is None:
             raise

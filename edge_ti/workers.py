@@ -3,6 +3,7 @@ tokenized prompts, the concept latents) and turns candidates + common random num
 
     scorer = InProcess(model, prompt_ids, latents, max_batch)
     losses = scorer.population_loss(candidates [P, n, D], triples)   # -> [P]
+    gram = scorer.population_gram(candidates, triples)               # -> [P, P] (gauss-newton)
 
 Each candidate's loss does not depend on which others share its batch (checked bitwise in the
 tests), so a scorer may split a population any way it likes and the search stays the same.
@@ -25,6 +26,9 @@ class InProcess:
 
     def population_loss(self, candidates, triples):
         return objective.population_loss(self.denoiser, candidates, self.prompt_ids, self.latents, triples)
+
+    def population_gram(self, candidates, triples):
+        return objective.population_gram(self.denoiser, candidates, self.prompt_ids, self.latents, triples)
 
     def close(self):
         pass

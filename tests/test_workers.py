@@ -89,6 +89,37 @@ def test_pool_losses_bitwise_any_chunking_and_a_slow_actor(tiny_sd, local_ray):
     assert ray.is_initialized()  # a pool on an existing connection leaves it connected
 
 
+def test_pool_grams_bitwise_any_chunking(tiny_sd, local_ray):
+    """gauss-newton's Gram matrices: chunks of triples, each actor scoring the whole population."""
+    model = edge_ti.open_model(tiny_sd[1])
+    rng = np.random.default_rng(1)
+    latents = rng.normal(size=(3, 4, 16, 16)).astype(np.float32)
+    prompt_ids = model.tokenize(["a photo of <t>", "a <t> on a table"], {"<t>": np.zeros((1, 32))})
+    triples = objective.draw_triples(rng, 5, 3, 2, 1000, (4, 16, 16))
+    triples.timesteps[3] = triples.timesteps[0]           # two triples at one timestep share a UNet call in-process
+    triples.weight = rng.random(5)
+    candidates = rng.normal(0, 0.05, (4, 1, 32)).astype(np.float32)
+    expected = InProcess(model, prompt_ids, latents, 20).population_gram(candidates, triples)
+    pool = RayPool(model, prompt_ids, latents, 20, workers=2)
+    try:
+        for chunk in (None, 1, 2, 5):
+            pool.chunk = chunk
+            assert np.array_equal(pool.population_gram(candidates, triples), expected)
+    finally:
+        pool.close()
+
+
+def test_gauss_newton_on_ray_matches_in_process(tiny_sd, concept_dir, tmp_path, local_ray):
+    settings = dict(optimizer="gauss-newton", budget=45, dim=8, triples=3, heldout_triples=6, eval_every=2, patience=0,
+                    seed=1)
+    model = edge_ti.open_model(tiny_sd[1])
+    runs = [train(model, [concept_dir], "<c>", str(tmp_path / f"{i}.safetensors"), init_word="cat",
+                  settings=TrainSettings(**settings), make_scorer=make_scorer)
+            for i, make_scorer in enumerate((InProcess, ray_scorer(workers=2)))]
+    assert np.array_equal(runs[0].embedding["<c>"], runs[1].embedding["<c>"])
+    assert _history(runs[0]) == _history(runs[1]) and runs[0].generations == 5
+
+
 class _KillingPool(RayPool):
     """Kills the actor it just sent the first chunk of population_loss call `kill_call` to."""
     kill_call = 3
