@@ -72,8 +72,12 @@ def test_the_gram_diagonal_is_population_loss_and_its_rest_the_prediction_differ
     assert diff > 0
 
 
+def state_loss(z):
+    return float(np.diag(_gram(z[None]))[0])
+
+
 def _run(state, path, budget):
-    loss = lambda zs, g: np.diag(_gram(zs, g, noise=0.5))        # noqa: E731  (not used: gauss-newton tells Grams)
+    loss = lambda zs, g: np.diag(_gram(zs, g, noise=0.5))        # noqa: E731  (unused: gauss-newton is told Grams)
     gram = lambda zs, g: _gram(zs, g, noise=0.5)                 # noqa: E731
     heldout = lambda zs: np.diag(_gram(zs))                      # noqa: E731
     return search.run(state, loss, heldout, search.Limits(budget=budget, patience=0), eval_every=3,
@@ -93,10 +97,6 @@ def test_search_runs_gauss_newton_and_a_checkpoint_resumed_halfway_ends_where_th
     assert half.generation == 50
     resumed = _run(search.load_checkpoint(path, "key"), path, 300)
     assert np.array_equal(resumed.best_z, state.best_z) and resumed.asked_digest == state.asked_digest
-
-
-def state_loss(z):
-    return float(np.diag(_gram(z[None]))[0])
 
 
 def test_a_search_that_tells_grams_without_a_gram_scorer_is_refused():
