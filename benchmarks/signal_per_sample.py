@@ -467,7 +467,7 @@ def main():
                 c = e0
             rng = np.random.default_rng([args.seed, ci, 1 + args.populations.index(kind)])
             z = rng.standard_normal((args.popsize, dim)) * args.sigma   # (P, dim)
-            hidden = denoiser.encode_population(prompt_ids, subspace.embeddings_from_z(c, W, z))  # (P, K, 77, D)
+            hidden, _ = denoiser.encode_population(prompt_ids, subspace.embeddings_from_z(c, W, z))  # (P, K, 77, D)
             t0 = time.time()
             pools[kind, name] = measure_population(denoiser, hidden, latents, len(templates), T, rng,
                                                    args.truth, args.pool)

@@ -204,10 +204,12 @@ def convert(path, out):
 @click.argument("model_dir", type=click.Path())
 @DEVICE
 def info(model_dir, device):
-    """Describe an ONNX model folder: vocabulary, width, resolution, scheduler."""
+    """Describe an ONNX model folder: family (sd: SD 1.x/2.x, sdxl), vocabulary, width, resolution, scheduler."""
     model = open_model(model_dir, device=device)
     click.echo(json.dumps({
-        "path": model.path, "vocab_size": model.vocab_size, "hidden_size": model.hidden_size,
+        "path": model.path, "family": model.family, "vocab_size": model.vocab_size,
+        "hidden_size": model.hidden_size,
+        "text_encoders": {p.name: p.columns.stop - p.columns.start for p in model.text_parts},
         "resolution": model.resolution, "scheduler": model.scheduler_config.get("_class_name"),
         "prediction_type": model.scheduler_config.get("prediction_type", "epsilon"),
         "providers": model.providers}, indent=2))
@@ -238,7 +240,8 @@ def _embeddings_from_files(model, paths):
 @click.argument("prompt")
 @click.option("--embedding", "embedding_files", multiple=True, type=click.Path(),
               help="embedding file whose tokens PROMPT uses (repeat for several)")
-@click.option("--negative", default="", help="negative prompt (the unconditional half of guidance)")
+@click.option("--negative", default="", help="negative prompt (the unconditional half of guidance; none on SDXL: "
+              "all zeros, as diffusers)")
 @click.option("--steps", type=STEPS, default=30, show_default=True, help="sampler steps")
 @click.option("--guidance", type=FINITE, default=7.5, show_default=True,
               help="classifier-free guidance scale; 1 or less: no guidance")

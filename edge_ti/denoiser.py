@@ -1,14 +1,19 @@
 """The denoiser: the two networks that training and sampling run, and the schedule that ties them.
 
     denoiser = Denoiser(model)                                  # the model folder's sessions
-    hidden = denoiser.encode_population(prompt_ids, candidates)  # [P, K, 77, D], one text-encoder call
+    hidden, pooled = denoiser.encode_population(prompt_ids, candidates)  # [P, K, 77, D'], SDXL: [P, K, D_g]
     x_t = denoiser.add_noise(x0, timesteps, eps)                # DDPM q(x_t | x0)
-    out = denoiser.unet(x_t, t, states)                         # eps or v: [B, C, h, w]
+    out = denoiser.unet(x_t, t, states, pooled=rows)            # eps or v: [B, C, h, w]
 
 One object shared by the objective, generation, the workers and int8 calibration: the text
 encoder with token injection, the UNet in calls of at most max_batch samples (the memory cap),
 the training schedule's alpha_bar and the model's prediction type. The Model describes the
 folder and opens its sessions; this is what runs them.
+
+SDXL (diffusers' StableDiffusionXLPipeline.encode_prompt and _get_add_time_ids): each text encoder
+reads its own columns of the tokens' vectors, the UNet reads both penultimate hidden states side
+by side as encoder_hidden_states, text_encoder_2's pooled output as text_embeds, and time_ids
+(original size, crop top-left, target size) = (H, W, 0, 0, H, W) of the image being denoised.
 """
 import functools
 import os
@@ -21,6 +26,7 @@ from .errors import EdgeTIError
 from .tokenizer import placeholder_ids
 
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+SDXL_UNET_INPUTS = ("text_embeds", "time_ids")
 
 # UNet activation memory grows with batch x latent pixels: calls are capped at this many latent
 # pixels, i.e. batch 4 at 32x32 (256 px; SD 1.5 peaks there at 4.9 GB fp32, 3.6 GB int8), 1 at
@@ -57,18 +63,63 @@ class Denoiser:
         return alphas_cumprod(self.model.scheduler_config)                   # (T_train,)
 
     # ---- text ----
-    def encode_text(self, prompts, embeddings=None):
-        """prompts -> float32 [B, 77, D] last hidden state, with `embeddings` {token: [n, D]} injected."""
+    def encode(self, prompts, embeddings=None):
+        """prompts -> (encoder_hidden_states float32 [B, 77, D'], pooled [B, D_g] or None (SD 1.x/2.x)),
+        with `embeddings` {token: [n, D]} injected; each text encoder tokenizes the prompts itself."""
         embeddings = self.model.check_embeddings(embeddings)
-        ids = self.model.tokenizer(prompts, placeholder_ids(embeddings, self.vocab_size))  # (B, 77)
+        placeholders = placeholder_ids(embeddings, self.vocab_size)
         extra = (np.concatenate(list(embeddings.values())) if embeddings
                  else np.zeros((0, self.model.hidden_size), np.float32))        # (m, D)
-        hidden, _ = te.encode(self.model.text_encoder, ids, extra)
-        return hidden
+        states, pooled = [], None
+        for part in self.model.text_parts:
+            ids = self.model.tokenizer_of(part)(prompts, placeholders)          # (B, 77)
+            session = self.model.text_session(part.name)
+            hidden, pooled = te.encode(session, ids, extra[:, part.columns], self._hidden_output(part, session))
+            states.append(hidden)
+        return np.concatenate(states, axis=-1), (pooled if self.model.family == "sdxl" else None)
+
+    def encode_text(self, prompts, embeddings=None):
+        """prompts -> float32 [B, 77, D']: the UNet's encoder_hidden_states, with `embeddings` injected."""
+        return self.encode(prompts, embeddings)[0]
+
+    def encode_pooled(self, prompts, embeddings=None):
+        """SDXL: prompts -> float32 [B, D_g], the UNet's text_embeds, with `embeddings` injected."""
+        if self.model.family != "sdxl":
+            raise EdgeTIError(f"{self.model.path}: an SD 1.x/2.x model has no pooled text input (SDXL has)")
+        return self.encode(prompts, embeddings)[1]
 
     def encode_population(self, prompt_ids, candidates):
-        """prompt_ids [K, 77], candidates [P, n, D] -> last hidden states [P, K, 77, D] in one call."""
-        return te.encode_population(self.model.text_encoder, prompt_ids, candidates, self.vocab_size)
+        """prompt_ids [K, 77] (model.tokenize's), candidates [P, n, D] -> (hidden [P, K, 77, D'],
+        pooled [P, K, D_g] or None), one call per text encoder."""
+        states, pooled = [], None
+        for part in self.model.text_parts:
+            session = self.model.text_session(part.name)
+            ids = self._part_ids(part, prompt_ids)
+            hidden, pooled = te.encode_population(session, ids, np.ascontiguousarray(candidates[..., part.columns]),
+                                                  self.vocab_size, self._hidden_output(part, session))
+            states.append(hidden)
+        return np.concatenate(states, axis=-1), (pooled if self.model.family == "sdxl" else None)
+
+    def _part_ids(self, part, ids):
+        """model.tokenize's ids [K, L] as PART's tokenizer gives them: the same vocabulary (Model.tokenizer_2
+        checks it), its own padding after the closing end-of-text token (SDXL's tokenizer_2 pads with "!")."""
+        tokenizer = self.model.tokenizer_of(part)
+        first = self.model.tokenizer
+        if tokenizer is first or tokenizer.pad_id == first.pad_id:
+            return ids
+        # tokenizer 1 pads with end-of-text: the closing token is where the trailing run of them starts
+        tail = np.cumprod((ids == first.eos_id)[:, ::-1], axis=1)[:, ::-1].astype(bool)   # (K, L)
+        closing = tail & ~np.concatenate([np.zeros_like(tail[:, :1]), tail[:, :-1]], axis=1)
+        return np.where(tail & ~closing, tokenizer.pad_id, ids)
+
+    def _hidden_output(self, part, session):
+        if not part.penultimate:
+            return None
+        name = te.penultimate_output(session)
+        if name is None:
+            raise EdgeTIError(f"{self.model.path}/{part.name}/model.onnx: no hidden_states outputs; SDXL's UNet reads "
+                              "the penultimate layer (re-export with optimum, which writes them)")
+        return name
 
     # ---- the forward process and what the UNet is trained to predict ----
     def add_noise(self, x0, timesteps, noise):
@@ -101,28 +152,40 @@ class Denoiser:
         return np.sqrt(a).astype(np.float32), np.sqrt(1.0 - a).astype(np.float32)
 
     # ---- the UNet ----
-    def unet(self, sample, timestep, hidden, max_batch=None):
-        """UNet at one timestep: sample [B, C, h, w], hidden [B, 77, D] -> float32 [B, C, h, w],
-        in calls of at most max_batch samples (default: this denoiser's cap, else auto_max_batch)."""
+    def unet(self, sample, timestep, hidden, max_batch=None, pooled=None):
+        """UNet at one timestep: sample [B, C, h, w], hidden [B, 77, D'] (SDXL: pooled [B, D_g] too)
+        -> float32 [B, C, h, w], in calls of at most max_batch samples (default: this denoiser's cap,
+        else auto_max_batch)."""
         max_batch = max_batch or self.max_batch or auto_max_batch(sample.shape)
         if len(sample) > max_batch:
-            return np.concatenate([self.unet(sample[i:i + max_batch], timestep, hidden[i:i + max_batch], max_batch)
+            return np.concatenate([self.unet(sample[i:i + max_batch], timestep, hidden[i:i + max_batch], max_batch,
+                                             None if pooled is None else pooled[i:i + max_batch])
                                    for i in range(0, len(sample), max_batch)])
-        feed = self.unet_feed(sample, timestep, hidden)
+        feed = self.unet_feed(sample, timestep, hidden, pooled)
         return self.model.session("unet").run(None, feed)[0].astype(np.float32)
 
-    def unet_feed(self, sample, timestep, hidden):
+    def time_ids(self, sample):
+        """SDXL's added time ids for latents [B, C, h, w]: (original H, W, crop top, left, target H, W), the
+        image's own size uncropped, as StableDiffusionXLPipeline passes them by default -> [B, 6]."""
+        H, W = (d * self.model.vae_scale_factor for d in sample.shape[-2:])
+        return np.tile(np.array([H, W, 0, 0, H, W], np.float32), (len(sample), 1))
+
+    def unet_feed(self, sample, timestep, hidden, pooled=None):
         """The UNet's inputs in the dtypes and shapes its export takes (a scalar timestep in optimum's
         export, [B] in older ones; float16 in fp16 exports)."""
-        inputs = self._unet_inputs(sample, hidden)
+        inputs = self._unet_inputs(sample, hidden, pooled)
         t_dtype, t_shape = inputs["timestep"]
         t = np.asarray(timestep, dtype=t_dtype)                               # []
         if len(t_shape) == 1:
             t = np.full(sample.shape[:1], t, dtype=t_dtype)                   # [B]
-        return {"sample": sample.astype(inputs["sample"][0]), "timestep": t,
+        feed = {"sample": sample.astype(inputs["sample"][0]), "timestep": t,
                 "encoder_hidden_states": hidden.astype(inputs["encoder_hidden_states"][0])}
+        if pooled is not None:
+            feed["text_embeds"] = pooled.astype(inputs["text_embeds"][0])
+            feed["time_ids"] = self.time_ids(sample).astype(inputs["time_ids"][0])
+        return feed
 
-    def _unet_inputs(self, sample, hidden):
+    def _unet_inputs(self, sample, hidden, pooled=None):
         """The UNet's input types, once it is checked to be a UNet that takes these latents and text states."""
         inputs = self.model.input_types("unet")
         path = os.path.join(self.model.path, "unet", "model.onnx")
@@ -139,4 +202,10 @@ class Denoiser:
         if isinstance(width, int) and width != hidden.shape[-1]:
             raise EdgeTIError(f"{path}: this UNet takes text states of width {width}, but the text encoder "
                               f"gives {hidden.shape[-1]}")
+        takes_pooled = all(name in inputs for name in SDXL_UNET_INPUTS)
+        if takes_pooled != (pooled is not None):
+            raise EdgeTIError(f"{path}: an SDXL UNet (inputs text_embeds, time_ids) in a folder without "
+                              "text_encoder_2/" if takes_pooled else
+                              f"{path}: not an SDXL UNet (no text_embeds and time_ids inputs), but the folder "
+                              "has text_encoder_2/")
         return inputs

@@ -1,10 +1,15 @@
 """Embedding files: safetensors in the shapes diffusers, AUTOMATIC1111 and ComfyUI use.
 
 We write the single-key format `{token: float32 [n, D]}`, which diffusers' load_textual_inversion,
-AUTOMATIC1111 and ComfyUI all load. We read:
+AUTOMATIC1111 and ComfyUI all load; an SDXL token as those two write it, `{"clip_l": [n, 768],
+"clip_g": [n, 1280]}` (diffusers loads it with one load_textual_inversion call per text encoder:
+README). We read:
   - diffusers: `{token: [n, D] or [D]}` (learned_embeds.safetensors)
   - AUTOMATIC1111 safetensors: `{"emb_params": [n, D]}` (the token is the file's name)
-  - ComfyUI / SDXL: `{"clip_l": [n, 768], "clip_g": [n, 1280]}` (SD 1.x uses clip_l)
+  - AUTOMATIC1111 / ComfyUI SDXL: `{"clip_l": [n, 768], "clip_g": [n, 1280]}` -> {token: {"clip_l": ...,
+    "clip_g": ...}}; Model.check_embeddings joins the parts for SDXL and takes clip_l for SD 1.x
+    (as ComfyUI does); a file with clip_l alone reads as an SD 1.x token
+The token is the file's stem where the file does not name it (as those tools do), or `token=`.
 Pickled `.pt` / `.bin` files are never unpickled here: `edge-ti convert` (export extra) turns them
 into safetensors.
 """
@@ -19,6 +24,7 @@ from safetensors.numpy import save
 
 from .errors import EdgeTIError
 from .files import atomic_path
+from .tokenizer import check_token
 
 # safetensors dtype -> (numpy dtype, bytes per item); BF16 is decoded by hand (no torch)
 _DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "F64": (np.float64, 8), "BF16": (None, 2)}
@@ -120,23 +126,40 @@ def check_vectors(token, vectors, source, width=None):
     return vectors
 
 
-def load_embedding(path):
-    """An embedding file -> {token: float32 [n, D]}."""
+SDXL_KEYS = ("clip_l", "clip_g")
+
+
+def load_embedding(path, token=None):
+    """An embedding file -> {token: float32 [n, D]}, or for an SDXL file {token: {"clip_l": [n, D_l],
+    "clip_g": [n, D_g]}}; TOKEN names the placeholder (default: the file's own name for it, else its stem)."""
     if not os.path.lexists(path):
         raise EdgeTIError(f"{path}: no such embedding file")
+    if token is not None:
+        check_token(token, path)
     tensors, _ = read_safetensors(path)
     stem = os.path.splitext(os.path.basename(path))[0]
-    if "clip_l" in tensors:  # ComfyUI/SDXL layout; SD 1.x reads the CLIP-L part
+    if "clip_g" in tensors:
+        extra = sorted(set(tensors) - set(SDXL_KEYS))
+        if "clip_l" not in tensors or extra:
+            raise EdgeTIError(f"{path}: an SDXL embedding holds clip_l and clip_g, found keys {sorted(tensors)[:5]}")
+        name = token or stem
+        parts = {key: check_vectors(f"{name}:{key}", tensors[key], path) for key in SDXL_KEYS}
+        if len(parts["clip_l"]) != len(parts["clip_g"]):
+            raise EdgeTIError(f"{path}: {len(parts['clip_l'])} clip_l vectors but {len(parts['clip_g'])} clip_g "
+                              "vectors; each of a token's vectors has both parts")
+        return {name: parts}
+    if "clip_l" in tensors:  # ComfyUI's layout of an SD 1.x token
         tensors = {stem: tensors["clip_l"]}
     elif any(k in tensors for k in _GENERIC_KEYS):
         key = next(k for k in _GENERIC_KEYS if k in tensors)
         tensors = {stem: tensors[key]}
     if len(tensors) != 1:
         raise EdgeTIError(f"{path}: expected one token's embedding, found keys {sorted(tensors)[:5]}")
-    token, vectors = next(iter(tensors.items()))
-    if not token.strip():
+    name, vectors = next(iter(tensors.items()))
+    name = token or name
+    if not name.strip():
         raise EdgeTIError(f"{path}: the token's name is empty")
-    return {token: check_vectors(token, vectors, path)}
+    return {name: check_vectors(name, vectors, path)}
 
 
 def read_metadata(path):
@@ -145,14 +168,23 @@ def read_metadata(path):
 
 
 def save_embedding(path, embeddings, metadata=None):
-    """{token: [n, D]} -> safetensors {token: float32 [n, D]}, written atomically.
+    """{token: [n, D]} -> safetensors {token: float32 [n, D]}; {token: {"clip_l": .., "clip_g": ..}} (SDXL,
+    Model.file_parts) -> {"clip_l": .., "clip_g": ..}; written atomically.
 
-    metadata: extra str -> str entries (other tools ignore them).
+    metadata: extra str -> str entries (other tools ignore them; an SDXL file's token is its name).
     """
     if len(embeddings) != 1:
         raise EdgeTIError(f"{path}: an embedding file holds one token, got {len(embeddings)}")
     token, vectors = next(iter(embeddings.items()))
-    vectors = np.ascontiguousarray(check_vectors(token, vectors, path))
-    data = save({token: vectors}, metadata={"format": "pt", "written_by": "edge-ti", **(metadata or {})})
+    if isinstance(vectors, dict):
+        if sorted(vectors) != sorted(SDXL_KEYS):
+            raise EdgeTIError(f"{path}: an SDXL token has parts clip_l and clip_g, got {sorted(vectors)}")
+        tensors = {key: np.ascontiguousarray(check_vectors(f"{token}:{key}", vectors[key], path)) for key in SDXL_KEYS}
+        if len(tensors["clip_l"]) != len(tensors["clip_g"]):
+            raise EdgeTIError(f"{path}: token {token!r} has {len(tensors['clip_l'])} clip_l but "
+                              f"{len(tensors['clip_g'])} clip_g vectors")
+    else:
+        tensors = {token: np.ascontiguousarray(check_vectors(token, vectors, path))}
+    data = save(tensors, metadata={"format": "pt", "written_by": "edge-ti", **(metadata or {})})
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # Python's write: a full disk is an OSError
         f.write(data)

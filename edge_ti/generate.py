@@ -13,6 +13,11 @@ predictions from ONE UNet call on a batch of 2n:
 applied to eps or v alike, as diffusers' StableDiffusionPipeline does; guidance <= 1 runs the
 conditional batch of n alone (diffusers guides only above 1). The loop follows that pipeline step
 for step, so that given the same initial latents the final latents match it (tests/test_generate.py).
+
+SDXL follows StableDiffusionXLPipeline: the UNet also reads the pooled text (text_embeds) and the
+time ids of the image size (edge_ti.denoiser), and an empty negative prompt is all zeros, hidden and
+pooled, where the folder's model_index.json says force_zeros_for_empty_prompt (SDXL's default; diffusers
+zeroes when no negative prompt is given: "" here means none).
 """
 import logging
 import math
@@ -58,11 +63,9 @@ def denoise(model, prompt, embeddings=None, negative_prompt="", steps=30, guidan
     # text: the negative prompt and the prompt in one text-encoder call, each repeated n times
     denoiser = Denoiser(model)
     guided = guidance > 1
-    if guided:
-        uncond, cond = denoiser.encode_text([negative_prompt, prompt], embeddings)  # [77, D] each
-        hidden = np.concatenate([np.repeat(uncond[None], n, 0), np.repeat(cond[None], n, 0)])  # [2n, 77, D]
-    else:
-        hidden = np.repeat(denoiser.encode_text([prompt], embeddings), n, 0)  # [n, 77, D]
+    hidden, pooled = _conditioning(model, denoiser, prompt, negative_prompt if guided else None, embeddings)
+    hidden = np.repeat(hidden, n, 0)                                        # [2n or n, 77, D']
+    pooled = None if pooled is None else np.repeat(pooled, n, 0)            # SDXL: [2n or n, D_g]
 
     log.info("sampling %d x %dpx: %s, %d steps, guidance %g", n, size, sampler_name, steps, guidance)
     x = latents * np.float32(sampler.init_noise_sigma)                      # [n, C, h, w], x_T
@@ -70,7 +73,7 @@ def denoise(model, prompt, embeddings=None, negative_prompt="", steps=30, guidan
         model_input = sampler.scale_model_input(x, i)                       # [n, C, h, w]
         if guided:
             model_input = np.concatenate([model_input, model_input])        # [2n, C, h, w]
-        model_output = denoiser.unet(model_input, t, hidden)                # [2n or n, C, h, w]
+        model_output = denoiser.unet(model_input, t, hidden, pooled=pooled)  # [2n or n, C, h, w]
         if guided:
             out_uncond, out_cond = model_output[:n], model_output[n:]       # [n, C, h, w] each
             model_output = out_uncond + guidance * (out_cond - out_uncond)  # eq. 6
@@ -78,6 +81,17 @@ def denoise(model, prompt, embeddings=None, negative_prompt="", steps=30, guidan
         if progress is not None:
             progress(i + 1, len(sampler.timesteps))
     return x
+
+
+def _conditioning(model, denoiser, prompt, negative_prompt, embeddings):
+    """(hidden [2 or 1, 77, D'], pooled [2 or 1, D_g] or None): the negative prompt's first where it guides."""
+    if negative_prompt is None:
+        return denoiser.encode([prompt], embeddings)
+    if not negative_prompt and model.force_zeros_for_empty_prompt:
+        hidden, pooled = denoiser.encode([prompt], embeddings)
+        return (np.concatenate([np.zeros_like(hidden), hidden]),
+                np.concatenate([np.zeros_like(pooled), pooled]))
+    return denoiser.encode([negative_prompt, prompt], embeddings)
 
 
 def _warn_unused_tokens(model, prompts, embeddings):

@@ -33,6 +33,8 @@ def image_paths(inputs):
     folder's other entries are skipped (with a warning if named like an image), a file given
     by name must be a regular one.
     """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]   # one file or folder, not the characters of its name
     paths = []
     for item in inputs:
         if os.path.isdir(item):
@@ -142,6 +144,8 @@ def load_images(inputs, size, flip=False):
 
     Says (a warning, since the CLI shows warnings) how many images are used and how they were changed.
     """
+    if isinstance(inputs, (str, os.PathLike, Image.Image)):
+        inputs = [inputs]   # one file, folder or image
     items = inputs if all(isinstance(i, Image.Image) for i in inputs) else image_paths(inputs)
     pixels, cropped, resized = [], 0, 0
     for item in items:

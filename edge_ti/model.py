@@ -4,12 +4,20 @@
     (each with model.onnx, external data where large; exactly what `optimum-cli export onnx
     --task text-to-image` writes). edge-ti never writes into MODEL_DIR: what it derives (the
     patched text encoder, the token table, latents) goes to the cache, keyed by content.
+
+Two families (Model.family): "sd" (SD 1.x and 2.x: one text encoder, whose last hidden state the
+UNet reads) and "sdxl" (text_encoder_2/ and tokenizer_2/ beside them: the UNet reads both encoders'
+penultimate hidden states side by side, plus text_encoder_2's pooled `text_embeds` and `time_ids`).
+A token of an SDXL model is one array [n, D_l + D_g]: its CLIP-L vectors, then its CLIP-G vectors
+(Model.text_parts says which columns each encoder reads); files hold the two parts apart
+(`{"clip_l": ..., "clip_g": ...}`, edge_ti.embeddings).
 """
 import functools
 import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -86,6 +94,18 @@ def _read_config(path, keys):
     return config
 
 
+@dataclass(frozen=True)
+class TextPart:
+    """One text encoder of a model folder and what edge-ti reads from it."""
+    name: str             # text_encoder | text_encoder_2: its folder
+    file_key: str         # its part's name in SDXL embedding files: clip_l | clip_g
+    columns: slice        # its columns of a token's vectors [n, D] (SDXL: clip_l's, then clip_g's)
+    penultimate: bool     # the UNet reads the penultimate layer's hidden state (SDXL), not the last
+
+
+# what a patched text encoder cached under an older edge-ti lacks: bump when the patch changes
+PATCH_VERSION = "2"   # 2: new ids hidden from the end-of-text ArgMax (text_encoder.py)
+
 # each part's use, for the error when a folder lacks it
 PART_USES = {"unet": "training and generating need the UNet", "vae_encoder": "training needs the VAE encoder",
              "vae_decoder": "generating images needs the VAE decoder"}
@@ -105,6 +125,10 @@ class Model:
             raise EdgeTIError(f"{path}: no text_encoder/model.onnx (is this an ONNX Stable Diffusion folder?)")
         if not os.path.isdir(os.path.join(self.path, "tokenizer")):
             raise EdgeTIError(f"{path}: no tokenizer/ folder")
+        has_second = os.path.isfile(os.path.join(self.path, "text_encoder_2", "model.onnx"))
+        self.family = "sdxl" if has_second else "sd"
+        if has_second and not os.path.isdir(os.path.join(self.path, "tokenizer_2")):
+            raise EdgeTIError(f"{path}: text_encoder_2/ (SDXL) but no tokenizer_2/ folder")
         self.device = device
         self.providers = providers_for(device)
         self.threads = threads
@@ -159,6 +183,28 @@ class Model:
     def tokenizer(self):
         return ClipTokenizer(os.path.join(self.path, "tokenizer"))
 
+    @functools.cached_property
+    def tokenizer_2(self):
+        """SDXL's second tokenizer: the first one's vocabulary (checked), its own padding ("!")."""
+        if self.family != "sdxl":
+            raise EdgeTIError(f"{self.path}: an SD 1.x/2.x folder has one tokenizer")
+        second = ClipTokenizer(os.path.join(self.path, "tokenizer_2"))
+        first = self.tokenizer
+        if (second.bpe.get_vocab() != first.bpe.get_vocab() or (second.bos_id, second.eos_id, second.max_length)
+                != (first.bos_id, first.eos_id, first.max_length)):
+            raise EdgeTIError(f"{self.path}: tokenizer/ and tokenizer_2/ differ in vocabulary or special tokens; "
+                              "edge-ti needs SDXL's two tokenizers to share CLIP's vocabulary")
+        return second
+
+    def tokenizer_of(self, part):
+        return self.tokenizer_2 if part.name == "text_encoder_2" else self.tokenizer
+
+    @functools.cached_property
+    def force_zeros_for_empty_prompt(self):
+        """SDXL: an empty negative prompt is all zeros, not the encoded "" (model_index.json, default true)."""
+        config = _read_config(os.path.join(self.path, "model_index.json"), {})
+        return self.family == "sdxl" and config.get("force_zeros_for_empty_prompt", True) is not False
+
     # ---- cache ----
     @functools.cached_property
     def text_encoder_key(self):
@@ -184,21 +230,50 @@ class Model:
         return path
 
     @functools.cached_property
-    def patched_text_encoder_dir(self):
-        """The text encoder with the extra_embeddings input, patched once and cached."""
-        out = os.path.join(self.cache_dir("text_encoders"), self.text_encoder_key)
+    def text_encoder_2_key(self):
+        return fingerprint(os.path.join(self.path, "text_encoder_2", "model.onnx"))[:24]
+
+    def patched_dir(self, name):
+        """The text encoder NAME with the extra_embeddings input, patched once and cached."""
+        source = os.path.join(self.path, name, "model.onnx")
+        key = self.text_encoder_key if name == "text_encoder" else self.text_encoder_2_key
+        out = os.path.join(self.cache_dir("text_encoders"), f"{key}-p{PATCH_VERSION}")
         if not os.path.isfile(os.path.join(out, "model.onnx")):
-            log.info("patching %s for token injection (once) -> %s", self.text_encoder_path, out)
+            log.info("patching %s for token injection (once) -> %s", source, out)
             try:
-                te.patch_text_encoder(self.text_encoder_path, out)
+                te.patch_text_encoder(source, out)
             except OSError as err:
                 raise cache_error(os.path.dirname(out), err) from None
         return out
 
+    @property
+    def patched_text_encoder_dir(self):
+        return self.patched_dir("text_encoder")
+
+    @functools.cached_property
+    def token_tables(self):
+        """Each text encoder's token-embedding table, float32 [V, D_part], in text_parts' order."""
+        tables = [np.load(os.path.join(self.patched_dir(name), "token_embeddings.npy"))
+                  for name in (("text_encoder",) if self.family == "sd" else ("text_encoder", "text_encoder_2"))]
+        if len({len(t) for t in tables}) != 1:
+            raise EdgeTIError(f"{self.path}: the two text encoders' vocabularies differ in size "
+                              f"({', '.join(str(len(t)) for t in tables)})")
+        return tables
+
     @functools.cached_property
     def token_embeddings(self):
-        """The text encoder's token-embedding table, float32 [V, D]."""
-        return np.load(os.path.join(self.patched_text_encoder_dir, "token_embeddings.npy"))
+        """The token-embedding table, float32 [V, D]; SDXL: both encoders' rows side by side [V, D_l + D_g]."""
+        tables = self.token_tables
+        return tables[0] if len(tables) == 1 else np.concatenate(tables, axis=1)
+
+    @functools.cached_property
+    def text_parts(self):
+        """The text encoders, each with the columns of a token's vectors it reads (TextPart)."""
+        if self.family == "sd":
+            return (TextPart("text_encoder", "clip_l", slice(0, self.hidden_size), False),)
+        D_l, D_g = (t.shape[1] for t in self.token_tables)
+        return (TextPart("text_encoder", "clip_l", slice(0, D_l), True),
+                TextPart("text_encoder_2", "clip_g", slice(D_l, D_l + D_g), True))
 
     @property
     def vocab_size(self):
@@ -206,6 +281,7 @@ class Model:
 
     @property
     def hidden_size(self):
+        """The width of a token's vector: the text encoder's (SDXL: both encoders' widths summed)."""
         return self.token_embeddings.shape[1]
 
     # ---- sessions ----
@@ -222,7 +298,16 @@ class Model:
 
     @functools.cached_property
     def text_encoder(self):
-        return self.open_session(os.path.join(self.patched_text_encoder_dir, "model.onnx"))
+        return self.open_session(os.path.join(self.patched_dir("text_encoder"), "model.onnx"))
+
+    def text_session(self, name):
+        """The patched text encoder NAME's session, created on first use."""
+        if name == "text_encoder":
+            return self.text_encoder
+        cached = self.__dict__.setdefault("_text_sessions", {})
+        if name not in cached:
+            cached[name] = self.open_session(os.path.join(self.patched_dir(name), "model.onnx"))
+        return cached[name]
 
     def session(self, part):
         """unet, vae_encoder or vae_decoder, created on first use."""
@@ -252,13 +337,48 @@ class Model:
 
     # ---- the public text path ----
     def check_embeddings(self, embeddings, source="embedding"):
-        """{token: [n, D]} -> float32 arrays, or an error naming SOURCE and the token: a name a prompt
-        can hold, 1 to 75 finite vectors of this text encoder's width."""
+        """{token: [n, D] or {"clip_l": [n, D_l], "clip_g": [n, D_g]}} -> {token: float32 [n, D]}, or
+        an error naming SOURCE and the token: a name a prompt can hold, 1 to 75 finite vectors of this
+        model's width. An SD 1.x/2.x model reads an SDXL token's clip_l part (as ComfyUI does); an SDXL
+        model needs both parts."""
         checked = {}
         for token, vectors in (embeddings or {}).items():
             check_token(token, source)
+            if isinstance(vectors, dict):
+                vectors = self._join_parts(token, vectors, source)
+            elif self.family == "sdxl" and np.shape(vectors)[-1:] != (self.hidden_size,):
+                raise EdgeTIError(f"{source}: token {token!r} is an SD 1.x/2.x embedding (width "
+                                  f"{np.shape(vectors)[-1] if np.ndim(vectors) else 0}); this SDXL model needs "
+                                  f"both text encoders' vectors (clip_l [n, {self.text_parts[0].columns.stop}] "
+                                  f"and clip_g [n, {self.hidden_size - self.text_parts[0].columns.stop}])")
             checked[token] = check_vectors(token, vectors, source, width=self.hidden_size)
         return checked
+
+    def _join_parts(self, token, parts, source):
+        """{"clip_l": [n, D_l], "clip_g": [n, D_g]} -> [n, D] for this model (SD: clip_l alone)."""
+        if self.family == "sd":
+            if "clip_l" not in parts:
+                raise EdgeTIError(f"{source}: token {token!r} has no clip_l part for this SD 1.x/2.x model")
+            return parts["clip_l"]
+        missing = [p.file_key for p in self.text_parts if p.file_key not in parts]
+        if missing:
+            raise EdgeTIError(f"{source}: token {token!r} has no {' or '.join(missing)} part; SDXL needs both")
+        arrays = []
+        for part in self.text_parts:
+            width = part.columns.stop - part.columns.start
+            vectors = check_vectors(f"{token}:{part.file_key}", parts[part.file_key], source, width=width)
+            arrays.append(vectors)
+        if arrays[0].shape[0] != arrays[1].shape[0]:
+            raise EdgeTIError(f"{source}: token {token!r} has {arrays[0].shape[0]} clip_l vectors but "
+                              f"{arrays[1].shape[0]} clip_g vectors")
+        return np.concatenate(arrays, axis=1)
+
+    def file_parts(self, vectors):
+        """A token's vectors [n, D] as its embedding file holds them: the array (SD), or
+        {"clip_l": [n, D_l], "clip_g": [n, D_g]} (SDXL, as AUTOMATIC1111 and ComfyUI write them)."""
+        if self.family == "sd":
+            return vectors
+        return {part.file_key: vectors[:, part.columns] for part in self.text_parts}
 
     def tokenize(self, prompts, embeddings=None):
         """prompts -> int64 [B, 77]; tokens of `embeddings` get ids from vocab_size on."""
@@ -266,9 +386,16 @@ class Model:
         return self.tokenizer(prompts, placeholder_ids(embeddings, self.vocab_size))
 
     def encode_text(self, prompts, embeddings=None):
-        """prompts -> float32 [B, 77, D] last hidden state, with `embeddings` injected (the public API;
-        edge_ti.denoiser.Denoiser.encode_text)."""
+        """prompts -> float32 [B, 77, D]: what the UNet receives as encoder_hidden_states, with
+        `embeddings` injected (SD: the last hidden state; SDXL: both encoders' penultimate hidden
+        states side by side, as diffusers' encode_prompt gives them). The public API of
+        edge_ti.denoiser.Denoiser.encode_text."""
         return Denoiser(self).encode_text(prompts, embeddings)
+
+    def encode_pooled(self, prompts, embeddings=None):
+        """SDXL: prompts -> float32 [B, D_g], the UNet's `text_embeds` (text_encoder_2's projected
+        state at the end-of-text token), with `embeddings` injected."""
+        return Denoiser(self).encode_pooled(prompts, embeddings)
 
 
 def open_model(path, device="cpu", threads=None, session_settings=None):

@@ -84,7 +84,7 @@ def _residuals(denoiser, candidates, prompt_ids, latents, triples, max_batch):
     """Yield (i, residual [P, C, h, w], weight) per triple i: every candidate's prediction minus the target."""
     P = candidates.shape[0]
     used = np.unique(triples.prompt_index)                                # prompts this set needs
-    hidden = denoiser.encode_population(prompt_ids[used], candidates)   # (P, K_used, L, D)
+    hidden, pooled = denoiser.encode_population(prompt_ids[used], candidates)   # (P, K_used, L, D'), (P, K_used, D_g)
     row_of_prompt = {int(k): r for r, k in enumerate(used)}
     x0 = latents[triples.latent_index]                                   # (T, C, h, w)
     x_t = denoiser.add_noise(x0, triples.timesteps, triples.noise)       # (T, C, h, w)
@@ -93,8 +93,11 @@ def _residuals(denoiser, candidates, prompt_ids, latents, triples, max_batch):
         rows = np.flatnonzero(triples.timesteps == t)                     # triples at this timestep
         # every (candidate, triple) pair at timestep t, candidate-major
         sample = np.repeat(x_t[rows][None], P, axis=0).reshape(P * len(rows), *x_t.shape[1:])   # (B, C, h, w)
-        states = hidden[:, [row_of_prompt[int(triples.prompt_index[i])] for i in rows]]          # (P, R, L, D)
-        pred = denoiser.unet(sample, float(t), states.reshape(P * len(rows), *states.shape[2:]), max_batch)
+        prompt_rows = [row_of_prompt[int(triples.prompt_index[i])] for i in rows]
+        states = hidden[:, prompt_rows]                                                             # (P, R, L, D')
+        pooled_rows = None if pooled is None else pooled[:, prompt_rows].reshape(P * len(rows), -1)  # (B, D_g)
+        pred = denoiser.unet(sample, float(t), states.reshape(P * len(rows), *states.shape[2:]), max_batch,
+                             pooled_rows)
         pred = pred.reshape(P, len(rows), *pred.shape[1:])                                        # (P, R, C, h, w)
         for r, i in enumerate(rows):
             weight = np.float64(1.0 if triples.weight is None else triples.weight[i])

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("int8", "fp16")
 CONV = ("none", "static", "dynamic")  # int8 Conv: float (none), calibrated (static) or ConvInteger (dynamic)
-PARTS = ("unet", "text_encoder", "vae_encoder", "vae_decoder")
+PARTS = ("unet", "text_encoder", "text_encoder_2", "vae_encoder", "vae_decoder")
 # a protobuf cannot exceed 2 GiB: above half that (a margin) the weights go to one external data file
 _EXTERNAL_THRESHOLD = 1 << 30
 
@@ -125,14 +125,15 @@ def unet_calibration_feeds(model_dir, count=8, latent=None, seed=0):
     rng = np.random.default_rng(seed)
     prompts = ["a photo of a cat", "a rendering of a dog", "a close-up photo of the mug",
                "a painting in the style of a cat"]
-    hidden = denoiser.encode_text(prompts)                                # (K, 77, D)
+    hidden, pooled = denoiser.encode(prompts)                             # (K, 77, D'), SDXL (K, D_g)
     feeds = []
     for i in range(count):
         t = int((i + rng.uniform()) * len(denoiser.alphas_bar) / count)  # stratified over the schedule
         x0 = rng.standard_normal((1, 4, latent, latent)).astype(np.float32)
         eps = rng.standard_normal(x0.shape).astype(np.float32)
         x_t = denoiser.add_noise(x0, [t], eps)                           # (1, 4, latent, latent)
-        feeds.append(denoiser.unet_feed(x_t, t, hidden[i % len(prompts)][None]))
+        k = i % len(prompts)
+        feeds.append(denoiser.unet_feed(x_t, t, hidden[k][None], None if pooled is None else pooled[k][None]))
     return feeds
 
 
@@ -213,10 +214,11 @@ class _QuietRoot:
         logging.getLogger().setLevel(self.level)
 
 
-def quantize_model(model_dir, out_dir, mode="int8", parts=("unet", "text_encoder"), conv="none",
+def quantize_model(model_dir, out_dir, mode="int8", parts=None, conv="none",
                    per_channel=False, calibration=8, source_label=None, float_layers=FLOAT_LAYERS):
     """Copy the ONNX folder MODEL_DIR to OUT_DIR with PARTS quantized (int8) or converted (fp16);
     int8 leaves the UNet's MatMuls named by FLOAT_LAYERS in float (() quantizes them all).
+    PARTS: default the UNet and the text encoder(s) (SDXL: text_encoder_2 too).
 
     Returns OUT_DIR. OUT_DIR must not exist and must not be inside MODEL_DIR; it appears only
     when every part was written. OUT_DIR/edge_ti_quantization.json records what was done.
@@ -233,6 +235,9 @@ def quantize_model(model_dir, out_dir, mode="int8", parts=("unet", "text_encoder
         raise EdgeTIError(f"{out_dir}: inside {model_dir}; edge-ti never writes into a model folder")
     if conv not in CONV:
         raise EdgeTIError(f"unknown conv mode {conv!r}: choose one of {', '.join(CONV)}")
+    if parts is None:
+        parts = ("unet", "text_encoder") + (
+            ("text_encoder_2",) if os.path.isfile(os.path.join(model_dir, "text_encoder_2", "model.onnx")) else ())
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise EdgeTIError(f"unknown part(s) {', '.join(unknown)}: choose from {', '.join(PARTS)}")

@@ -8,6 +8,8 @@
          projection of black-box tuning (Sun et al. 2022, sec. 3.2), which makes W z with
          z ~ sigma * N(0, I) move each coordinate by about alpha * std(table).
   full:  W = I, z lives in the embedding space itself (d = D).
+A token of several text encoders (SDXL: CLIP-L's columns, then CLIP-G's) gets a subspace per
+encoder's table, side by side (a block-diagonal W, d per part), and a norm cap per part.
 """
 import numpy as np
 
@@ -44,6 +46,18 @@ def basis(kind, table, dim, sigma, seed=0):
     raise EdgeTIError(f"unknown subspace {kind!r}: choose pca, prior or full")
 
 
+def part_basis(kind, table, dims, sigma, parts, seed=0):
+    """W [D, sum(dims)]: basis() of each part's columns of the table (parts: slices), dims[k] for part k,
+    block-diagonal."""
+    blocks = [basis(kind, table[:, cols], dim, sigma, seed=seed + k) for k, (cols, dim) in enumerate(zip(parts, dims))]
+    W = np.zeros((table.shape[1], sum(b.shape[1] for b in blocks)), np.float32)
+    at = 0
+    for cols, block in zip(parts, blocks):
+        W[cols, at:at + block.shape[1]] = block
+        at += block.shape[1]
+    return W
+
+
 def max_row_norm(table):
     """The longest token embedding of the vocabulary: the cap of a learned vector's norm."""
     return float(np.linalg.norm(table, axis=1).max())
@@ -52,12 +66,14 @@ def max_row_norm(table):
 def embeddings_from_z(e0, W, z, max_norm=None):
     """e0 [n, D], W [D, d], z [P, n*d] -> candidates [P, n, D] = e0 + W z per vector; with max_norm,
     a vector longer than that is shortened to it (the search can then not leave the vocabulary's
-    range of norms, where the text encoder was never trained; the direction is kept)."""
+    range of norms, where the text encoder was never trained; the direction is kept). max_norm is a
+    number, or [(columns, cap), ...] to cap each text encoder's part of the vector on its own."""
     P = z.shape[0]
     n, d = e0.shape[0], W.shape[1]
     z = z.reshape(P, n, d)                                        # (P, n, d)
     e = e0[None] + np.einsum("pnd,Dd->pnD", z, W)                 # (P, n, D), float64
-    if max_norm is not None:
-        norms = np.linalg.norm(e, axis=-1, keepdims=True)         # (P, n, 1)
-        e = e * np.minimum(1.0, max_norm / np.maximum(norms, 1e-30))
+    caps = [] if max_norm is None else [(slice(None), max_norm)] if np.isscalar(max_norm) else max_norm
+    for cols, cap in caps:
+        norms = np.linalg.norm(e[..., cols], axis=-1, keepdims=True)         # (P, n, 1)
+        e[..., cols] = e[..., cols] * np.minimum(1.0, cap / np.maximum(norms, 1e-30))
     return e.astype(np.float32)

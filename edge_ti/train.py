@@ -217,6 +217,8 @@ def _settings_key(model, settings, latents, e0, token):
         del fields["loss_weighting"]  # the loss of before the option: earlier checkpoints still match
     digest.update(json.dumps(fields, sort_keys=True).encode())
     digest.update(f"{model.text_encoder_key}{token}".encode())
+    if model.family == "sdxl":
+        digest.update(model.text_encoder_2_key.encode())
     digest.update(latents.tobytes())
     digest.update(e0.tobytes())
     return digest.hexdigest()
@@ -249,6 +251,8 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
     Ctrl-C writes the best embedding so far and raises Interrupted (a KeyboardInterrupt).
     """
     check_new_token(model.tokenizer, token, allow_vocabulary_word=allow_vocabulary_token)
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        images = [images]   # one file, folder or image, not the characters of a name
     settings = settings or TrainSettings()
     templates = check_settings(settings)
     if init not in ("word", "auto"):
@@ -257,7 +261,7 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
         raise EdgeTIError("give an initialization: --init-word WORD or --init auto")
     if init_top_k is not None and init_top_k < 1:
         raise EdgeTIError(f"init_top_k must be at least 1, got {init_top_k}")
-    dim = subspace_dim(settings, model.hidden_size)
+    dim = subspace_dim(settings, [p.columns.stop - p.columns.start for p in model.text_parts])
     if settings.optimizer == "gauss-newton" and settings.popsize - 1 > settings.vectors * dim:
         raise EdgeTIError(f"popsize {settings.popsize} is more than gauss-newton can use: the point and at most "
                           f"{settings.vectors * dim} probes (one per dimension of z)")
@@ -278,24 +282,34 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
                       resume, on_generation, make_scorer)
 
 
-def subspace_dim(settings, width):
-    """The dimension of z per vector: --dim, at most the embedding WIDTH for pca; WIDTH for full."""
+def subspace_dim(settings, widths):
+    """The dimension of z per vector: --dim, at most the embedding width for pca, the width for full;
+    per text encoder of WIDTHS (an int: one encoder; SDXL: both encoders' widths), summed."""
+    widths = [widths] if isinstance(widths, int) else widths
     if settings.subspace == "full":
-        return width
-    return min(settings.dim, width) if settings.subspace == "pca" else settings.dim
+        return sum(widths)
+    return sum(min(settings.dim, w) if settings.subspace == "pca" else settings.dim for w in widths)
 
 
-def search_space(table, settings):
+def search_space(table, settings, parts=None):
     """(dim, sigma, W [D, dim], max_norm) of e = e0 + W z for the vocabulary table [V, D]: what turns a
-    search point z into an embedding (subspace.embeddings_from_z(e0, W, z, max_norm))."""
-    D = table.shape[1]
-    dim = subspace_dim(settings, D)
-    if dim < settings.dim and settings.subspace == "pca":
-        log.info("--dim %d is more than the embedding width %d: using %d", settings.dim, D, D)
+    search point z into an embedding (subspace.embeddings_from_z(e0, W, z, max_norm)). parts: the
+    columns of each text encoder (Model.text_parts); several (SDXL) get a subspace and a cap each."""
+    parts = parts or [slice(0, table.shape[1])]
+    widths = [cols.stop - cols.start for cols in parts]
+    dim = subspace_dim(settings, widths)
+    if settings.subspace == "pca" and settings.dim > min(widths):
+        log.info("--dim %d is more than the embedding width %s: using at most the width",
+                 settings.dim, " and ".join(map(str, widths)))
     default = optimizer_defaults(settings.optimizer)["sigma"]
     sigma = settings.sigma or (default * float(table.std()) if settings.subspace == "full" else default)
-    W = subspace.basis(settings.subspace, table, dim, sigma, seed=settings.seed)  # (D, dim)
-    max_norm = subspace.max_row_norm(table) if settings.norm_cap else None
+    if len(parts) == 1:
+        W = subspace.basis(settings.subspace, table, dim, sigma, seed=settings.seed)  # (D, dim)
+        max_norm = subspace.max_row_norm(table) if settings.norm_cap else None
+    else:
+        dims = [subspace_dim(settings, w) for w in widths]
+        W = subspace.part_basis(settings.subspace, table, dims, sigma, parts, seed=settings.seed)  # (D, dim)
+        max_norm = [(cols, subspace.max_row_norm(table[:, cols])) for cols in parts] if settings.norm_cap else None
     return dim, sigma, W, max_norm
 
 
@@ -322,7 +336,7 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         e0 = np.tile(e0[:1], (settings.vectors, 1)) if len(e0) != settings.vectors else e0
     else:
         e0 = initialization.from_word(model, init_word, settings.vectors)
-    dim, sigma, W, max_norm = search_space(table, settings)
+    dim, sigma, W, max_norm = search_space(table, settings, [p.columns for p in model.text_parts])
 
     # 3. prompts and the common random numbers
     prompts = [t.format(token) for t in templates]
@@ -396,18 +410,18 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         if state is None:
             raise
         state.stop_reason = f"interrupted at generation {state.generation}"
-        raise Interrupted(_finish(state, e0, W, max_norm, token, init_word, init_words, paths)) from None
+        raise Interrupted(_finish(model, state, e0, W, max_norm, token, init_word, init_words, paths)) from None
     finally:
         scorer.close()
 
     # 5. the result: the best held-out candidate, the log and the curve (on Ctrl-C too, above)
-    return _finish(state, e0, W, max_norm, token, init_word, init_words, paths)
+    return _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths)
 
 
-def _finish(state, e0, W, max_norm, token, init_word, init_words, paths):
+def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths):
     """Write the best held-out candidate (z = 0, the init, if nothing beat it), the log, the curve."""
     embedding = {token: subspace.embeddings_from_z(e0, W, state.best_z[None], max_norm)[0]}
-    save_embedding(paths["embedding"], embedding, metadata={
+    save_embedding(paths["embedding"], {token: model.file_parts(embedding[token])}, metadata={
         "edge_ti.init": json.dumps(e0.tolist()), "edge_ti.init_word": init_word or "",
         "edge_ti.heldout_loss": f"{state.best_heldout:.6g}", "edge_ti.init_heldout_loss": f"{state.init_heldout:.6g}"})
     _write_log(paths["log"], state.history)

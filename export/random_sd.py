@@ -1,6 +1,6 @@
-"""Random-weight pipelines with the exact shapes of SD 1.5 and SD 2.1, built offline.
+"""Random-weight pipelines with the exact shapes of SD 1.5, SD 2.1 and SDXL base, built offline.
 
-    python -m edge_ti_export.random_sd sd15 OUT_DIR [--seed 0]
+    python -m edge_ti_export.random_sd sd15 OUT_DIR [--seed 0]      # sd15 | sd21 | sdxl
 
 Speed and memory depend on the architecture, not on the weights, so a pipeline built from the
 published configs (export/sd_configs/, no weights) measures what a real checkpoint costs without
@@ -16,9 +16,9 @@ import os
 import tempfile
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from edge_ti.errors import EdgeTIError
 from edge_ti.files import atomic_folder
@@ -26,8 +26,10 @@ from edge_ti.files import atomic_folder
 from .tiny import bytes_to_unicode
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sd_configs")
-ARCHITECTURES = {"sd15": "SD 1.5 (epsilon, 512 px)", "sd21": "SD 2.1 (v-prediction, 768 px)"}
-SCHEDULERS = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}
+ARCHITECTURES = {"sd15": "SD 1.5 (epsilon, 512 px)", "sd21": "SD 2.1 (v-prediction, 768 px)",
+                 "sdxl": "SDXL base 1.0 (epsilon, 1024 px, two text encoders)"}
+SCHEDULERS = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler,
+              "EulerDiscreteScheduler": EulerDiscreteScheduler}
 # CLIP's BPE file: a header line, then merges; the vocabulary is 256 bytes x 2 + merges + 2 specials
 N_MERGES = 49152 - 256 - 2
 
@@ -69,6 +71,13 @@ def random_pipeline(arch="sd15", seed=0, tokenizer_dir=None):
     scheduler_config = _config(arch, "scheduler", "scheduler_config.json")
     scheduler = SCHEDULERS[scheduler_config["_class_name"]].from_config(scheduler_config)
     tok_dir = tokenizer_dir or tempfile.mkdtemp(prefix="edge-ti-clip-tok-")
+    if arch == "sdxl":   # SDXL's second tokenizer: the same vocabulary, padded with "!"
+        config_2 = {k: v for k, v in _config(arch, "text_encoder_2").items() if k != "architectures"}
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config_2)),
+            tokenizer=write_clip_tokenizer(os.path.join(tok_dir, "1")),
+            tokenizer_2=write_clip_tokenizer(os.path.join(tok_dir, "2"), pad_token="!"),
+            unet=unet, scheduler=scheduler)
     # SD 2.x's tokenizer pads with "!" (id 0), SD 1.x's with <|endoftext|>
     tokenizer = write_clip_tokenizer(tok_dir, pad_token="!" if arch == "sd21" else "<|endoftext|>")
     return StableDiffusionPipeline(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder,

@@ -110,3 +110,55 @@ def write_tiny_concept(out_dir):
         img[(x - cx) ** 2 + (y - cy) ** 2 < 64] = (220, 30, 30)
         Image.fromarray(img).save(os.path.join(out_dir, f"{i}.png"))
     return out_dir
+
+
+def tiny_sdxl_pipeline(seed=0, prediction_type="epsilon", tokenizer_dir=None, sample_size=32, text_gain=1.0):
+    """A random-weight StableDiffusionXLPipeline as diffusers' SDXL tests build it (`get_dummy_components`
+    in tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py), exportable in seconds.
+
+    As in the real SDXL: tokenizer_2 pads with "!", and text_encoder_2's config says eos_token_id 2,
+    so transformers (and its ONNX export) pool the projected text_embeds at the *largest* id
+    (`input_ids.argmax(-1)`), the end-of-text token in CLIP's vocabulary -- and a new token's id
+    after it would be taken instead, which edge_ti.text_encoder's patch prevents. The two text
+    encoders have different widths (32 and 48) so that a mixed-up part shows in the shapes.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    import tempfile
+    tok_dir = tokenizer_dir or tempfile.mkdtemp(prefix="edge-ti-tok-")
+    tokenizer = write_tiny_tokenizer(os.path.join(tok_dir, "tokenizer"))
+    write_tiny_tokenizer(os.path.join(tok_dir, "tokenizer_2"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(os.path.join(tok_dir, "tokenizer_2"), pad_token="!",
+                                                model_max_length=77)
+    widths = (32, 48)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=sample_size // 2, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=widths[1] + 6 * 8,   # text_embeds + 6 time ids x 8
+        cross_attention_dim=sum(widths), norm_num_groups=32)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+                        latent_channels=4, sample_size=sample_size, scaling_factor=0.13025)
+    encoders = []
+    for width, eos in zip(widths, (len(tokenizer) - 1, 2)):
+        torch.manual_seed(seed + len(encoders))
+        config = CLIPTextConfig(bos_token_id=len(tokenizer) - 2, eos_token_id=eos, pad_token_id=1,
+                                hidden_size=width, intermediate_size=37, layer_norm_eps=1e-05,
+                                num_attention_heads=4, num_hidden_layers=5, vocab_size=len(tokenizer),
+                                max_position_embeddings=77, projection_dim=width, hidden_act="gelu")
+        encoders.append(CLIPTextModel(config) if not encoders else CLIPTextModelWithProjection(config))
+    if text_gain != 1.0:
+        with torch.no_grad():
+            for name, module in unet.named_modules():
+                if name.endswith("attn2.to_k") or name.endswith("attn2.to_out.0"):
+                    module.weight.mul_(text_gain)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)

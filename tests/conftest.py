@@ -38,6 +38,18 @@ def tiny_sd_v(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """(diffusers folder, ONNX folder) of a tiny random SDXL pipeline (edge_ti_export.tiny.tiny_sdxl_pipeline)."""
+    from edge_ti_export.onnx_export import export_pipeline
+    from edge_ti_export.tiny import tiny_sdxl_pipeline
+
+    base = tmp_path_factory.mktemp("tiny-sdxl")
+    source = str(base / "diffusers")
+    tiny_sdxl_pipeline(seed=0, tokenizer_dir=str(base / "tok"), text_gain=10.0).save_pretrained(source)
+    return source, export_pipeline(source, str(base / "onnx"))
+
+
+@pytest.fixture(scope="session")
 def concept_dir(tmp_path_factory):
     """Three 'photos' of a concept: a red disc on a blue background, at different places."""
     from edge_ti_export.tiny import write_tiny_concept

@@ -26,8 +26,8 @@ def test_a1111_comfyui_and_bf16_layouts(tmp_path):
     torch_save_file({"<one>": t[0].to(torch.bfloat16)}, str(tmp_path / "one.safetensors"))
     a = edge_ti.load_embedding(str(tmp_path / "a1111-style.safetensors"))
     assert list(a) == ["a1111-style"] and np.allclose(a["a1111-style"], t.numpy())
-    c = edge_ti.load_embedding(str(tmp_path / "sdxl.safetensors"))
-    assert np.allclose(c["sdxl"], t.numpy())
+    c = edge_ti.load_embedding(str(tmp_path / "sdxl.safetensors"))   # both parts; an SD model reads clip_l
+    assert np.allclose(c["sdxl"]["clip_l"], t.numpy()) and c["sdxl"]["clip_g"].shape == (2, 64)
     b = edge_ti.load_embedding(str(tmp_path / "one.safetensors"))
     assert b["<one>"].shape == (1, 32)
     assert np.array_equal(b["<one>"][0], t[0].to(torch.bfloat16).float().numpy())

@@ -61,7 +61,7 @@ def test_the_gram_diagonal_is_population_loss_and_its_rest_the_prediction_differ
     losses = objective.population_loss(denoiser, candidates, prompt_ids, latents, triples)
     assert np.allclose(np.diag(gram), losses, rtol=1e-6) and np.allclose(gram, gram.T)
     # a and b's predictions on each triple, directly
-    hidden = denoiser.encode_population(prompt_ids, candidates)                  # (P, 2, 77, D)
+    hidden, _ = denoiser.encode_population(prompt_ids, candidates)               # (P, 2, 77, D)
     x_t = denoiser.add_noise(latents[triples.latent_index], triples.timesteps, triples.noise)
     diff = 0.0
     for i, t in enumerate(triples.timesteps):

@@ -63,7 +63,7 @@ def test_population_batch_matches_row_by_row_torch(pipes, tmp_path):
     pipe, ids, _, _ = _torch_outputs(source, path, prompts)
 
     prompt_ids = model.tokenize(prompts, {token: candidates[0]})                # (K, 77)
-    got = te.encode_population(model.text_encoder, prompt_ids, candidates, model.vocab_size)  # (P, K, 77, D)
+    got, _ = te.encode_population(model.text_encoder, prompt_ids, candidates, model.vocab_size)  # (P, K, 77, D)
     table = pipe.text_encoder.get_input_embeddings().weight
     V = model.vocab_size
     for p in range(P):
