@@ -126,6 +126,40 @@ def _timed(fn, reps, warmup=1):
 TORCH_PRECISIONS = ("fp32", "bf16-autocast", "bf16")  # bf16: the weights themselves in bfloat16
 
 
+def _added_cond(unet, B, dtype, g=None):
+    """SDXL's added conditioning for a UNet that takes it (text_embeds, time_ids), else None."""
+    import torch
+    c = unet.config
+    if c.addition_embed_type != "text_time":
+        return None
+    width = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim   # text_embeds' width
+    return {"text_embeds": torch.randn(B, width, generator=g).to(dtype),
+            "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]).repeat(B, 1).to(dtype)}
+
+
+def _text_encoders(src):
+    """The diffusers folder's text encoders, [CLIPTextModel] or (SDXL) [CLIPTextModel, CLIPTextModelWithProjection]."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    encoders = [CLIPTextModel.from_pretrained(os.path.join(src, "text_encoder"))]
+    if os.path.isdir(os.path.join(src, "text_encoder_2")):
+        encoders.append(CLIPTextModelWithProjection.from_pretrained(os.path.join(src, "text_encoder_2")))
+    return encoders
+
+
+def _encode(encoders, ids):
+    """(encoder_hidden_states, pooled text_embeds or None) as the pipelines compute them (SDXL: penultimate
+    states of both encoders side by side, text_encoder_2's text_embeds)."""
+    import torch
+    if len(encoders) == 1:
+        return encoders[0](ids)[0], None
+    states, pooled = [], None
+    for encoder in encoders:
+        out = encoder(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]
+    return torch.cat(states, dim=-1), pooled
+
+
 def row_torch_fwd(args):
     import contextlib
 
@@ -141,10 +175,11 @@ def row_torch_fwd(args):
     x = torch.randn(B, 4, L, L, generator=g).to(dtype)                        # (B, 4, h, w)
     t = torch.full((B,), 500)
     h = torch.randn(B, 77, unet.config.cross_attention_dim, generator=g).to(dtype)  # (B, 77, D)
+    added = _added_cond(unet, B, dtype, g)                                      # SDXL: text_embeds, time_ids
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-autocast"
                 else contextlib.nullcontext())
     with torch.inference_mode(), autocast:
-        seconds, times = _timed(lambda: unet(x, t, h), args["reps"])
+        seconds, times = _timed(lambda: unet(x, t, h, added_cond_kwargs=added), args["reps"])
     return {"seconds": seconds, "times": times, "evaluations": B}
 
 
@@ -160,30 +195,32 @@ def row_torch_grad(args):
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
     torch.set_num_threads(args["threads"])
     src = args["diffusers"]
     unet = UNet2DConditionModel.from_pretrained(os.path.join(src, "unet"))
-    text_encoder = CLIPTextModel.from_pretrained(os.path.join(src, "text_encoder"))
+    encoders = _text_encoders(src)                                     # SDXL: both, the token in each table
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(src, "tokenizer"))
     scheduler = DDPMScheduler.from_pretrained(os.path.join(src, "scheduler"))
     tokenizer.add_tokens(["<t>"])
-    text_encoder.resize_token_embeddings(len(tokenizer))
     placeholder = tokenizer.convert_tokens_to_ids("<t>")
-    # as the script: everything frozen but the token-embedding table
+    # as the script: everything frozen but the token-embedding table(s)
     unet.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    embeddings = text_encoder.get_input_embeddings().weight
-    embeddings.requires_grad_(True)
-    text_encoder.train()
+    tables = []
+    for encoder in encoders:
+        encoder.resize_token_embeddings(len(tokenizer))
+        encoder.requires_grad_(False)
+        tables.append(encoder.get_input_embeddings().weight)
+        tables[-1].requires_grad_(True)
+        encoder.train()
     unet.train()
     precision = args.get("precision", "fp32")
     if precision == "bf16":
         unet.to(torch.bfloat16)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision != "fp32"
                 else contextlib.nullcontext())
-    optimizer = torch.optim.AdamW([embeddings], lr=5e-4)
-    original = embeddings.detach().clone()
+    optimizer = torch.optim.AdamW(tables, lr=5e-4)
+    originals = [table.detach().clone() for table in tables]
     keep = torch.ones(len(tokenizer), dtype=torch.bool)
     keep[placeholder] = False
     B, L = args["batch"], args["latent"]
@@ -197,14 +234,17 @@ def row_torch_grad(args):
         t = torch.randint(0, 1000, (B,), generator=g)
         noisy = scheduler.add_noise(latents, noise, t)
         with autocast:
-            hidden = text_encoder(ids)[0]                                      # (B, 77, D)
-            pred = unet(noisy.to(unet.dtype), t, hidden.to(unet.dtype)).sample
+            hidden, pooled = _encode(encoders, ids)                            # (B, 77, D), SDXL (B, D_g)
+            added = None if pooled is None else {"text_embeds": pooled.to(unet.dtype),
+                                                 "time_ids": _added_cond(unet, B, unet.dtype)["time_ids"]}
+            pred = unet(noisy.to(unet.dtype), t, hidden.to(unet.dtype), added_cond_kwargs=added).sample
         loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         with torch.no_grad():  # the script restores every row but the placeholder's
-            embeddings[keep] = original[keep]
+            for table, original in zip(tables, originals):
+                table[keep] = original[keep]
 
     seconds, times = _timed(step, args["reps"])
     return {"seconds": seconds, "times": times, "evaluations": B}
@@ -252,11 +292,12 @@ def row_ort(args):
     start = time.perf_counter()
     model = _open_model(args)
     unet = _Timed(model.session("unet"))
-    text_encoder = _Timed(model.text_encoder)
+    texts = {p.name: _Timed(model.text_session(p.name)) for p in model.text_parts}   # SDXL: both encoders
     load_seconds = time.perf_counter() - start
     open_session = model.session
     model.session = lambda part: unet if part == "unet" else open_session(part)  # timed
-    model.text_encoder = text_encoder
+    model.text_encoder = texts["text_encoder"]
+    model.text_session = lambda name: texts[name]
     B, L = args["batch"], args["latent"]
     e0, candidates, latents = _population(model, B, L)
     prompt_ids = model.tokenize([PROMPT], {"<t>": e0})                          # (1, 77)
@@ -269,16 +310,19 @@ def row_ort(args):
         out["losses"] = objective.population_loss(Denoiser(model), candidates, prompt_ids, latents, triples,
                                                   max_batch=args["max_batch"])
     evaluate()  # warm-up: first-run allocations
-    unet.seconds = text_encoder.seconds = 0.0
+    unet.seconds = 0.0
+    for text in texts.values():
+        text.seconds = 0.0
     seconds, times = _timed(evaluate, args["reps"], warmup=0)
     result = {"seconds": seconds, "times": times, "evaluations": B, "load_seconds": load_seconds,
-              "unet_seconds": unet.seconds / args["reps"], "text_seconds": text_encoder.seconds / args["reps"],
+              "unet_seconds": unet.seconds / args["reps"],
+              "text_seconds": sum(text.seconds for text in texts.values()) / args["reps"],
               "losses": out["losses"].tolist()}
     if args.get("dump"):  # one fixed UNet output for the relative-error column
         rng = np.random.default_rng(2)
         sample = rng.standard_normal((1, 4, L, L)).astype(np.float32)
-        hidden = model.encode_text([PROMPT.replace("<t>", "cat")])
-        np.save(args["dump"], Denoiser(model).unet(sample, 500.0, hidden))
+        hidden, pooled = Denoiser(model).encode([PROMPT.replace("<t>", "cat")])
+        np.save(args["dump"], Denoiser(model).unet(sample, 500.0, hidden, pooled=pooled))
     return result
 
 
@@ -314,29 +358,31 @@ def row_flops(args):
     import torch
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import CLIPTextModel
     torch.set_num_threads(args["threads"])
     src = args["diffusers"]
     unet = UNet2DConditionModel.from_pretrained(os.path.join(src, "unet"))
-    text_encoder = CLIPTextModel.from_pretrained(os.path.join(src, "text_encoder"))
+    encoders = _text_encoders(src)                                     # SDXL: both
     D = unet.config.cross_attention_dim
     out = {}
     ids = torch.zeros(1, 77, dtype=torch.long)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        text_encoder(ids)
+        _encode(encoders, ids)
     out["text"] = counter.get_total_flops()
+    added = _added_cond(unet, 1, torch.float32)
     for L in args["latents"]:
         x, t, h = torch.randn(1, 4, L, L), torch.tensor([500]), torch.randn(1, 77, D)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            unet(x, t, h)
+            unet(x, t, h, added_cond_kwargs=added)
         out[f"unet{L}"] = counter.get_total_flops()
         if L == min(args["latents"]):  # the backward costs the same multiple at every size
-            embeddings = text_encoder.get_input_embeddings().weight
             unet.requires_grad_(False)
-            text_encoder.requires_grad_(False)
-            embeddings.requires_grad_(True)
+            for encoder in encoders:
+                encoder.requires_grad_(False)
+                encoder.get_input_embeddings().weight.requires_grad_(True)
             with FlopCounterMode(display=False) as counter:
-                pred = unet(x, t, text_encoder(ids)[0]).sample
+                hidden, pooled = _encode(encoders, ids)
+                cond = None if pooled is None else {**added, "text_embeds": pooled}
+                pred = unet(x, t, hidden, added_cond_kwargs=cond).sample
                 pred.square().mean().backward()
             out["grad_factor"] = counter.get_total_flops() / (out[f"unet{L}"] + out["text"])
     return out
@@ -357,7 +403,8 @@ def row_prepare(args):
     start = time.perf_counter()
     model = _open_model(args)
     model.session("unet")
-    model.text_encoder
+    for part in model.text_parts:   # SDXL: both text encoders
+        model.text_session(part.name)
     return {"seconds": time.perf_counter() - start}
 
 
@@ -505,6 +552,8 @@ def main():
     parser.add_argument("--generation", type=int, nargs="*", default=None, metavar="LATENT",
                         help="also time one training generation (20 x 4) at these latent sizes")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-session-cache", action="store_true",
+                        help="no cached optimized graphs (edge_ti.session): each row optimizes its graphs itself")
     parser.add_argument("--torch-precisions", nargs="+", choices=TORCH_PRECISIONS, default=list(TORCH_PRECISIONS),
                         help="torch rows: fp32, bf16-autocast (torch.autocast), bf16 (bfloat16 weights)")
     parser.add_argument("--torch-batches", type=int, nargs="+", default=[1, 4])
@@ -556,6 +605,8 @@ def main():
           f"a row is rerun (up to {QUIET['tries']} times) when other processes used over {QUIET['threshold']:.1f} "
           "cores during it", flush=True)
     common = {"diffusers": diffusers_dir, "threads": args.threads, "max_batch": args.max_batch}
+    if args.no_session_cache:  # SDXL: a second 10 GB copy of the UNet per variant would not fit the disk
+        common["session"] = {"cache": False}
 
     if args.sessions:
         return session_rows(args, common, onnx_dir, log)
@@ -585,10 +636,10 @@ def main():
     paths = ensure_variants(onnx_dir, args.variants)
     for v, p in paths.items():
         prep = run_row({**common, "kind": "prepare", "onnx": p, **device_of(v)}, log)
-        print(f"# {v}: {p}: unet {folder_gb(os.path.join(p, 'unet')):.2f} GB, "
-              f"text_encoder {folder_gb(os.path.join(p, 'text_encoder')):.2f} GB, all {folder_gb(p):.2f} GB; "
-              f"sessions {prep.get('seconds', float('nan')):.0f} s, peak {prep.get('peak_rss_gb', float('nan')):.2f} GB",
-              flush=True)
+        text_gb = sum(folder_gb(os.path.join(p, part)) for part in ("text_encoder", "text_encoder_2"))
+        print(f"# {v}: {p}: unet {folder_gb(os.path.join(p, 'unet')):.2f} GB, text encoder(s) {text_gb:.2f} GB, "
+              f"all {folder_gb(p):.2f} GB; sessions {prep.get('seconds', float('nan')):.0f} s, "
+              f"peak {prep.get('peak_rss_gb', float('nan')):.2f} GB", flush=True)
 
     header = ("| row | latent | batch | s / candidate eval | x grad step (time) | peak RSS GB | x grad step (RSS) "
               "| UNet s / sample | text enc. s / prompt | GFLOP/s | % of peak | other procs (cores) |")

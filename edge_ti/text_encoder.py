@@ -11,7 +11,7 @@ text encoders) find that token as `ArgMax(input_ids)`, the largest id -- which a
 >= V would win (transformers' CLIPTextTransformer says as much: such a model "can't work correctly
 with extra new tokens added"; diffusers then pools an SDXL embedding at the placeholder). The
 patch hides ids >= V from that ArgMax, so the state is pooled at the end-of-text token, as
-AUTOMATIC1111 and ComfyUI (which never give a new token its own id) pool it.
+AUTOMATIC1111 (which never gives a new token its own id) pools it.
 """
 import os
 

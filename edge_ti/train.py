@@ -173,6 +173,10 @@ def check_settings(settings):
         raise EdgeTIError(f"unknown optimizer {settings.optimizer!r}: choose {', '.join(search.OPTIMIZERS)}")
     if settings.optimizer == "zo-adam" and settings.popsize % 2:
         raise EdgeTIError(f"popsize must be even for zo-adam (two candidates per direction), got {settings.popsize}")
+    if settings.optimizer == "cma" and settings.popsize < 3:
+        # pycma's mirrored sampling (on below 6) fails in its second generation with 2 candidates in a
+        # z of a few hundred dimensions ("Found unused injected direction/solutions"): found on SDXL
+        raise EdgeTIError(f"popsize must be at least 3 for cma, got {settings.popsize}")
     return prompt_templates(settings.template)
 
 

@@ -385,3 +385,13 @@ def test_sdxl_unet_without_second_encoder_is_refused(tiny_sdxl, tmp_path):
     assert model.family == "sd"
     with pytest.raises(EdgeTIError, match="unet/model.onnx: this UNet takes text states of width 80"):
         denoise(model, "a cat", steps=1, n=1)
+
+
+def test_cli_refuses_cma_with_two_candidates(tiny_sdxl, concept_dir, tmp_path):
+    from click.testing import CliRunner
+    from edge_ti.cli import cli
+    out = str(tmp_path / "x.safetensors")
+    result = CliRunner().invoke(cli, ["train", tiny_sdxl[1], concept_dir, "--token", TOKEN, "--init-word", "cat",
+                                      "--out", out, "--popsize", "2"])
+    assert result.exit_code != 0 and "popsize must be at least 3 for cma" in result.output
+    assert "Traceback" not in result.output and not os.path.exists(out)

@@ -85,6 +85,7 @@ def test_checkpoints_without_the_optimizer_fields_are_cma_and_unknown_ones_are_r
 @pytest.mark.parametrize("changes, message", [
     ({"optimizer": "adam"}, "unknown optimizer 'adam'"),
     ({"optimizer": "zo-adam", "popsize": 7}, "popsize must be even for zo-adam"),
+    ({"popsize": 2}, "popsize must be at least 3 for cma"),   # pycma fails in generation 2 (SDXL's 512-dim z)
     ({"lr": 0.0}, "lr must be a positive number"),
     ({"lr": float("nan")}, "lr must be a positive number"),
     ({"lr": "0.1"}, "lr must be a number"),
