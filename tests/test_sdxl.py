@@ -395,3 +395,38 @@ def test_cli_refuses_cma_with_two_candidates(tiny_sdxl, concept_dir, tmp_path):
                                       "--out", out, "--popsize", "2"])
     assert result.exit_code != 0 and "popsize must be at least 3 for cma" in result.output
     assert "Traceback" not in result.output and not os.path.exists(out)
+
+
+def test_export_in_parts_equals_optimum(tiny_sdxl, tmp_path):
+    """edge_ti_export.sdxl_parts (the SDXL export that fits 24 GB) gives the folder optimum gives."""
+    import subprocess
+    import sys
+    from edge_ti.denoiser import Denoiser
+    out = str(tmp_path / "parts")
+    subprocess.run([sys.executable, "-m", "edge_ti_export.sdxl_parts", tiny_sdxl[0], out], check=True,
+                   capture_output=True)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tiny_sdxl[1]))
+    ours, optimum = edge_ti.open_model(out), edge_ti.open_model(tiny_sdxl[1])
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
+    hidden, pooled = Denoiser(optimum).encode(["a photo of a cat", "a red mug"])
+    want = Denoiser(optimum).unet(sample, 300.0, hidden, pooled=pooled)
+    assert _rel(Denoiser(ours).unet(sample, 300.0, hidden, pooled=pooled), want) <= 1e-5
+    assert _rel(ours.encode_pooled(["a photo of a cat"]), optimum.encode_pooled(["a photo of a cat"])) <= 1e-6
+
+
+def test_init_from_images_mixes_both_tables(tiny_sdxl, concept_dir, tmp_path):
+    """--init auto on SDXL: CLIP's weights over the vocabulary mix each word's rows of both tables alike."""
+    from edge_ti import init
+    from edge_ti_export.clip_export import export_clip
+    from edge_ti_export.tiny_clip import tiny_clip
+    folder = _copy_folder(tiny_sdxl, tmp_path)
+    export_clip(tiny_clip(str(tmp_path / "clip-src"), seed=0), folder)
+    model = edge_ti.open_model(folder)
+    from edge_ti.latents import image_paths
+    e0, top = init.from_images(model, image_paths([concept_dir]), show=None)
+    assert e0.shape == (1, model.hidden_size)
+    words, weights = zip(*top)
+    mixed = np.asarray(weights) @ init.token_features(model, list(words))     # (D,): the same weights, both parts
+    ratio = e0[0] / mixed
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-3)                   # one scale for both encoders' columns

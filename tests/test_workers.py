@@ -120,6 +120,18 @@ def test_gauss_newton_on_ray_matches_in_process(tiny_sd, concept_dir, tmp_path, 
     assert _history(runs[0]) == _history(runs[1]) and runs[0].generations == 5
 
 
+def test_sdxl_on_ray_matches_in_process(tiny_sdxl, concept_dir, tmp_path, local_ray):
+    """Ray actors open an SDXL folder as the driver does: both text encoders, text_embeds, time_ids."""
+    settings = dict(budget=24, popsize=6, dim=4, triples=2, heldout_triples=4, eval_every=2, patience=0, seed=1)
+    model = edge_ti.open_model(tiny_sdxl[1])
+    runs = [train(model, [concept_dir], "<c>", str(tmp_path / f"{i}.safetensors"), init_word="cat",
+                  settings=TrainSettings(**settings), make_scorer=make_scorer)
+            for i, make_scorer in enumerate((InProcess, ray_scorer(workers=2)))]
+    assert runs[0].embedding["<c>"].shape == (1, model.hidden_size)
+    assert np.array_equal(runs[0].embedding["<c>"], runs[1].embedding["<c>"])
+    assert _history(runs[0]) == _history(runs[1]) and runs[0].generations == 4
+
+
 class _KillingPool(RayPool):
     """Kills the actor it just sent the first chunk of population_loss call `kill_call` to."""
     kill_call = 3
