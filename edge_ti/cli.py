@@ -180,7 +180,7 @@ def export(source, out, opset, clip_dir, quantize_mode, fp16):
 @click.option("--per-channel/--per-tensor", default=False, show_default=True, help="int8 weight scales")
 @click.option("--calibration", default=8, show_default=True, help="UNet inputs for --conv static")
 def quantize(model_dir, out, mode, conv, per_channel, calibration):
-    """Write OUT: a copy of the ONNX folder MODEL_DIR with the UNet and text encoder in int8 or float16.
+    """Write OUT: a copy of the ONNX folder MODEL_DIR with the UNet and text encoder(s) in int8 or float16.
 
     int8 (CPU): MatMul weights int8, activations quantized at run time (--conv adds Conv); the
     UNet's feed-forward MatMuls stay float (in int8 they reorder a trained model's candidates).

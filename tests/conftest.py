@@ -49,6 +49,16 @@ def tiny_sdxl(tmp_path_factory):
     return source, export_pipeline(source, str(base / "onnx"))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny torch convolutions on a shared 2-core machine: one thread is 10-40x faster than two."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def concept_dir(tmp_path_factory):
     """Three 'photos' of a concept: a red disc on a blue background, at different places."""

@@ -47,15 +47,6 @@ def load(request):
     return _load
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny torch convolutions on a shared 2-core machine: one thread is 10-40x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _noise_source(noises):
     """The same list of arrays, in order, for our euler-a (numpy) and diffusers' (torch)."""
     ours, theirs = iter(noises), iter(noises)

@@ -127,14 +127,6 @@ SAMPLERS = {
 GEN_CASES = [(s, 5.0, "") for s in SAMPLERS] + [("euler", 1.0, ""), ("ddim", 6.0, "dark, cropped")]
 
 
-@pytest.fixture
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("sampler,guidance,negative", GEN_CASES)
 def test_final_latents_match_diffusers(model, pipe, monkeypatch, one_torch_thread, sampler, guidance, negative):
     import diffusers
