@@ -407,18 +407,42 @@ def test_export_in_parts_equals_optimum(tiny_sdxl, tmp_path):
     assert _rel(ours.encode_pooled(["a photo of a cat"]), optimum.encode_pooled(["a photo of a cat"])) <= 1e-6
 
 
-def test_init_from_images_mixes_both_tables(tiny_sdxl, concept_dir, tmp_path):
-    """--init auto on SDXL: CLIP's weights over the vocabulary mix each word's rows of both tables alike."""
-    from edge_ti import init
+@pytest.fixture(scope="module")
+def sdxl_with_clip(tiny_sdxl, tmp_path_factory):
+    """A copy of the tiny SDXL with a tiny CLIP in clip/ (for --init auto and `edge-ti evaluate`)."""
+    import shutil
     from edge_ti_export.clip_export import export_clip
     from edge_ti_export.tiny_clip import tiny_clip
-    folder = _copy_folder(tiny_sdxl, tmp_path)
-    export_clip(tiny_clip(str(tmp_path / "clip-src"), seed=0), folder)
-    model = edge_ti.open_model(folder)
+    base = tmp_path_factory.mktemp("sdxl-clip")
+    folder = str(base / "onnx")
+    shutil.copytree(tiny_sdxl[1], folder)
+    export_clip(tiny_clip(str(base / "clip-src"), seed=0), folder)
+    return folder
+
+
+def test_init_from_images_mixes_both_tables(sdxl_with_clip, concept_dir):
+    """--init auto on SDXL: CLIP's weights over the vocabulary mix each word's rows of both tables alike."""
+    from edge_ti import init
     from edge_ti.latents import image_paths
+    model = edge_ti.open_model(sdxl_with_clip)
     e0, top = init.from_images(model, image_paths([concept_dir]), show=None)
     assert e0.shape == (1, model.hidden_size)
     words, weights = zip(*top)
     mixed = np.asarray(weights) @ init.token_features(model, list(words))     # (D,): the same weights, both parts
     ratio = e0[0] / mixed
     np.testing.assert_allclose(ratio, ratio[0], rtol=1e-3)                   # one scale for both encoders' columns
+
+
+def test_cli_evaluate_sdxl(sdxl_with_clip, concept_dir, tmp_path):
+    from click.testing import CliRunner
+    from edge_ti.cli import cli
+    out = str(tmp_path / "tok.safetensors")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["train", sdxl_with_clip, concept_dir, "--token", TOKEN, "--init-word", "cat",
+                                 "--out", out, "--budget", "12", "--popsize", "4", "--dim", "4"])
+    assert result.exit_code == 0, result.output
+    report = str(tmp_path / "eval.json")
+    result = runner.invoke(cli, ["evaluate", sdxl_with_clip, "--embedding", out, "--images", concept_dir,
+                                 "--n", "1", "--steps", "2", "--json", report])
+    assert result.exit_code == 0, result.output
+    assert "CLIP-I" in result.output and os.path.isfile(report)
