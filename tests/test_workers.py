@@ -60,12 +60,17 @@ def test_ray_training_matches_in_process(tiny_sd, concept_dir, in_process_run, t
     assert (result.best_heldout, result.generations) == (reference.best_heldout, reference.generations)
 
 
-def test_pool_losses_bitwise_any_chunking_and_a_slow_actor(tiny_sd, local_ray):
+def _scoring_inputs(tiny_sd, seed, count):
+    """(model, rng, latents [3, 4, 16, 16], prompt_ids [2, 77], COUNT triples) for a pool and InProcess."""
     model = edge_ti.open_model(tiny_sd[1])
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     latents = rng.normal(size=(3, 4, 16, 16)).astype(np.float32)
     prompt_ids = model.tokenize(["a photo of <t>", "a <t> on a table"], {"<t>": np.zeros((1, 32))})
-    triples = objective.draw_triples(rng, 4, 3, 2, 1000, (4, 16, 16))
+    return model, rng, latents, prompt_ids, objective.draw_triples(rng, count, 3, 2, 1000, (4, 16, 16))
+
+
+def test_pool_losses_bitwise_any_chunking_and_a_slow_actor(tiny_sd, local_ray):
+    model, rng, latents, prompt_ids, triples = _scoring_inputs(tiny_sd, seed=0, count=4)
     candidates = rng.normal(0, 0.05, (12, 1, 32)).astype(np.float32)
     expected = InProcess(model, prompt_ids, latents, 20).population_loss(candidates, triples)
     pool = RayPool(model, prompt_ids, latents, 20, threads_per_worker=1)  # laid out on the nodes: 2 CPUs, 2 actors
@@ -91,11 +96,7 @@ def test_pool_losses_bitwise_any_chunking_and_a_slow_actor(tiny_sd, local_ray):
 
 def test_pool_grams_bitwise_any_chunking(tiny_sd, local_ray):
     """gauss-newton's Gram matrices: chunks of triples, each actor scoring the whole population."""
-    model = edge_ti.open_model(tiny_sd[1])
-    rng = np.random.default_rng(1)
-    latents = rng.normal(size=(3, 4, 16, 16)).astype(np.float32)
-    prompt_ids = model.tokenize(["a photo of <t>", "a <t> on a table"], {"<t>": np.zeros((1, 32))})
-    triples = objective.draw_triples(rng, 5, 3, 2, 1000, (4, 16, 16))
+    model, rng, latents, prompt_ids, triples = _scoring_inputs(tiny_sd, seed=1, count=5)
     triples.timesteps[3] = triples.timesteps[0]           # two triples at one timestep share a UNet call in-process
     triples.weight = rng.random(5)
     candidates = rng.normal(0, 0.05, (4, 1, 32)).astype(np.float32)
