@@ -178,17 +178,25 @@ def export(source, out, opset, clip_dir, quantize_mode, fp16):
               help="int8 Conv: kept float (none); calibrated on UNet inputs (static: ~2x faster on SD 1.5, but "
                    "ranks candidates less like fp32); quantized at run time (dynamic: slower)")
 @click.option("--per-channel/--per-tensor", default=False, show_default=True, help="int8 weight scales")
-@click.option("--calibration", default=8, show_default=True, help="UNet inputs for --conv static")
-def quantize(model_dir, out, mode, conv, per_channel, calibration):
+@click.option("--calibration", type=click.IntRange(min=1), default=8, show_default=True,
+              help="UNet inputs for --conv static")
+@click.option("--feed-forward", type=click.Choice(["float", "int8"]), default="float", show_default=True,
+              help="int8: the UNet's feed-forward MatMuls too (SDXL: 3.6 GB of UNet weights instead of 7.3 GB; "
+                   "on the shapes-world model they ranked candidates less like fp32)")
+def quantize(model_dir, out, mode, conv, per_channel, calibration, feed_forward):
     """Write OUT: a copy of the ONNX folder MODEL_DIR with the UNet and text encoder(s) in int8 or float16.
 
     int8 (CPU): MatMul weights int8, activations quantized at run time (--conv adds Conv); the
-    UNet's feed-forward MatMuls stay float (in int8 they reorder a trained model's candidates).
+    UNet's feed-forward MatMuls stay float unless --feed-forward int8 (in int8 they reorder a
+    trained model's candidates). Weights are read one at a time: SDXL quantizes in ~1.5 GB.
     fp16: for CUDA / DirectML (onnxruntime's CPU provider has few float16 kernels). Check that a
     quantized folder ranks candidates like the original with benchmarks/speed.py (its Spearman
     lines) before a long run."""
-    from .quantize import quantize_model
-    quantize_model(model_dir, out, mode=mode, conv=conv, per_channel=per_channel, calibration=calibration)
+    from .quantize import FLOAT_LAYERS, quantize_model
+    if mode != "int8" and (feed_forward != "float" or conv != "none"):
+        raise EdgeTIError(f"--feed-forward and --conv apply to --mode int8, not {mode}")
+    quantize_model(model_dir, out, mode=mode, conv=conv, per_channel=per_channel, calibration=calibration,
+                   float_layers=FLOAT_LAYERS if feed_forward == "float" else ())
     click.echo(f"wrote {out}")
 
 

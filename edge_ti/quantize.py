@@ -3,11 +3,12 @@
     quantize_model(MODEL_DIR, OUT_DIR, mode="int8")     # UNet + text encoder, MatMul/Gemm to int8
     quantize_model(MODEL_DIR, OUT_DIR, mode="int8", conv="static", per_channel=True)  # + Conv, calibrated
 
-int8 is onnxruntime's dynamic quantization (onnxruntime.quantization.quantize_dynamic): the
+int8 is onnxruntime's dynamic quantization (the graph onnxruntime.quantization.quantize_dynamic
+writes, written by int8_matmul.py one weight at a time, so that SDXL's 10 GB UNet fits in memory): the
 weights of MatMul/Gemm nodes with a constant B are stored as int8 with one scale per tensor (or
 per output column, `per_channel`), and each activation is quantized to uint8 at run time from
 its own min/max, so no calibration images are needed:
-    W_q = round(W / s_W),              s_W = max|W| / 63                  (symmetric 7-bit weights)
+    W_q = round(W / s_W),              s_W = max|W| / 64                  (symmetric 7-bit weights)
     x_q = round(x / s_x) + z_x,        s_x = (max x - min x) / 255        (asymmetric uint8 activations)
     y   = s_x s_W (x_q - z_x) W_q                                         (MatMulInteger, int32 accumulate)
 Weights use 7 of their 8 bits (reduce_range): on x86 CPUs without VNNI (AVX2 only) onnxruntime's
@@ -18,7 +19,6 @@ Spearman 0.73-0.87 (7 bits) and 0.83-0.96 (8 bits) against fp32 on that CPU (3 g
 The UNet's feed-forward MatMuls stay in float (FLOAT_LAYERS): with them in int8 too, a training
 generation of the trained shapes-world model ranked at Spearman 0.80 against fp32 (8 generations, an
 AVX2 CPU), with them float 0.96; no other group of layers moved it as much (benchmarks/int8_layers.py).
-(Gemm layers, e.g. the time embedding's, stay float anyway: dynamic quantization has no Gemm kernel.)
 Conv is left in float by default. Quantized at run time (conv="dynamic", ConvInteger) the UNet's
 convolutions were slower; calibrated (conv="static": activation ranges from a few UNet inputs,
 QLinearConv) they are about twice as fast on SD 1.5 with a third of the memory, but the 2-5% output
@@ -41,6 +41,7 @@ import onnx
 
 from .errors import EdgeTIError
 from .files import atomic_folder
+from .int8_matmul import quantize_matmuls
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +86,17 @@ def _save(model, path):
 
 
 def quantize_int8(src, dst, conv="none", per_channel=False, exclude=(), only=None):
-    """Dynamic int8 quantization of MatMul/Gemm (and Conv if conv == "dynamic") of src into dst;
-    nodes named in EXCLUDE stay in float; with ONLY, just those nodes are quantized."""
+    """int8 weights for the MatMuls of src with a constant B, into dst (int8_matmul: one weight in
+    memory at a time, so SDXL's UNet fits); conv == "dynamic" adds ConvInteger through onnxruntime's
+    quantize_dynamic (whole model in memory). Nodes named in EXCLUDE stay float; with ONLY, just those."""
+    if conv != "dynamic":
+        quantize_matmuls(src, dst, per_channel=per_channel, exclude=exclude, only=only)
+        return
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    op_types = ["MatMul", "Gemm"] + (["Conv"] if conv == "dynamic" else [])
     large = _weights_bytes(src) > _EXTERNAL_THRESHOLD
     # quantize_dynamic reads external data from src's folder and writes model.onnx.data beside dst
-    quantize_dynamic(src, dst, op_types_to_quantize=op_types, per_channel=per_channel,
+    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=per_channel,
                      weight_type=QuantType.QInt8, use_external_data_format=large,
                      reduce_range=True,  # 7-bit weights: no u8s8 saturation on AVX2-only CPUs
                      nodes_to_exclude=list(exclude), nodes_to_quantize=list(only) if only else None,

@@ -176,6 +176,23 @@ def test_cli_quantize(tiny_sd, tmp_path):
     _one_line_error(rc, err, "nothing")
 
 
+def test_cli_quantize_feed_forward(tiny_sd, tmp_path):
+    """--feed-forward int8 quantizes the UNet's feed-forward MatMuls too; bad values are one line."""
+    from test_safe_by_default import invoke
+    out = tmp_path / "all"
+    rc, err = invoke("quantize", tiny_sd[1], str(out), "--feed-forward", "int8")
+    assert rc == 0, err
+    assert json.load(open(out / "edge_ti_quantization.json"))["float_layers"] == []
+    assert not [n.name for n in onnx.load(str(out / "unet" / "model.onnx")).graph.node
+                if "/ff/" in n.name and n.op_type == "MatMul"]
+    for args, message in [(["--feed-forward", "int4"], "Invalid value for '--feed-forward'"),
+                          (["--mode", "fp16", "--feed-forward", "int8"], "apply to --mode int8, not fp16"),
+                          (["--calibration", "0"], "Invalid value for '--calibration'")]:
+        rc, err = invoke("quantize", tiny_sd[1], str(tmp_path / "x"), *args)
+        assert rc != 0 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "x").exists()
+
+
 def test_cli_export_quantized(tiny_sd, tmp_path):
     # the CLI in this process: torch is loaded once per session, not by a new interpreter per call
     from test_cli import _one_line_error
@@ -262,3 +279,120 @@ def test_int8_of_every_layer_on_request(tiny_sd, tmp_path):
     assert not [n.name for n in onnx.load(os.path.join(out, "unet", "model.onnx")).graph.node
                 if "/ff/" in n.name and n.op_type == "MatMul"]
     assert json.load(open(os.path.join(out, "edge_ti_quantization.json")))["float_layers"] == []
+
+
+def _run(path, part):
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    if part == "text_encoder":
+        ids = rng.integers(0, 500, (2, 77))
+        return session.run(None, {session.get_inputs()[0].name: ids.astype(
+            np.int32 if "int32" in session.get_inputs()[0].type else np.int64)})
+    timestep = session.get_inputs()[1]
+    return session.run(None, {"sample": rng.standard_normal((2, 4, 16, 16), dtype=np.float32),
+                              "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32),
+                              timestep.name: np.array(500, np.int64 if "int64" in timestep.type else np.float32)})
+
+
+def _weights(path):
+    return {t.name: onnx.numpy_helper.to_array(t, base_dir=os.path.dirname(str(path)))
+            for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("part", ["unet", "text_encoder"])
+def test_int8_is_quantize_dynamics_graph(tiny_sd, tmp_path, part, per_channel):
+    """int8_matmul writes what onnxruntime's quantize_dynamic writes: the same int8 weights and scales
+    (by name), the same nodes, the same outputs; MatMul and Gemm (time embeddings) alike."""
+    import collections
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    src = os.path.join(tiny_sd[1], part, "model.onnx")
+    with quantize._QuietRoot():
+        quantize_dynamic(src, str(tmp_path / "ort.onnx"), op_types_to_quantize=["MatMul", "Gemm"],
+                         per_channel=per_channel, weight_type=QuantType.QInt8, reduce_range=True,
+                         extra_options={"MatMulConstBOnly": True})
+    quantize.quantize_int8(src, str(tmp_path / "ours.onnx"), per_channel=per_channel)
+    theirs, ours = _weights(tmp_path / "ort.onnx"), _weights(tmp_path / "ours.onnx")
+    assert sorted(theirs) == sorted(ours)
+    for name, value in theirs.items():
+        assert ours[name].dtype == value.dtype and np.array_equal(ours[name], value), name
+    ops = lambda p: collections.Counter(n.op_type for n in onnx.load(str(p)).graph.node)  # noqa: E731
+    assert ops(tmp_path / "ours.onnx") == ops(tmp_path / "ort.onnx")
+    assert ops(tmp_path / "ours.onnx")["MatMulInteger"] > 0
+    if part == "unet":
+        assert ops(src)["Gemm"] > 0 and ops(tmp_path / "ours.onnx")["Gemm"] == 0
+    for a, b in zip(_run(tmp_path / "ort.onnx", part), _run(tmp_path / "ours.onnx", part)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_streams_external_weights(tiny_sd, tmp_path):
+    """A model whose weights lie in external files (one per tensor, as torch.onnx.export writes a
+    large model) is quantized into one data file beside the graph, the same weights as from one piece;
+    the source's weights are read one tensor at a time, never the whole model."""
+    from edge_ti import int8_matmul
+    src = os.path.join(tiny_sd[1], "unet", "model.onnx")
+    split = tmp_path / "split"
+    split.mkdir()
+    onnx.save(onnx.load(src), str(split / "model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=False, size_threshold=0, convert_attribute=True)  # Constants' too
+    assert len(os.listdir(split)) > 10
+    assert any(int8_matmul._is_external(t) for t in int8_matmul._attribute_tensors(
+        onnx.load(str(split / "model.onnx"), load_external_data=False).graph.node))
+    reads = []
+    read = int8_matmul._ExternalData.read
+
+    def counting(self, tensor):
+        reads.append(tensor.name)
+        return read(self, tensor)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8_matmul._ExternalData, "read", counting)
+        load = onnx.load
+        patch.setattr(onnx, "load", lambda path, load_external_data=True: load(path, load_external_data=False)
+                      if not load_external_data else pytest.fail("the whole model was loaded"))
+        quantize.quantize_int8(str(split / "model.onnx"), str(out / "model.onnx"))
+    named = [r for r in reads if r]                         # (a Constant's value has no name)
+    assert named and len(named) == len(set(named))          # each tensor read once
+    assert sorted(os.listdir(out)) == ["model.onnx", "model.onnx.data"]
+    quantize.quantize_int8(src, str(tmp_path / "whole.onnx"))
+    whole, streamed = _weights(tmp_path / "whole.onnx"), _weights(out / "model.onnx")
+    assert sorted(whole) == sorted(streamed)
+    assert all(np.array_equal(whole[k], streamed[k]) for k in whole)
+    for a, b in zip(_run(tmp_path / "whole.onnx", "unet"), _run(out / "model.onnx", "unet")):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda entries: entries.update(location="../outside.bin"), "outside the model's folder"),
+    (lambda entries: entries.update(location="/etc/hostname"), "outside the model's folder"),
+    (lambda entries: entries.update(location="gone.bin"), "is missing"),
+    (lambda entries: entries.update(length=str(int(entries["length"]) - 4)), "bytes stored for shape"),
+    (lambda entries: entries.update(offset=str(10 ** 9)), "beyond the end"),
+])
+def test_int8_refuses_hostile_external_data(tiny_sd, tmp_path, change, problem):
+    """External-data entries name files and byte ranges: outside the folder, missing, or the wrong
+    size is one line naming the model file, and nothing is written."""
+    src = os.path.join(tiny_sd[1], "unet", "model.onnx")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "outside.bin").write_bytes(bytes(1 << 20))
+    onnx.save(onnx.load(src), str(folder / "model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    weight = next(n.input[1] for n in model.graph.node if n.op_type == "MatMul" and "/to_q/" in n.name)
+    tensor = next(t for t in model.graph.initializer if t.name == weight)
+    entries = {e.key: e.value for e in tensor.external_data}
+    change(entries)
+    del tensor.external_data[:]
+    for key, value in entries.items():
+        tensor.external_data.add(key=key, value=value)
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(EdgeTIError, match=problem) as err:
+        quantize.quantize_int8(str(folder / "model.onnx"), str(out / "model.onnx"))
+    assert str(folder / "model.onnx") in str(err.value) and "\n" not in str(err.value)
+    assert os.listdir(out) == []

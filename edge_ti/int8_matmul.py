@@ -1,0 +1,251 @@
+"""int8 weights for an ONNX graph's MatMuls (and Gemms), reading one weight at a time.
+
+onnxruntime.quantization.quantize_dynamic holds the whole model in memory, several times over: on
+SDXL's 10 GB UNet it was killed at 24 GB. This rewrite keeps the graph (no weights) in memory, reads
+one weight from disk, appends its int8 copy to the output's data file and moves on, so memory holds
+the graph and one weight. It writes the nodes quantize_dynamic writes for a MatMul with a constant B
+(IntegerOps, reduce_range, symmetric int8 weights; onnxruntime fuses them into DynamicQuantizeMatMul):
+    x_q, s_x, z_x = DynamicQuantizeLinear(x)     # uint8, s_x = (max(x, 0) - min(x, 0)) / 255 (ONNX spec)
+    y = Cast(MatMulInteger(x_q, W_q, z_x, 0)) * (s_x * s_W)
+    W_q = round(W / s_W),  s_W = max|W| / 64     # per tensor, or per output column (per_channel)
+(reduce_range: weights in [-64, 64], onnxruntime's reduced int8 range; see quantize.py for why).
+A Gemm y = x B^T + C becomes that MatMul with B^T, then Add C, as onnxruntime rewrites it.
+tests/test_quantize.py checks the result equals quantize_dynamic's on the tiny model.
+
+The source is hostile until checked: an external-data location must name a file inside the model's
+folder, and a tensor's stored length must match its shape.
+"""
+import os
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import EdgeTIError
+
+QMAX = 64                # reduce_range int8: [-64, 64] (onnxruntime's ONNX_INT_TYPE_REDUCED_RANGE)
+_ALIGN = 4096            # external tensors start on a page boundary, so that a reader may map them
+_COPY_CHUNK = 64 << 20   # bytes per read when a float tensor is copied through unchanged
+_INLINE_BELOW = 1024   # bytes: smaller tensors stay in the graph file (onnx.save's size_threshold)
+_EXTERNAL_THRESHOLD = 1 << 30  # above this (protobuf's 2 GiB limit, with a margin) weights go to a data file
+
+
+def quantize_weight(w, per_channel=False):
+    """W [K, N] float32 -> (W_q int8, s_W float32 scalar or [N], zero point int8 of s_W's shape)."""
+    axis = 0 if per_channel else None
+    absmax = np.maximum(w.max(axis=axis), -w.min(axis=axis))  # max|W| without a copy of W
+    scale = (absmax / QMAX).astype(np.float32)      # exact: a power-of-two divisor
+    scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1), scale).astype(np.float32)  # all-zero W
+    w_q = w / scale                                 # one float copy, rounded and clipped in place
+    np.clip(np.round(w_q, out=w_q), -QMAX, QMAX, out=w_q)
+    return w_q.astype(np.int8), scale, np.zeros(scale.shape, np.int8)
+
+
+def _is_external(tensor):
+    return tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL
+
+
+def _attribute_tensors(nodes):
+    """Tensors held by NODES' attributes (a Constant's value), subgraphs included: exporters store
+    large ones as external data too."""
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from graph.initializer
+                yield from _attribute_tensors(graph.node)
+
+
+class _ExternalData:
+    """Where an external tensor's bytes lie in SRC_FOLDER, checked: (path, offset, length)."""
+
+    def __init__(self, model_path):
+        self.model_path = model_path
+        self.folder = os.path.dirname(os.path.abspath(model_path))
+
+    def locate(self, tensor):
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        path = os.path.realpath(os.path.join(self.folder, location))
+        if not location or os.path.isabs(location) or \
+                os.path.commonpath([path, os.path.realpath(self.folder)]) != os.path.realpath(self.folder):
+            raise EdgeTIError(f"{self.model_path}: tensor {tensor.name!r} points to {location!r}, "
+                              "outside the model's folder")
+        if not os.path.isfile(path):
+            raise EdgeTIError(f"{self.model_path}: tensor {tensor.name!r}: its data file {location!r} is missing")
+        offset, size = int(info.get("offset", 0)), os.path.getsize(path)
+        length = int(info.get("length", size - offset))
+        if offset < 0 or length < 0 or offset + length > size:
+            raise EdgeTIError(f"{self.model_path}: tensor {tensor.name!r}: bytes {offset}..{offset + length} "
+                              f"are beyond the end of {location!r} ({size} bytes)")
+        return path, offset, length
+
+    def read(self, tensor):
+        """The tensor's values (external or inline) as a numpy array."""
+        if not _is_external(tensor):
+            return numpy_helper.to_array(tensor)
+        path, offset, length = self.locate(tensor)
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        if length != count * dtype.itemsize:
+            raise EdgeTIError(f"{self.model_path}: tensor {tensor.name!r}: {length} bytes stored for shape "
+                              f"{list(tensor.dims)} of {dtype}")
+        return np.fromfile(path, dtype=dtype, count=count, offset=offset).reshape(tuple(tensor.dims))
+
+
+class _DataFile:
+    """The output's one external data file, appended to tensor by tensor."""
+
+    def __init__(self, path):
+        self.path, self.location = path, os.path.basename(path)
+        self.file = open(path, "wb")
+
+    def _start(self):
+        offset = -(-self.file.tell() // _ALIGN) * _ALIGN
+        self.file.seek(offset)
+        return offset
+
+    def _point(self, tensor, offset, length):
+        tensor.ClearField("raw_data")
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
+            tensor.external_data.add(key=key, value=value)
+
+    def write_array(self, tensor, array):
+        offset = self._start()
+        self.file.write(np.ascontiguousarray(array).tobytes())
+        self._point(tensor, offset, array.nbytes)
+
+    def copy_from(self, tensor, path, start, length):
+        offset = self._start()
+        with open(path, "rb") as src:
+            src.seek(start)
+            for done in range(0, length, _COPY_CHUNK):
+                self.file.write(src.read(min(_COPY_CHUNK, length - done)))
+        self._point(tensor, offset, length)
+
+    def close(self):
+        self.file.close()
+
+
+def _inputs(nodes):
+    """Every name NODES read, their subgraphs' reads of outer names included."""
+    names = set()
+    for node in nodes:
+        names.update(node.input)
+        for attr in node.attribute:
+            for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                names |= _inputs(graph.node)
+    return names
+
+
+def _constant_weight(node, weights):
+    """(B's name, transposed?) when NODE multiplies by a constant 2-D float32 B that quantize_dynamic
+    quantizes: MatMul(x, B), or Gemm(x, B, C) with alpha = beta = 1 and no transA (y = x B^T + C
+    when transB): onnxruntime first rewrites such a Gemm as MatMul + Add. Else None."""
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Gemm" and (attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0
+                                   or attrs.get("transA", 0)):
+        return None
+    b = weights.get(node.input[1])
+    if b is None or b.data_type != TensorProto.FLOAT or len(b.dims) != 2:
+        return None
+    return node.input[1], bool(attrs.get("transB", 0))
+
+
+def _place(tensor, source, data):
+    """Where TENSOR goes in the output: small ones inline (onnxruntime's shape inference cannot read a
+    Constant's value from external data), the rest in DATA, copied straight from the source's bytes."""
+    if _is_external(tensor):
+        path, offset, length = source.locate(tensor)
+        if length >= _INLINE_BELOW:
+            data.copy_from(tensor, path, offset, length)
+        else:
+            tensor.CopyFrom(numpy_helper.from_array(source.read(tensor), tensor.name))
+    elif len(tensor.raw_data) >= _INLINE_BELOW:
+        data.write_array(tensor, numpy_helper.to_array(tensor))
+
+
+def quantizable_matmuls(graph, exclude=(), only=None):
+    """Names of GRAPH's MatMul/Gemm nodes with a constant float32 weight (what quantize_dynamic's
+    MatMulConstBOnly quantizes), less EXCLUDE; with ONLY, just those of them."""
+    weights = {t.name: t for t in graph.initializer}
+    return [n.name for n in graph.node if _constant_weight(n, weights) and n.name not in exclude
+            and (only is None or n.name in only)]
+
+
+def quantize_matmuls(src, dst, per_channel=False, exclude=(), only=None):
+    """Write DST: SRC with its MatMuls' constant weights in int8 (see the module's docstring).
+    EXCLUDE: node names kept float; ONLY: quantize just these. A large SRC (external data or
+    > 1 GiB) gets its weights in one file beside DST, DST's name + ".data"."""
+    model = onnx.load(src, load_external_data=False)
+    graph = model.graph
+    source = _ExternalData(src)
+    chosen = set(quantizable_matmuls(graph, exclude, set(only) if only is not None else None))
+    external = any(_is_external(t) for t in graph.initializer) or os.path.getsize(src) > _EXTERNAL_THRESHOLD \
+        or any(_is_external(t) for t in _attribute_tensors(graph.node))
+    data = _DataFile(dst + ".data") if external else None
+    float_weights = {t.name: t for t in graph.initializer}
+    try:
+        nodes, added, activations, weights = [], [], {}, {}
+        for node in graph.node:
+            weight = _constant_weight(node, float_weights) if node.name in chosen else None
+            if weight is None:
+                nodes.append(node)
+                continue
+            x, (b, transposed) = node.input[0], weight
+            if x not in activations:  # one DynamicQuantizeLinear per activation, shared by its MatMuls
+                activations[x] = (x + "_quantized", x + "_scale", x + "_zero_point")
+                nodes.append(helper.make_node("DynamicQuantizeLinear", [x], list(activations[x]),
+                                              x + "_QuantizeLinear"))
+            if weight not in weights:  # a weight shared by several nodes is quantized once
+                w = source.read(float_weights[b])
+                w_q, scale, zero = quantize_weight(np.ascontiguousarray(w.T) if transposed else w, per_channel)
+                base = b + ("_Transposed" if transposed else "")
+                weights[weight] = (base + "_quantized", base + "_scale", base + "_zero_point")
+                quantized = numpy_helper.from_array(w_q, weights[weight][0])
+                if data is not None:
+                    data.write_array(quantized, w_q)
+                added += [quantized, numpy_helper.from_array(scale, weights[weight][1]),
+                          numpy_helper.from_array(zero, weights[weight][2])]
+            (x_q, s_x, z_x), (w_q_name, s_w, z_w) = activations[x], weights[weight]
+            bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+            out = node.output[0]
+            y = out + "_MatMul" if bias else out
+            name = (node.name or out) + ("_MatMul" if node.op_type == "Gemm" else "")
+            nodes += [helper.make_node("MatMulInteger", [x_q, w_q_name, z_x, z_w], [y + "_output_quantized"],
+                                       name + "_quant"),
+                      helper.make_node("Cast", [y + "_output_quantized"], [y + "_output_quantized_cast_output"],
+                                       y + "_output_quantized_cast", to=TensorProto.FLOAT),
+                      helper.make_node("Mul", [s_x, s_w], [name + "_quant_scales_mul:0"], name + "_quant_scales_mul"),
+                      helper.make_node("Mul", [y + "_output_quantized_cast_output", name + "_quant_scales_mul:0"],
+                                       [y], name + "_quant_output_scale_mul")]
+            if bias:  # Gemm's C
+                nodes.append(helper.make_node("Add", [y, bias], [out], (node.name or out) + "_Add"))
+        # the float weights still read by some node (or output) stay; the quantized ones' originals go
+        used = _inputs(nodes) | {o.name for o in graph.output}
+        kept = [t for t in graph.initializer if t.name in used]
+        if data is not None:
+            for tensor in kept:
+                _place(tensor, source, data)
+        del graph.initializer[:]
+        graph.initializer.extend(kept + added)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        for tensor in _attribute_tensors(graph.node):
+            if _is_external(tensor):
+                _place(tensor, source, data)
+    except BaseException:
+        if data is not None:
+            data.close()
+            os.remove(data.path)
+        raise
+    if data is not None:
+        data.close()
+    with open(dst, "wb") as f:
+        f.write(model.SerializeToString())
