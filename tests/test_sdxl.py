@@ -320,6 +320,22 @@ def test_cli_train_and_generate_sdxl(tiny_sdxl, concept_dir, tmp_path):
     assert len(os.listdir(tmp_path / "images")) >= 1
 
 
+def test_sdxl_without_torch(tiny_sdxl, concept_dir, tmp_path):
+    """quantize, train and generate on an SDXL folder where torch & co. cannot be imported; the file is
+    used as AUTOMATIC1111 uses one, by its name in the prompt."""
+    from test_no_torch import run_blocked
+    int8, out = str(tmp_path / "int8"), str(tmp_path / "mytok.safetensors")
+    for args in (["quantize", tiny_sdxl[1], int8, "--feed-forward", "int8"],
+                 ["train", int8, concept_dir, "--token", TOKEN, "--init-word", "cat", "--out", out,
+                  "--budget", "6", "--popsize", "3", "--dim", "4", "--heldout-triples", "2"],
+                 ["generate", int8, "a photo of mytok", "--embedding", out, "--steps", "2", "--n", "1",
+                  "--out", str(tmp_path / "images")]):
+        proc = run_blocked("edge_ti", *args)
+        assert proc.returncode == 0, (args[0], proc.stderr)
+    assert sorted(edge_ti.load_embedding(out)["mytok"]) == ["clip_g", "clip_l"]
+    assert os.listdir(tmp_path / "images")
+
+
 @pytest.mark.parametrize("conv", ["none", "static"])
 def test_int8_quantizes_both_text_encoders_and_runs(tiny_sdxl, tmp_path, conv):
     from edge_ti import quantize
