@@ -188,7 +188,8 @@ def quantize(model_dir, out, mode, conv, per_channel, calibration, feed_forward)
 
     int8 (CPU): MatMul weights int8, activations quantized at run time (--conv adds Conv); the
     UNet's feed-forward MatMuls stay float unless --feed-forward int8 (in int8 they reorder a
-    trained model's candidates). Weights are read one at a time: SDXL quantizes in ~1.5 GB.
+    trained model's candidates). With --conv none weights are read one at a time (SDXL
+    quantizes in ~1.5 GB); --conv static / dynamic go through onnxruntime, which holds the whole model.
     fp16: for CUDA / DirectML (onnxruntime's CPU provider has few float16 kernels). Check that a
     quantized folder ranks candidates like the original with benchmarks/speed.py (its Spearman
     lines) before a long run."""
