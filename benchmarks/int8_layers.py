@@ -2,6 +2,7 @@
 
     python benchmarks/int8_layers.py                      # the trained shapes-world model, ~10 min on 2 cores
     python benchmarks/int8_layers.py --single             # also each layer alone (slow: one model per layer)
+    python benchmarks/int8_layers.py --per-channel        # weight scales per output column, not per tensor
 
 A candidate's token changes the UNet's output only through the text encoder and the UNet's
 cross-attention keys and values, by ~0.1% of the loss: int8 noise of a similar size reorders the
@@ -36,7 +37,7 @@ GROUPS = {
     "unet feed-forward": lambda n: "/ff/" in n,
     "unet feed-forward in (GEGLU proj)": lambda n: "/ff/net.0/" in n,
     "unet feed-forward out": lambda n: "/ff/net.2/" in n,
-    # (Gemm layers, e.g. the time embedding's, stay float anyway: onnxruntime's dynamic quantization has no Gemm)
+    # (Gemm layers, the time embedding's, are in int8 in every variant: no group names them)
     "unet proj_in/out (linear projection models only)": lambda n: "/proj_in/" in n or "/proj_out/" in n,
 }
 
@@ -49,7 +50,8 @@ def weight_nodes(path):
     return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and any(i in inits for i in n.input)]
 
 
-def make_variant(base, out, unet_exclude=(), text="all", unet="all", unet_only=None, text_only=None):
+def make_variant(base, out, unet_exclude=(), text="all", unet="all", unet_only=None, text_only=None,
+                 per_channel=False):
     """A copy of the model folder BASE at OUT with its UNet / text encoder quantized as told."""
     from edge_ti.quantize import quantize_int8
     shutil.copytree(base, out, ignore=shutil.ignore_patterns("model.onnx*"), symlinks=False)
@@ -58,7 +60,7 @@ def make_variant(base, out, unet_exclude=(), text="all", unet="all", unet_only=N
         if mode == "float":
             shutil.copy2(src, dst)
         else:
-            quantize_int8(src, dst, exclude=exclude, only=only)
+            quantize_int8(src, dst, per_channel=per_channel, exclude=exclude, only=only)
     for part in ("vae_encoder", "vae_decoder"):
         shutil.copy2(os.path.join(base, part, "model.onnx"), os.path.join(out, part, "model.onnx"))
     return out
@@ -111,6 +113,7 @@ def main():
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--single", action="store_true")
+    parser.add_argument("--per-channel", action="store_true", help="int8 weight scales per output column")
     args = parser.parse_args()
     import edge_ti
     from edge_ti.shapes import model_dir
@@ -129,7 +132,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         def row(name, count, **kw):
             start = time.perf_counter()
-            folder = make_variant(base, os.path.join(tmp, f"v{len(os.listdir(tmp))}"), **kw)
+            folder = make_variant(base, os.path.join(tmp, f"v{len(os.listdir(tmp))}"), per_channel=args.per_channel,
+                                  **kw)
             _, (mean, low) = agreement(folder, gens, ref)
             print(f"| {name} | {count} | {mean:.3f}, {low:.3f} | {time.perf_counter() - start:.0f} |", flush=True)
             shutil.rmtree(folder)

@@ -300,20 +300,26 @@ def _weights(path):
             for t in onnx.load(str(path), load_external_data=False).graph.initializer}
 
 
-@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("per_channel, qmax", [(False, 64), (True, 64), (False, 127)])
 @pytest.mark.parametrize("part", ["unet", "text_encoder"])
-def test_int8_is_quantize_dynamics_graph(tiny_sd, tmp_path, part, per_channel):
+def test_int8_is_quantize_dynamics_graph(tiny_sd, tmp_path, part, per_channel, qmax):
     """int8_matmul writes what onnxruntime's quantize_dynamic writes: the same int8 weights and scales
-    (by name), the same nodes, the same outputs; MatMul and Gemm (time embeddings) alike."""
+    (by name), the same nodes, the same outputs; MatMul and Gemm (time embeddings) alike; 7-bit weights
+    (reduce_range, what quantize_int8 writes) or full-range ones."""
     import collections
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edge_ti import int8_matmul
     src = os.path.join(tiny_sd[1], part, "model.onnx")
     with quantize._QuietRoot():
         quantize_dynamic(src, str(tmp_path / "ort.onnx"), op_types_to_quantize=["MatMul", "Gemm"],
-                         per_channel=per_channel, weight_type=QuantType.QInt8, reduce_range=True,
+                         per_channel=per_channel, weight_type=QuantType.QInt8, reduce_range=qmax == 64,
                          extra_options={"MatMulConstBOnly": True})
-    quantize.quantize_int8(src, str(tmp_path / "ours.onnx"), per_channel=per_channel)
+    if qmax == int8_matmul.QMAX:
+        quantize.quantize_int8(src, str(tmp_path / "ours.onnx"), per_channel=per_channel)
+    else:
+        int8_matmul.quantize_matmuls(src, str(tmp_path / "ours.onnx"), per_channel=per_channel, qmax=qmax)
     theirs, ours = _weights(tmp_path / "ort.onnx"), _weights(tmp_path / "ours.onnx")
     assert sorted(theirs) == sorted(ours)
     for name, value in theirs.items():
