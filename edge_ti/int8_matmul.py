@@ -11,9 +11,7 @@ the graph and one weight. It writes the nodes quantize_dynamic writes for a MatM
 (reduce_range: weights in [-64, 64], onnxruntime's reduced int8 range; see quantize.py for why).
 A Gemm y = x B^T + C becomes that MatMul with B^T, then Add C, as onnxruntime rewrites it.
 tests/test_quantize.py checks the result equals quantize_dynamic's on the tiny model.
-
-The source is hostile until checked: an external-data location must name a file inside the model's
-folder, and a tensor's stored length must match its shape.
+Weights are read and written through external_data.py (checked locations and lengths).
 """
 import os
 
@@ -21,13 +19,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import EdgeTIError
+from .external_data import EXTERNAL_THRESHOLD, DataFile, ExternalData, attribute_tensors, is_external, place
 
 QMAX = 64                # reduce_range int8: [-64, 64] (onnxruntime's ONNX_INT_TYPE_REDUCED_RANGE)
-_ALIGN = 4096            # external tensors start on a page boundary, so that a reader may map them
-_COPY_CHUNK = 64 << 20   # bytes per read when a float tensor is copied through unchanged
-_INLINE_BELOW = 1024   # bytes: smaller tensors stay in the graph file (onnx.save's size_threshold)
-_EXTERNAL_THRESHOLD = 1 << 30  # above this (protobuf's 2 GiB limit, with a margin) weights go to a data file
 
 
 def quantize_weight(w, per_channel=False, qmax=QMAX):
@@ -40,96 +34,6 @@ def quantize_weight(w, per_channel=False, qmax=QMAX):
     w_q = w / scale                                 # one float copy, rounded and clipped in place
     np.clip(np.round(w_q, out=w_q), -qmax, qmax, out=w_q)
     return w_q.astype(np.int8), scale, np.zeros(scale.shape, np.int8)
-
-
-def _is_external(tensor):
-    return tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL
-
-
-def _attribute_tensors(nodes):
-    """Tensors held by NODES' attributes (a Constant's value), subgraphs included: exporters store
-    large ones as external data too."""
-    for node in nodes:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from graph.initializer
-                yield from _attribute_tensors(graph.node)
-
-
-class _ExternalData:
-    """Where an external tensor's bytes lie in SRC_FOLDER, checked: (path, offset, length)."""
-
-    def __init__(self, model_path):
-        self.model_path = model_path
-        self.folder = os.path.dirname(os.path.abspath(model_path))
-
-    def locate(self, tensor):
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        path = os.path.realpath(os.path.join(self.folder, location))
-        if not location or os.path.isabs(location) or \
-                os.path.commonpath([path, os.path.realpath(self.folder)]) != os.path.realpath(self.folder):
-            raise EdgeTIError(f"{self.model_path}: tensor {tensor.name!r} points to {location!r}, "
-                              "outside the model's folder")
-        if not os.path.isfile(path):
-            raise EdgeTIError(f"{self.model_path}: tensor {tensor.name!r}: its data file {location!r} is missing")
-        offset, size = int(info.get("offset", 0)), os.path.getsize(path)
-        length = int(info.get("length", size - offset))
-        if offset < 0 or length < 0 or offset + length > size:
-            raise EdgeTIError(f"{self.model_path}: tensor {tensor.name!r}: bytes {offset}..{offset + length} "
-                              f"are beyond the end of {location!r} ({size} bytes)")
-        return path, offset, length
-
-    def read(self, tensor):
-        """The tensor's values (external or inline) as a numpy array."""
-        if not _is_external(tensor):
-            return numpy_helper.to_array(tensor)
-        path, offset, length = self.locate(tensor)
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        count = int(np.prod(tensor.dims, dtype=np.int64))
-        if length != count * dtype.itemsize:
-            raise EdgeTIError(f"{self.model_path}: tensor {tensor.name!r}: {length} bytes stored for shape "
-                              f"{list(tensor.dims)} of {dtype}")
-        return np.fromfile(path, dtype=dtype, count=count, offset=offset).reshape(tuple(tensor.dims))
-
-
-class _DataFile:
-    """The output's one external data file, appended to tensor by tensor."""
-
-    def __init__(self, path):
-        self.path, self.location = path, os.path.basename(path)
-        self.file = open(path, "wb")
-
-    def _start(self):
-        offset = -(-self.file.tell() // _ALIGN) * _ALIGN
-        self.file.seek(offset)
-        return offset
-
-    def _point(self, tensor, offset, length):
-        tensor.ClearField("raw_data")
-        del tensor.external_data[:]
-        tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
-            tensor.external_data.add(key=key, value=value)
-
-    def write_array(self, tensor, array):
-        offset = self._start()
-        self.file.write(np.ascontiguousarray(array).tobytes())
-        self._point(tensor, offset, array.nbytes)
-
-    def copy_from(self, tensor, path, start, length):
-        offset = self._start()
-        with open(path, "rb") as src:
-            src.seek(start)
-            for done in range(0, length, _COPY_CHUNK):
-                self.file.write(src.read(min(_COPY_CHUNK, length - done)))
-        self._point(tensor, offset, length)
-
-    def close(self):
-        self.file.close()
 
 
 def _inputs(nodes):
@@ -159,19 +63,6 @@ def _constant_weight(node, weights):
     return node.input[1], bool(attrs.get("transB", 0))
 
 
-def _place(tensor, source, data):
-    """Where TENSOR goes in the output: small ones inline (onnxruntime's shape inference cannot read a
-    Constant's value from external data), the rest in DATA, copied straight from the source's bytes."""
-    if _is_external(tensor):
-        path, offset, length = source.locate(tensor)
-        if length >= _INLINE_BELOW:
-            data.copy_from(tensor, path, offset, length)
-        else:
-            tensor.CopyFrom(numpy_helper.from_array(source.read(tensor), tensor.name))
-    elif len(tensor.raw_data) >= _INLINE_BELOW:
-        data.write_array(tensor, numpy_helper.to_array(tensor))
-
-
 def quantizable_matmuls(graph, exclude=(), only=None):
     """Names of GRAPH's MatMul/Gemm nodes with a constant float32 weight (what quantize_dynamic's
     MatMulConstBOnly quantizes), less EXCLUDE; with ONLY, just those of them."""
@@ -186,11 +77,11 @@ def quantize_matmuls(src, dst, per_channel=False, exclude=(), only=None, qmax=QM
     > 1 GiB) gets its weights in one file beside DST, DST's name + ".data"."""
     model = onnx.load(src, load_external_data=False)
     graph = model.graph
-    source = _ExternalData(src)
+    source = ExternalData(src)
     chosen = set(quantizable_matmuls(graph, exclude, set(only) if only is not None else None))
-    external = any(_is_external(t) for t in graph.initializer) or os.path.getsize(src) > _EXTERNAL_THRESHOLD \
-        or any(_is_external(t) for t in _attribute_tensors(graph.node))
-    data = _DataFile(dst + ".data") if external else None
+    external = any(is_external(t) for t in graph.initializer) or os.path.getsize(src) > EXTERNAL_THRESHOLD \
+        or any(is_external(t) for t in attribute_tensors(graph.node))
+    data = DataFile(dst + ".data") if external else None
     float_weights = {t.name: t for t in graph.initializer}
     try:
         nodes, added, activations, weights = [], [], {}, {}
@@ -233,14 +124,14 @@ def quantize_matmuls(src, dst, per_channel=False, exclude=(), only=None, qmax=QM
         kept = [t for t in graph.initializer if t.name in used]
         if data is not None:
             for tensor in kept:
-                _place(tensor, source, data)
+                place(tensor, source, data)
         del graph.initializer[:]
         graph.initializer.extend(kept + added)
         del graph.node[:]
         graph.node.extend(nodes)
-        for tensor in _attribute_tensors(graph.node):
-            if _is_external(tensor):
-                _place(tensor, source, data)
+        for tensor in attribute_tensors(graph.node):
+            if is_external(tensor):
+                place(tensor, source, data)
     except BaseException:
         if data is not None:
             data.close()

@@ -38,9 +38,12 @@ import os
 import shutil
 
 import onnx
+from onnx import numpy_helper
 
 from .errors import EdgeTIError
 from .files import atomic_folder
+from .external_data import (EXTERNAL_THRESHOLD, INLINE_BELOW, DataFile, ExternalData, attribute_tensors, is_external,
+                            place)
 from .int8_matmul import quantize_matmuls
 
 log = logging.getLogger(__name__)
@@ -48,8 +51,6 @@ log = logging.getLogger(__name__)
 MODES = ("int8", "fp16")
 CONV = ("none", "static", "dynamic")  # int8 Conv: float (none), calibrated (static) or ConvInteger (dynamic)
 PARTS = ("unet", "text_encoder", "text_encoder_2", "vae_encoder", "vae_decoder")
-# a protobuf cannot exceed 2 GiB: above half that (a margin) the weights go to one external data file
-_EXTERNAL_THRESHOLD = 1 << 30
 
 
 # what `export --quantize int8` and `--fp16` mean, chosen by benchmarks/results/speed.md: int8 Conv
@@ -77,7 +78,7 @@ def _weights_bytes(model_path):
 
 def _save(model, path):
     """Save with one external data file when the model is large (protobuf's 2 GB limit)."""
-    large = model.ByteSize() > _EXTERNAL_THRESHOLD if not _has_external_data(model) else True
+    large = model.ByteSize() > EXTERNAL_THRESHOLD if not _has_external_data(model) else True
     if large:
         onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                   location="model.onnx.data", size_threshold=1024)
@@ -94,7 +95,7 @@ def quantize_int8(src, dst, conv="none", per_channel=False, exclude=(), only=Non
         return
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    large = _weights_bytes(src) > _EXTERNAL_THRESHOLD
+    large = _weights_bytes(src) > EXTERNAL_THRESHOLD
     # quantize_dynamic reads external data from src's folder and writes model.onnx.data beside dst
     quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=per_channel,
                      weight_type=QuantType.QInt8, use_external_data_format=large,
@@ -146,7 +147,7 @@ def quantize_int8_static_conv(src, dst, feeds, per_channel=True, exclude=()):
     then MatMul/Gemm dynamic as in quantize_int8 (but EXCLUDE)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    large = _weights_bytes(src) > _EXTERNAL_THRESHOLD
+    large = _weights_bytes(src) > EXTERNAL_THRESHOLD
     staged = os.path.join(os.path.dirname(dst), ".conv-int8")
     os.makedirs(staged)
     try:
@@ -178,14 +179,57 @@ def _constants_to_initializers(graph):
 
 
 def convert_fp16(src, dst):
-    """float32 -> float16 weights and arithmetic, float32 inputs/outputs (Cast at the edges)."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    """float32 -> float16 weights and arithmetic, float32 inputs/outputs (Cast at the edges), with one
+    weight in memory at a time: onnxruntime's converter rewrites the graph while each external weight
+    is a stub of shape [0], then each weight it made float16 is converted from the source's bytes and
+    written to the data file (the rest copied). A whole SDXL UNet in memory failed at 23.5 GB."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16, convert_np_to_float16
 
-    model = onnx.load(src)  # with its external data
+    model = onnx.load(src, load_external_data=False)
     _constants_to_initializers(model.graph)  # so Resize's scales stay float32 (the converter keeps those)
+    source, stubs = ExternalData(src), {}
+    for tensor in attribute_tensors(model.graph.node):  # what Constants are left (ConstantOfShape's value...)
+        if is_external(tensor):                        # is small, and the converter changes it in place
+            tensor.CopyFrom(numpy_helper.from_array(source.read(tensor), tensor.name))
+    for tensor in model.graph.initializer:
+        if is_external(tensor):
+            stubs[tensor.name] = onnx.TensorProto()
+            stubs[tensor.name].CopyFrom(tensor)
+            del tensor.external_data[:], tensor.dims[:]
+            tensor.data_location, tensor.dims[:] = onnx.TensorProto.DEFAULT, [0]
     # keep_io_types: callers keep feeding float32; shape inference is impossible above 2 GB
     model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
-    _save(model, dst)
+    graph = model.graph
+    if not stubs and os.path.getsize(src) <= EXTERNAL_THRESHOLD:
+        _save(model, dst)
+        return
+    value_info = [v for v in graph.value_info if v.name not in stubs]  # the stubs' [0] shapes
+    del graph.value_info[:]
+    graph.value_info.extend(value_info)
+    data = DataFile(dst + ".data")
+    try:
+        for tensor in graph.initializer:
+            original = stubs.get(tensor.name)
+            if original is None:
+                place(tensor, source, data)
+                continue
+            if tensor.data_type == onnx.TensorProto.FLOAT16 and original.data_type == onnx.TensorProto.FLOAT:
+                tensor.dims[:] = original.dims
+                values = convert_np_to_float16(source.read(original).reshape(-1))  # 1-D, as the converter's
+                if values.nbytes < INLINE_BELOW:  # small ones inline, as place() keeps them
+                    tensor.raw_data = values.tobytes()
+                else:
+                    data.write_array(tensor, values)
+            else:                            # left float32 by the converter: as it was
+                tensor.CopyFrom(original)
+                place(tensor, source, data)
+    except BaseException:
+        data.close()
+        os.remove(data.path)
+        raise
+    data.close()
+    with open(dst, "wb") as f:
+        f.write(model.SerializeToString())
 
 
 def float_layers_of(path, patterns):

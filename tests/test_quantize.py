@@ -337,17 +337,17 @@ def test_int8_streams_external_weights(tiny_sd, tmp_path):
     """A model whose weights lie in external files (one per tensor, as torch.onnx.export writes a
     large model) is quantized into one data file beside the graph, the same weights as from one piece;
     the source's weights are read one tensor at a time, never the whole model."""
-    from edge_ti import int8_matmul
+    from edge_ti import external_data
     src = os.path.join(tiny_sd[1], "unet", "model.onnx")
     split = tmp_path / "split"
     split.mkdir()
     onnx.save(onnx.load(src), str(split / "model.onnx"), save_as_external_data=True,
               all_tensors_to_one_file=False, size_threshold=0, convert_attribute=True)  # Constants' too
     assert len(os.listdir(split)) > 10
-    assert any(int8_matmul._is_external(t) for t in int8_matmul._attribute_tensors(
+    assert any(external_data.is_external(t) for t in external_data.attribute_tensors(
         onnx.load(str(split / "model.onnx"), load_external_data=False).graph.node))
     reads = []
-    read = int8_matmul._ExternalData.read
+    read = external_data.ExternalData.read
 
     def counting(self, tensor):
         reads.append(tensor.name)
@@ -355,7 +355,7 @@ def test_int8_streams_external_weights(tiny_sd, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(int8_matmul._ExternalData, "read", counting)
+        patch.setattr(external_data.ExternalData, "read", counting)
         load = onnx.load
         patch.setattr(onnx, "load", lambda path, load_external_data=True: load(path, load_external_data=False)
                       if not load_external_data else pytest.fail("the whole model was loaded"))
@@ -371,6 +371,33 @@ def test_int8_streams_external_weights(tiny_sd, tmp_path):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("part", ["unet", "text_encoder"])
+def test_fp16_streams_external_weights(tiny_sd, tmp_path, part):
+    """fp16 of a model whose weights (Constants' values too) lie in external files: the same float16
+    weights and outputs as the conversion of the same model in one piece, without loading it whole."""
+    src = os.path.join(tiny_sd[1], part, "model.onnx")
+    split = tmp_path / "split"
+    split.mkdir()
+    onnx.save(onnx.load(src), str(split / "model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=False, size_threshold=0, convert_attribute=True)
+    quantize.convert_fp16(src, str(tmp_path / "whole.onnx"))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        load = onnx.load
+        patch.setattr(onnx, "load", lambda path, load_external_data=True: load(path, load_external_data=False)
+                      if not load_external_data else pytest.fail("the whole model was loaded"))
+        quantize.convert_fp16(str(split / "model.onnx"), str(out / "model.onnx"))
+    assert sorted(os.listdir(out)) == ["model.onnx", "model.onnx.data"]
+    whole, streamed = _weights(tmp_path / "whole.onnx"), _weights(out / "model.onnx")
+    assert sorted(whole) == sorted(streamed)
+    for name, value in whole.items():
+        assert streamed[name].dtype == value.dtype and np.array_equal(streamed[name], value), name
+    assert any(v.dtype == np.float16 for v in streamed.values())
+    for a, b in zip(_run(tmp_path / "whole.onnx", part), _run(out / "model.onnx", part)):
+        np.testing.assert_array_equal(b, a)
+
+
 @pytest.mark.parametrize("change, problem", [
     (lambda entries: entries.update(location="../outside.bin"), "outside the model's folder"),
     (lambda entries: entries.update(location="/etc/hostname"), "outside the model's folder"),
@@ -378,9 +405,10 @@ def test_int8_streams_external_weights(tiny_sd, tmp_path):
     (lambda entries: entries.update(length=str(int(entries["length"]) - 4)), "bytes stored for shape"),
     (lambda entries: entries.update(offset=str(10 ** 9)), "beyond the end"),
 ])
-def test_int8_refuses_hostile_external_data(tiny_sd, tmp_path, change, problem):
+@pytest.mark.parametrize("convert", ["quantize_int8", "convert_fp16"])
+def test_refuses_hostile_external_data(tiny_sd, tmp_path, change, problem, convert):
     """External-data entries name files and byte ranges: outside the folder, missing, or the wrong
-    size is one line naming the model file, and nothing is written."""
+    size is one line naming the model file, and nothing is written (int8 and fp16 alike)."""
     src = os.path.join(tiny_sd[1], "unet", "model.onnx")
     folder = tmp_path / "model"
     folder.mkdir()
@@ -399,6 +427,6 @@ def test_int8_refuses_hostile_external_data(tiny_sd, tmp_path, change, problem):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(EdgeTIError, match=problem) as err:
-        quantize.quantize_int8(str(folder / "model.onnx"), str(out / "model.onnx"))
+        getattr(quantize, convert)(str(folder / "model.onnx"), str(out / "model.onnx"))
     assert str(folder / "model.onnx") in str(err.value) and "\n" not in str(err.value)
     assert os.listdir(out) == []
