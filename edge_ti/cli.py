@@ -197,7 +197,8 @@ def quantize(model_dir, out, mode, conv, per_channel, calibration, feed_forward)
     if mode != "int8" and (feed_forward != "float" or conv != "none"):
         raise EdgeTIError(f"--feed-forward and --conv apply to --mode int8, not {mode}")
     quantize_model(model_dir, out, mode=mode, conv=conv, per_channel=per_channel, calibration=calibration,
-                   float_layers=FLOAT_LAYERS if feed_forward == "float" else ())
+                   float_layers=FLOAT_LAYERS if feed_forward == "float" else (),
+                   progress=lambda part, i, n: click.echo(f"[{i}/{n}] {part}: {mode}", err=True))
     click.echo(f"wrote {out}")
 
 

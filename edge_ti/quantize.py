@@ -263,9 +263,11 @@ class _QuietRoot:
 
 
 def quantize_model(model_dir, out_dir, mode="int8", parts=None, conv="none",
-                   per_channel=False, calibration=8, source_label=None, float_layers=FLOAT_LAYERS):
+                   per_channel=False, calibration=8, source_label=None, float_layers=FLOAT_LAYERS,
+                   progress=None):
     """Copy the ONNX folder MODEL_DIR to OUT_DIR with PARTS quantized (int8) or converted (fp16);
     int8 leaves the UNet's MatMuls named by FLOAT_LAYERS in float (() quantizes them all).
+    PROGRESS(part, i, n), if given, is called before the i-th of the n parts is converted.
     PARTS: default the UNet and the text encoder(s) (SDXL: text_encoder_2 too).
 
     Returns OUT_DIR. OUT_DIR must not exist and must not be inside MODEL_DIR; it appears only
@@ -318,6 +320,8 @@ def quantize_model(model_dir, out_dir, mode="int8", parts=None, conv="none",
                     (shutil.copytree if os.path.isdir(os.path.join(src, name)) else shutil.copy2)(
                         os.path.join(src, name), os.path.join(dst, name))
             log.info("%s: %s -> %s", entry, mode, dst)
+            if progress:
+                progress(entry, sorted(parts).index(entry) + 1, len(parts))
             with _QuietRoot():
                 _convert_part(mode, conv, entry, os.path.join(src, "model.onnx"), os.path.join(dst, "model.onnx"),
                               per_channel, feeds, float_layers)

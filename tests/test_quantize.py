@@ -182,6 +182,7 @@ def test_cli_quantize_feed_forward(tiny_sd, tmp_path):
     out = tmp_path / "all"
     rc, err = invoke("quantize", tiny_sd[1], str(out), "--feed-forward", "int8")
     assert rc == 0, err
+    assert err.splitlines() == ["[1/2] text_encoder: int8", "[2/2] unet: int8"]   # one line per part, as it starts
     assert json.load(open(out / "edge_ti_quantization.json"))["float_layers"] == []
     assert not [n.name for n in onnx.load(str(out / "unet" / "model.onnx")).graph.node
                 if "/ff/" in n.name and n.op_type == "MatMul"]
