@@ -604,6 +604,10 @@ def main():
     print(f"# onnxruntime {cpu['onnxruntime']}, threads {args.threads}, load average at start {load_average():.2f}; "
           f"a row is rerun (up to {QUIET['tries']} times) when other processes used over {QUIET['threshold']:.1f} "
           "cores during it", flush=True)
+    if not args.no_torch and not os.path.isdir(diffusers_dir):
+        args.no_torch = True
+        print(f"# no {diffusers_dir}: the torch rows are skipped (the module docstring says how it is made)",
+              flush=True)
     common = {"diffusers": diffusers_dir, "threads": args.threads, "max_batch": args.max_batch}
     if args.no_session_cache:  # SDXL: a second 10 GB copy of the UNet per variant would not fit the disk
         common["session"] = {"cache": False}
