@@ -595,7 +595,6 @@ def curve_points(units, method, key):
 
 
 def _panel(draw, box, title, series, levels, xmax, yrange, ylabel):
-    from PIL import ImageDraw  # noqa: F401
     left, top, right, bottom = box
     draw.rectangle(box, outline=(0, 0, 0))
     draw.text((left + 4, top + 3), title, fill=(0, 0, 0))

@@ -2,7 +2,8 @@
 data file. What lets edge_ti.quantize convert a model larger than memory (SDXL's 10 GB UNet).
 
 The source is hostile until checked: an external-data location must name a file inside the model's
-folder, and a tensor's stored length must match its shape and type.
+folder, and a tensor's stored length must match its shape and (numeric) type, whether the tensor is
+read or copied through; anything else is one line naming the model file.
 """
 import os
 
@@ -42,11 +43,21 @@ class ExternalData:
         self.folder = os.path.dirname(os.path.abspath(model_path))
 
     def locate(self, tensor):
+        """(path, offset, length) of TENSOR's bytes, checked against the folder, the file and the
+        tensor's own shape and type; a bad entry is one line (EdgeTIError) naming the model file."""
+        try:
+            return self._locate(tensor)
+        except (ValueError, KeyError, OSError, OverflowError) as err:  # "offset": "abc", a NUL in a path...
+            raise EdgeTIError(f"{self.model_path}: tensor {tensor.name!r}: unreadable external data "
+                              f"({type(err).__name__}: {err})") from None
+
+    def _locate(self, tensor):
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
+        folder = os.path.realpath(self.folder)
         path = os.path.realpath(os.path.join(self.folder, location))
-        if not location or os.path.isabs(location) or \
-                os.path.commonpath([path, os.path.realpath(self.folder)]) != os.path.realpath(self.folder):
+        if not location or os.path.isabs(location) or os.path.splitdrive(location)[0] or \
+                os.path.commonpath([path, folder]) != folder:
             raise EdgeTIError(f"{self.model_path}: tensor {tensor.name!r} points to {location!r}, "
                               "outside the model's folder")
         if not os.path.isfile(path):
@@ -56,6 +67,12 @@ class ExternalData:
         if offset < 0 or length < 0 or offset + length > size:
             raise EdgeTIError(f"{self.model_path}: tensor {tensor.name!r}: bytes {offset}..{offset + length} "
                               f"are beyond the end of {location!r} ({size} bytes)")
+        if any(d < 0 for d in tensor.dims):
+            raise EdgeTIError(f"{self.model_path}: tensor {tensor.name!r}: negative shape {list(tensor.dims)}")
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)  # KeyError for an unknown type
+        if dtype.kind not in "biuf" or length != int(np.prod(tensor.dims, dtype=object)) * dtype.itemsize:
+            raise EdgeTIError(f"{self.model_path}: tensor {tensor.name!r}: {length} bytes stored for shape "
+                              f"{list(tensor.dims)} of {dtype}")
         return path, offset, length
 
     def read(self, tensor):
@@ -64,11 +81,8 @@ class ExternalData:
             return numpy_helper.to_array(tensor)
         path, offset, length = self.locate(tensor)
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        count = int(np.prod(tensor.dims, dtype=np.int64))
-        if length != count * dtype.itemsize:
-            raise EdgeTIError(f"{self.model_path}: tensor {tensor.name!r}: {length} bytes stored for shape "
-                              f"{list(tensor.dims)} of {dtype}")
-        return np.fromfile(path, dtype=dtype, count=count, offset=offset).reshape(tuple(tensor.dims))
+        return np.fromfile(path, dtype=dtype, count=length // dtype.itemsize, offset=offset).reshape(
+            tuple(tensor.dims))
 
 
 class DataFile:

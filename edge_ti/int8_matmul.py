@@ -10,7 +10,9 @@ the graph and one weight. It writes the nodes quantize_dynamic writes for a MatM
     W_q = round(W / s_W),  s_W = max|W| / 64     # per tensor, or per output column (per_channel)
 (reduce_range: weights in [-64, 64], onnxruntime's reduced int8 range; see quantize.py for why).
 A Gemm y = x B^T + C becomes that MatMul with B^T, then Add C, as onnxruntime rewrites it.
-tests/test_quantize.py checks the result equals quantize_dynamic's on the tiny model.
+tests/test_quantize.py checks the result equals quantize_dynamic's on the tiny model. Where they differ:
+a weight shared with a node kept float stays float for that node (quantize_dynamic feeds it the
+dequantized int8 copy), and generated names that the graph already uses get a suffix.
 Weights are read and written through external_data.py (checked locations and lengths).
 """
 import os
@@ -45,6 +47,12 @@ def _inputs(nodes):
             for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 names |= _inputs(graph.node)
     return names
+
+
+def _names(graph):
+    """Every tensor name GRAPH uses (initializers, inputs, outputs, node outputs, value_info)."""
+    return ({t.name for t in graph.initializer} | {v.name for v in graph.input} | {v.name for v in graph.output}
+            | {v.name for v in graph.value_info} | _inputs(graph.node) | {o for n in graph.node for o in n.output})
 
 
 def _constant_weight(node, weights):
@@ -83,6 +91,16 @@ def quantize_matmuls(src, dst, per_channel=False, exclude=(), only=None, qmax=QM
         or any(is_external(t) for t in attribute_tensors(graph.node))
     data = DataFile(dst + ".data") if external else None
     float_weights = {t.name: t for t in graph.initializer}
+    taken = _names(graph)
+
+    def new_name(name):
+        """NAME, or NAME_1, NAME_2 ... if the graph already has a tensor of that name (as onnxruntime does)."""
+        unique, i = name, 0
+        while unique in taken:
+            i += 1
+            unique = f"{name}_{i}"
+        taken.add(unique)
+        return unique
     try:
         nodes, added, activations, weights = [], [], {}, {}
         for node in graph.node:
@@ -92,14 +110,14 @@ def quantize_matmuls(src, dst, per_channel=False, exclude=(), only=None, qmax=QM
                 continue
             x, (b, transposed) = node.input[0], weight
             if x not in activations:  # one DynamicQuantizeLinear per activation, shared by its MatMuls
-                activations[x] = (x + "_quantized", x + "_scale", x + "_zero_point")
+                activations[x] = tuple(new_name(x + suffix) for suffix in ("_quantized", "_scale", "_zero_point"))
                 nodes.append(helper.make_node("DynamicQuantizeLinear", [x], list(activations[x]),
                                               x + "_QuantizeLinear"))
             if weight not in weights:  # a weight shared by several nodes is quantized once
                 w = source.read(float_weights[b])
                 w_q, scale, zero = quantize_weight(np.ascontiguousarray(w.T) if transposed else w, per_channel, qmax)
                 base = b + ("_Transposed" if transposed else "")
-                weights[weight] = (base + "_quantized", base + "_scale", base + "_zero_point")
+                weights[weight] = tuple(new_name(base + suffix) for suffix in ("_quantized", "_scale", "_zero_point"))
                 quantized = numpy_helper.from_array(w_q, weights[weight][0])
                 if data is not None:
                     data.write_array(quantized, w_q)
@@ -108,15 +126,14 @@ def quantize_matmuls(src, dst, per_channel=False, exclude=(), only=None, qmax=QM
             (x_q, s_x, z_x), (w_q_name, s_w, z_w) = activations[x], weights[weight]
             bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
             out = node.output[0]
-            y = out + "_MatMul" if bias else out
+            y = new_name(out + "_MatMul") if bias else out
             name = (node.name or out) + ("_MatMul" if node.op_type == "Gemm" else "")
-            nodes += [helper.make_node("MatMulInteger", [x_q, w_q_name, z_x, z_w], [y + "_output_quantized"],
-                                       name + "_quant"),
-                      helper.make_node("Cast", [y + "_output_quantized"], [y + "_output_quantized_cast_output"],
-                                       y + "_output_quantized_cast", to=TensorProto.FLOAT),
-                      helper.make_node("Mul", [s_x, s_w], [name + "_quant_scales_mul:0"], name + "_quant_scales_mul"),
-                      helper.make_node("Mul", [y + "_output_quantized_cast_output", name + "_quant_scales_mul:0"],
-                                       [y], name + "_quant_output_scale_mul")]
+            y_int, y_float, scales = (new_name(y + "_output_quantized"), new_name(y + "_output_quantized_cast_output"),
+                                      new_name(name + "_quant_scales_mul:0"))
+            nodes += [helper.make_node("MatMulInteger", [x_q, w_q_name, z_x, z_w], [y_int], name + "_quant"),
+                      helper.make_node("Cast", [y_int], [y_float], y + "_output_quantized_cast", to=TensorProto.FLOAT),
+                      helper.make_node("Mul", [s_x, s_w], [scales], name + "_quant_scales_mul"),
+                      helper.make_node("Mul", [y_float, scales], [y], name + "_quant_output_scale_mul")]
             if bias:  # Gemm's C
                 nodes.append(helper.make_node("Add", [y, bias], [out], (node.name or out) + "_Add"))
         # the float weights still read by some node (or output) stay; the quantized ones' originals go
@@ -127,6 +144,10 @@ def quantize_matmuls(src, dst, per_channel=False, exclude=(), only=None, qmax=QM
                 place(tensor, source, data)
         del graph.initializer[:]
         graph.initializer.extend(kept + added)
+        # a dropped weight that was also listed as a graph input (old exports) would become a required input
+        inputs = [i for i in graph.input if i.name not in float_weights or i.name in used]
+        del graph.input[:]
+        graph.input.extend(inputs)
         del graph.node[:]
         graph.node.extend(nodes)
         for tensor in attribute_tensors(graph.node):

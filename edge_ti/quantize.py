@@ -203,7 +203,9 @@ def convert_fp16(src, dst):
     if not stubs and os.path.getsize(src) <= EXTERNAL_THRESHOLD:
         _save(model, dst)
         return
-    value_info = [v for v in graph.value_info if v.name not in stubs]  # the stubs' [0] shapes
+    # the stubs' [0] shapes (the converter copies them to its Casts' value_info too): shape info is optional
+    value_info = [v for v in graph.value_info if v.name not in stubs and
+                  [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim] != [0]]
     del graph.value_info[:]
     graph.value_info.extend(value_info)
     data = DataFile(dst + ".data")

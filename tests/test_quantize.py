@@ -399,17 +399,35 @@ def test_fp16_streams_external_weights(tiny_sd, tmp_path, part):
         np.testing.assert_array_equal(b, a)
 
 
-@pytest.mark.parametrize("change, problem", [
-    (lambda entries: entries.update(location="../outside.bin"), "outside the model's folder"),
-    (lambda entries: entries.update(location="/etc/hostname"), "outside the model's folder"),
-    (lambda entries: entries.update(location="gone.bin"), "is missing"),
-    (lambda entries: entries.update(length=str(int(entries["length"]) - 4)), "bytes stored for shape"),
-    (lambda entries: entries.update(offset=str(10 ** 9)), "beyond the end"),
+def _set_entries(tensor, change):
+    entries = {e.key: e.value for e in tensor.external_data}
+    change(entries)
+    del tensor.external_data[:]
+    for key, value in entries.items():
+        tensor.external_data.add(key=key, value=value)
+
+
+@pytest.mark.parametrize("weight, change, problem", [
+    ("matmul", lambda tensor: _set_entries(tensor, lambda e: e.update(location="../outside.bin")), "outside the model"),
+    ("matmul", lambda tensor: _set_entries(tensor, lambda e: e.update(location="/etc/hostname")), "outside the model"),
+    ("matmul", lambda tensor: _set_entries(tensor, lambda e: e.update(location="gone.bin")), "is missing"),
+    ("matmul", lambda tensor: _set_entries(tensor, lambda e: e.update(length=str(int(e["length"]) - 4))),
+     "bytes stored for shape"),
+    ("matmul", lambda tensor: _set_entries(tensor, lambda e: e.update(offset=str(10 ** 9))), "beyond the end"),
+    ("matmul", lambda tensor: _set_entries(tensor, lambda e: e.update(offset="abc")), "unreadable external data"),
+    ("matmul", lambda tensor: _set_entries(tensor, lambda e: e.update(location="model.onnx.data\x00x")),
+     "unreadable external data"),
+    ("matmul", lambda tensor: tensor.dims.__setitem__(slice(None), [-1, -1]), "negative shape"),
+    ("matmul", lambda tensor: setattr(tensor, "data_type", 999), "unreadable external data"),
+    # a Conv weight is copied through, not read: its length is checked all the same
+    ("conv", lambda tensor: _set_entries(tensor, lambda e: e.update(length=str(int(e["length"]) - 4))),
+     "bytes stored for shape"),
 ])
 @pytest.mark.parametrize("convert", ["quantize_int8", "convert_fp16"])
-def test_refuses_hostile_external_data(tiny_sd, tmp_path, change, problem, convert):
-    """External-data entries name files and byte ranges: outside the folder, missing, or the wrong
-    size is one line naming the model file, and nothing is written (int8 and fp16 alike)."""
+def test_refuses_hostile_external_data(tiny_sd, tmp_path, weight, change, problem, convert):
+    """External-data entries name files and byte ranges: outside the folder, missing, the wrong size,
+    unparsable, a negative shape or an unknown type is one line naming the model file, and nothing
+    is written (int8 and fp16 alike)."""
     src = os.path.join(tiny_sd[1], "unet", "model.onnx")
     folder = tmp_path / "model"
     folder.mkdir()
@@ -417,13 +435,10 @@ def test_refuses_hostile_external_data(tiny_sd, tmp_path, change, problem, conve
     onnx.save(onnx.load(src), str(folder / "model.onnx"), save_as_external_data=True,
               all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    weight = next(n.input[1] for n in model.graph.node if n.op_type == "MatMul" and "/to_q/" in n.name)
-    tensor = next(t for t in model.graph.initializer if t.name == weight)
-    entries = {e.key: e.value for e in tensor.external_data}
-    change(entries)
-    del tensor.external_data[:]
-    for key, value in entries.items():
-        tensor.external_data.add(key=key, value=value)
+    wanted = (lambda n: n.op_type == "MatMul" and "/to_q/" in n.name) if weight == "matmul" else \
+        (lambda n: n.op_type == "Conv")
+    name = next(n.input[1] for n in model.graph.node if wanted(n))
+    change(next(t for t in model.graph.initializer if t.name == name))
     (folder / "model.onnx").write_bytes(model.SerializeToString())
     out = tmp_path / "out"
     out.mkdir()
@@ -431,3 +446,48 @@ def test_refuses_hostile_external_data(tiny_sd, tmp_path, change, problem, conve
         getattr(quantize, convert)(str(folder / "model.onnx"), str(out / "model.onnx"))
     assert str(folder / "model.onnx") in str(err.value) and "\n" not in str(err.value)
     assert os.listdir(out) == []
+
+
+def _tiny_graph(nodes, weights, extra_inputs=()):
+    from onnx import TensorProto, helper
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8]), *extra_inputs]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+                              [onnx.numpy_helper.from_array(w, n) for n, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _check_runs_like_float(model, path):
+    import onnxruntime as ort
+    onnx.save(model, str(path) + ".src.onnx")
+    quantize.quantize_int8(str(path) + ".src.onnx", str(path))
+    onnx.checker.check_model(onnx.load(str(path)))
+    x = {"x": np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)}
+    want = ort.InferenceSession(str(path) + ".src.onnx", providers=["CPUExecutionProvider"]).run(None, x)[0]
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+
+
+def test_int8_weight_listed_as_graph_input(tmp_path):
+    """Old exports list weights among the graph's inputs: the quantized weight's entry goes with it."""
+    from onnx import TensorProto, helper
+    w = np.random.default_rng(1).standard_normal((8, 8)).astype(np.float32)
+    model = _tiny_graph([helper.make_node("MatMul", ["x", "W"], ["y"], "m")], {"W": w},
+                        [helper.make_tensor_value_info("W", TensorProto.FLOAT, [8, 8])])
+    _check_runs_like_float(model, tmp_path / "q.onnx")
+    assert [i.name for i in onnx.load(str(tmp_path / "q.onnx")).graph.input] == ["x"]
+
+
+def test_int8_names_never_collide(tmp_path):
+    """Generated names (W_Transposed_quantized, x_scale, ...) that the graph already uses get a suffix."""
+    from onnx import helper
+    rng = np.random.default_rng(2)
+    w, wt = rng.standard_normal((8, 8)).astype(np.float32), rng.standard_normal((8, 8)).astype(np.float32)
+    model = _tiny_graph([helper.make_node("Gemm", ["x", "W"], ["a"], "g", transB=1),
+                         helper.make_node("MatMul", ["x", "W_Transposed"], ["b"], "m"),
+                         helper.make_node("Identity", ["x"], ["x_scale"], "i"),
+                         helper.make_node("Add", ["a", "b"], ["y"], "add")], {"W": w, "W_Transposed": wt})
+    _check_runs_like_float(model, tmp_path / "q.onnx")
+
+

@@ -334,6 +334,12 @@ def test_sdxl_without_torch(tiny_sdxl, concept_dir, tmp_path):
         assert proc.returncode == 0, (args[0], proc.stderr)
     assert sorted(edge_ti.load_embedding(out)["mytok"]) == ["clip_g", "clip_l"]
     assert os.listdir(tmp_path / "images")
+    import onnx
+    assert not [n.name for n in onnx.load(os.path.join(int8, "unet", "model.onnx")).graph.node
+                if n.op_type == "MatMul" and "/ff/" in n.name]                    # --feed-forward int8 took
+    proc = run_blocked("edge_ti", "tokenize", int8, "a photo of mytok", "--embedding", out)
+    vocab = edge_ti.open_model(int8).vocab_size
+    assert proc.returncode == 0 and any(int(i) >= vocab for i in proc.stdout.split()), proc.stdout  # the token
 
 
 @pytest.mark.parametrize("conv", ["none", "static"])
