@@ -69,21 +69,24 @@ import edge_ti
 from edge_ti import objective
 from edge_ti.denoiser import Denoiser
 from edge_ti.errors import EdgeTIError
-from edge_ti.session import create_session
+from edge_ti.session import SessionSettings, create_session
 spec = json.loads(sys.argv[1])
-model = edge_ti.open_model(spec["model"], device="openvino", threads=1)
 candidates = np.load(spec["candidates"])
-ids = model.tokenize(spec["prompts"], {"<t>": candidates[0]})
 data = np.load(spec["triples"])
 triples = objective.Triples(data["latent_index"], data["prompt_index"], data["timesteps"], data["noise"])
-losses = objective.population_loss(Denoiser(model), candidates, ids, data["latents"], triples)
+losses = {}
+for precision in ("f32", "auto"):
+    model = edge_ti.open_model(spec["model"], device="openvino", threads=1,
+                               session_settings=SessionSettings(cache=False, precision=precision))
+    ids = model.tokenize(spec["prompts"], {"<t>": candidates[0]})
+    losses[precision] = objective.population_loss(Denoiser(model), candidates, ids, data["latents"], triples).tolist()
 try:  # onnxruntime 1.24 drops the provider for this option and runs on the CPU: must be an error
     create_session(model.part_path("unet"),
                    [("OpenVINOExecutionProvider", {"device_type": "CPU", "precision": "BF16"}), "CPUExecutionProvider"])
     dropped = "not detected"
 except EdgeTIError as err:
     dropped = str(err)
-print("RESULT " + json.dumps({"losses": losses.tolist(), "providers": [p if isinstance(p, str) else p[0] for p in model.providers],
+print("RESULT " + json.dumps({"losses": losses, "providers": [p if isinstance(p, str) else p[0] for p in model.providers],
                               "dropped": dropped}))
 """
 
@@ -115,7 +118,14 @@ def test_openvino_scores_a_generation_as_the_cpu_provider_does(tiny_sd, tmp_path
     assert proc.returncode == 0 and line, proc.stderr[-2000:]
     result = json.loads(line[len("RESULT "):])
     assert result["providers"] == ["OpenVINOExecutionProvider", "CPUExecutionProvider"]
-    np.testing.assert_allclose(result["losses"], expected, rtol=1e-4)
-    assert list(np.argsort(result["losses"])) == list(np.argsort(expected))  # the same ranking
+    f32, auto = result["losses"]["f32"], result["losses"]["auto"]
+    np.testing.assert_allclose(f32, expected, rtol=1e-4)
+    assert list(np.argsort(f32)) == list(np.argsort(expected))  # the same ranking
+    # auto: bf16 where the CPU has it (then the losses move by ~1e-4 relative), else f32 exactly as above
+    if runtime.cpu_has_bf16():
+        np.testing.assert_allclose(auto, expected, rtol=1e-2)
+        assert not np.allclose(auto, f32, rtol=1e-6, atol=0), "auto should run in bf16 on this CPU"
+    else:
+        np.testing.assert_allclose(auto, f32, rtol=1e-6)
     assert "could not start OpenVINOExecutionProvider" in result["dropped"], result["dropped"]
     assert sys.executable != OPENVINO_PYTHON
