@@ -511,7 +511,7 @@ def ensure_variants(base, variants):
         if not os.path.isdir(out):
             print(f"# making {out}", flush=True)
             start = time.perf_counter()
-            conv = {"conv": "dynamic", "static": "static"}.get(extra, "none")
+            conv = {"conv": "dynamic", "static": "static", "weights": "weights"}.get(extra, "none")
             code = ("import sys; from edge_ti.quantize import FLOAT_LAYERS, quantize_model; "
                     "quantize_model(sys.argv[1], sys.argv[2], mode=sys.argv[3], conv=sys.argv[4], "
                     "per_channel=sys.argv[5] == '1', float_layers=() if sys.argv[6] == '1' else FLOAT_LAYERS)")
@@ -542,7 +542,9 @@ def main():
     parser.add_argument("--variants", nargs="+", default=["fp32", "int8", "fp16"],
                         help="fp32, int8 (MatMul, the UNet's feed-forward kept float), int8-all (every MatMul), "
                              "int8-pc (per channel), int8-conv (Conv too, dynamic), "
-                             "int8-static (Conv calibrated, per channel), fp16; openvino[-X]: the folder of X "
+                             "int8-static (Conv calibrated, per channel), "
+                             "int8-weights (Conv weights int8, float arithmetic: quantize's default since 2026-12-01), "
+                             "fp16; openvino[-X]: the folder of X "
                              "through --device openvino (needs --openvino-python)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())

@@ -174,28 +174,35 @@ def export(source, out, opset, clip_dir, quantize_mode, fp16):
 @click.argument("model_dir", type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--mode", type=click.Choice(["int8", "fp16"]), default="int8", show_default=True)
-@click.option("--conv", type=click.Choice(["none", "static", "dynamic"]), default="none", show_default=True,
-              help="int8 Conv: kept float (none); calibrated on UNet inputs (static: ~2x faster on SD 1.5, but "
-                   "ranks candidates less like fp32); quantized at run time (dynamic: slower)")
+@click.option("--conv", type=click.Choice(["none", "weights", "static", "dynamic"]), default="weights",
+              show_default=True,
+              help="int8 Conv: int8 weights, float arithmetic (weights: SD 1.5 trains in 2.8 GB instead of "
+                   "4.4, as fast, ranks like none); kept float (none); calibrated on UNet inputs (static: "
+                   "~2x faster on SD 1.5, but ranks candidates less like fp32); quantized at run time "
+                   "(dynamic: slower)")
 @click.option("--per-channel/--per-tensor", default=False, show_default=True, help="int8 weight scales")
 @click.option("--calibration", type=click.IntRange(min=1), default=8, show_default=True,
               help="UNet inputs for --conv static")
 @click.option("--feed-forward", type=click.Choice(["float", "int8"]), default="float", show_default=True,
               help="int8: the UNet's feed-forward MatMuls too (SDXL: 3.6 GB of UNet weights instead of 7.3 GB; "
                    "on the shapes-world model they ranked candidates less like fp32)")
-def quantize(model_dir, out, mode, conv, per_channel, calibration, feed_forward):
+@click.pass_context
+def quantize(ctx, model_dir, out, mode, conv, per_channel, calibration, feed_forward):
     """Write OUT: a copy of the ONNX folder MODEL_DIR with the UNet and text encoder(s) in int8 or float16.
 
-    int8 (CPU): MatMul weights int8, activations quantized at run time (--conv adds Conv); the
-    UNet's feed-forward MatMuls stay float unless --feed-forward int8 (in int8 they reorder a
-    trained model's candidates). With --conv none weights are read one at a time (SDXL
-    quantizes in ~1.5 GB); --conv static / dynamic go through onnxruntime, which holds the whole model.
+    int8 (CPU): MatMul weights int8, activations quantized at run time; Conv weights int8 with float
+    arithmetic (--conv); the UNet's feed-forward MatMuls stay float unless --feed-forward int8 (in
+    int8 they reorder a trained model's candidates). With --conv weights or none, weights are read one
+    at a time (SDXL quantizes in ~1.5 GB); --conv static / dynamic go through onnxruntime, which
+    holds the whole model.
     fp16: for CUDA / DirectML (onnxruntime's CPU provider has few float16 kernels). Check that a
     quantized folder ranks candidates like the original with benchmarks/speed.py (its Spearman
     lines) before a long run."""
     from .quantize import FLOAT_LAYERS, quantize_model
-    if mode != "int8" and (feed_forward != "float" or conv != "none"):
-        raise EdgeTIError(f"--feed-forward and --conv apply to --mode int8, not {mode}")
+    given = [f"--{name.replace('_', '-')}" for name in ("feed_forward", "conv")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    if mode != "int8" and given:
+        raise EdgeTIError(f"{' and '.join(given)} apply to --mode int8, not {mode}")
     quantize_model(model_dir, out, mode=mode, conv=conv, per_channel=per_channel, calibration=calibration,
                    float_layers=FLOAT_LAYERS if feed_forward == "float" else (),
                    progress=lambda part, i, n: click.echo(f"[{i}/{n}] {part}: {mode}", err=True))

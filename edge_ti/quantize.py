@@ -1,7 +1,7 @@
 """Smaller, faster copies of an ONNX model folder: int8 (dynamic quantization) or float16.
 
-    quantize_model(MODEL_DIR, OUT_DIR, mode="int8")     # UNet + text encoder, MatMul/Gemm to int8
-    quantize_model(MODEL_DIR, OUT_DIR, mode="int8", conv="static", per_channel=True)  # + Conv, calibrated
+    quantize_model(MODEL_DIR, OUT_DIR, mode="int8")     # UNet + text encoder: MatMul/Gemm int8, Conv weights int8
+    quantize_model(MODEL_DIR, OUT_DIR, mode="int8", conv="static", per_channel=True)  # Conv int8, calibrated
 
 int8 is onnxruntime's dynamic quantization (the graph onnxruntime.quantization.quantize_dynamic
 writes, written by int8_matmul.py one weight at a time, so that SDXL's 10 GB UNet fits in memory): the
@@ -19,7 +19,11 @@ Spearman 0.73-0.87 (7 bits) and 0.83-0.96 (8 bits) against fp32 on that CPU (3 g
 The UNet's feed-forward MatMuls stay in float (FLOAT_LAYERS): with them in int8 too, a training
 generation of the trained shapes-world model ranked at Spearman 0.80 against fp32 (8 generations, an
 AVX2 CPU), with them float 0.96; no other group of layers moved it as much (benchmarks/int8_layers.py).
-Conv is left in float by default. Quantized at run time (conv="dynamic", ConvInteger) the UNet's
+Conv weights (conv="weights"): stored in int8, one full-range scale per output channel, and
+dequantized by a DequantizeLinear node at run time, so the convolution itself is float; onnxruntime
+does not fold that node into a float weight at load time (its constant folding skips
+DequantizeLinear), so the weights stay int8 in memory: SD 1.5's UNet 2.9 GB -> 1.3 GB.
+Quantized at run time (conv="dynamic", ConvInteger) the UNet's
 convolutions were slower; calibrated (conv="static": activation ranges from a few UNet inputs,
 QLinearConv) they are about twice as fast on SD 1.5 with a third of the memory, but the 2-5% output
 error reorders a population's candidates (Spearman ~0.6 against fp32 on the shapes-world model,
@@ -44,18 +48,21 @@ from .errors import EdgeTIError
 from .files import atomic_folder
 from .external_data import (EXTERNAL_THRESHOLD, INLINE_BELOW, DataFile, ExternalData, attribute_tensors, is_external,
                             place)
-from .int8_matmul import quantize_matmuls
+from .int8_matmul import quantize_matmuls, weight_only_nodes
 
 log = logging.getLogger(__name__)
 
 MODES = ("int8", "fp16")
-CONV = ("none", "static", "dynamic")  # int8 Conv: float (none), calibrated (static) or ConvInteger (dynamic)
+# int8 Conv: float (none), int8 weights with float arithmetic (weights), calibrated (static), ConvInteger (dynamic)
+CONV = ("none", "weights", "static", "dynamic")
 PARTS = ("unet", "text_encoder", "text_encoder_2", "vae_encoder", "vae_decoder")
 
 
 # what `export --quantize int8` and `--fp16` mean, chosen by benchmarks/results/speed.md: int8 Conv
-# (static) is faster still, but ranked candidates unlike fp32 (Spearman ~0.6), so it is opt-in
-PRESETS = {"int8": {"mode": "int8", "conv": "none", "per_channel": False}, "fp16": {"mode": "fp16"}}
+# weights (float arithmetic) take SD 1.5's `edge-ti train` from 4.4 to 2.8 GB at the same speed and
+# ranking (benchmarks/int8_weights.py); int8 Conv arithmetic (static) is faster still, but ranked
+# candidates unlike fp32 (Spearman ~0.6), so it is opt-in
+PRESETS = {"int8": {"mode": "int8", "conv": "weights", "per_channel": False}, "fp16": {"mode": "fp16"}}
 
 # UNet layers that int8 leaves in float, by a part of their node name: the transformer blocks'
 # feed-forward MatMuls (ff/net.0/proj, ff/net.2). In int8 they reordered a trained model's candidates:
@@ -88,10 +95,14 @@ def _save(model, path):
 
 def quantize_int8(src, dst, conv="none", per_channel=False, exclude=(), only=None):
     """int8 weights for the MatMuls of src with a constant B, into dst (int8_matmul: one weight in
-    memory at a time, so SDXL's UNet fits); conv == "dynamic" adds ConvInteger through onnxruntime's
-    quantize_dynamic (whole model in memory). Nodes named in EXCLUDE stay float; with ONLY, just those."""
+    memory at a time, so SDXL's UNet fits); conv == "weights" stores Conv weights in int8 too, for
+    float arithmetic; conv == "dynamic" adds ConvInteger through onnxruntime's quantize_dynamic (whole
+    model in memory). Nodes named in EXCLUDE stay float; with ONLY, just those."""
     if conv != "dynamic":
-        quantize_matmuls(src, dst, per_channel=per_channel, exclude=exclude, only=only)
+        weight_only = []
+        if conv == "weights":
+            weight_only = weight_only_nodes(onnx.load(src, load_external_data=False).graph, op_types=("Conv",))
+        quantize_matmuls(src, dst, per_channel=per_channel, exclude=exclude, only=only, weight_only=weight_only)
         return
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -264,7 +275,7 @@ class _QuietRoot:
         logging.getLogger().setLevel(self.level)
 
 
-def quantize_model(model_dir, out_dir, mode="int8", parts=None, conv="none",
+def quantize_model(model_dir, out_dir, mode="int8", parts=None, conv="weights",
                    per_channel=False, calibration=8, source_label=None, float_layers=FLOAT_LAYERS,
                    progress=None):
     """Copy the ONNX folder MODEL_DIR to OUT_DIR with PARTS quantized (int8) or converted (fp16);
@@ -303,8 +314,10 @@ def quantize_model(model_dir, out_dir, mode="int8", parts=None, conv="none",
         if mode == "int8":
             record.update(op_types=["MatMul", "Gemm"] + (["Conv"] if conv != "none" else []), conv=conv,
                           per_channel=per_channel, weights="int8 symmetric, 7-bit range (reduce_range)",
-                          activations="uint8 asymmetric, dynamic" + (", Conv: static (calibrated)"
-                                                                     if conv == "static" else ""),
+                          activations="uint8 asymmetric, dynamic" + {
+                              "static": ", Conv: static (calibrated)",
+                              "weights": ", Conv: float (int8 weights per output channel, full range, "
+                                         "dequantized at run time)"}.get(conv, ""),
                           float_layers=list(float_layers))
             if conv == "static" and "unet" in parts:
                 feeds = unet_calibration_feeds(model_dir, count=calibration)

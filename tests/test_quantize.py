@@ -204,7 +204,7 @@ def test_cli_export_quantized(tiny_sd, tmp_path):
     assert rc == 0, err
     assert sorted(os.listdir(tmp_path)) == ["exported-int8"]     # the fp32 staging export is gone
     record = json.load(open(out / "edge_ti_quantization.json"))
-    assert record["mode"] == "int8" and record["conv"] == "none" and record["source"] == source
+    assert record["mode"] == "int8" and record["conv"] == "weights" and record["source"] == source
     # the quantized export scores like the fp32 export of the same weights
     assert spearman(_losses(onnx_dir), _losses(str(out))) >= 0.8
     rc, err = invoke("export", source, str(tmp_path / "y"), "--quantize", "int8", "--fp16")
@@ -282,18 +282,23 @@ def test_int8_of_every_layer_on_request(tiny_sd, tmp_path):
     assert json.load(open(os.path.join(out, "edge_ti_quantization.json")))["float_layers"] == []
 
 
+def _unet_feed(session):
+    """One input of the tiny UNet's SESSION (batch 2, 16x16), the timestep as its export types it."""
+    rng = np.random.default_rng(0)
+    timestep = session.get_inputs()[1]
+    return {"sample": rng.standard_normal((2, 4, 16, 16), dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32),
+            timestep.name: np.array(500, np.int64 if "int64" in timestep.type else np.float32)}
+
+
 def _run(path, part):
     import onnxruntime as ort
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
     if part == "text_encoder":
-        ids = rng.integers(0, 500, (2, 77))
+        ids = np.random.default_rng(0).integers(0, 500, (2, 77))
         return session.run(None, {session.get_inputs()[0].name: ids.astype(
             np.int32 if "int32" in session.get_inputs()[0].type else np.int64)})
-    timestep = session.get_inputs()[1]
-    return session.run(None, {"sample": rng.standard_normal((2, 4, 16, 16), dtype=np.float32),
-                              "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32),
-                              timestep.name: np.array(500, np.int64 if "int64" in timestep.type else np.float32)})
+    return session.run(None, _unet_feed(session))
 
 
 def _weights(path):
@@ -491,3 +496,162 @@ def test_int8_names_never_collide(tmp_path):
     _check_runs_like_float(model, tmp_path / "q.onnx")
 
 
+
+
+def _dequantized_weights(path):
+    """{float weight name the node read before: s_W W_q} for every DequantizeLinear of PATH's graph."""
+    graph = onnx.load(str(path)).graph
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    out = {}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in weights:
+            # the scale is scale + 0 * Size(layer input) (int8_matmul._after_input): Add(scale, ...)
+            tied = producers[node.input[1]]
+            assert tied.op_type == "Add" and tied.input[0] in weights
+            w_q, scale = weights[node.input[0]], weights[tied.input[0]]
+            axis = next(a.i for a in node.attribute if a.name == "axis")
+            shape = [1] * w_q.ndim
+            shape[axis] = -1
+            assert w_q.dtype == np.int8 and scale.shape == (w_q.shape[axis],) and not weights[node.input[2]].any()
+            out[node.output[0]] = (w_q, scale.reshape(shape), axis)
+    return out
+
+
+def test_int8_conv_weights_keep_float_arithmetic(tiny_sd, tmp_path):
+    """conv="weights": every UNet Conv reads its weight from a DequantizeLinear of int8 values with one
+    scale per output channel (|W - s W_q| <= s/2), and the model computes exactly what the float model
+    computes with those dequantized weights; the file is smaller than with Conv float."""
+    import onnxruntime as ort
+    src = os.path.join(tiny_sd[1], "unet", "model.onnx")
+    quantize.quantize_int8(src, str(tmp_path / "none.onnx"))
+    quantize.quantize_int8(src, str(tmp_path / "weights.onnx"), conv="weights")
+    assert os.path.getsize(tmp_path / "weights.onnx") < 0.8 * os.path.getsize(tmp_path / "none.onnx")
+    source = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(src).graph.initializer}
+    convs = [n for n in onnx.load(src).graph.node if n.op_type == "Conv"]
+    graph = onnx.load(str(tmp_path / "weights.onnx")).graph
+    dequantized = _dequantized_weights(tmp_path / "weights.onnx")
+    assert convs and sorted(n.input[1] for n in graph.node if n.op_type == "Conv") == sorted(dequantized)
+    # the same model with each Conv reading its dequantized weight as a float initializer
+    reference = onnx.load(src)
+    reads = {n.name: n.input[1] for n in graph.node if n.op_type == "Conv"}
+    for node in (n for n in reference.graph.node if n.op_type == "Conv"):
+        w = source[node.input[1]]
+        w_q, scale, axis = dequantized[reads[node.name]]
+        assert axis == 0 and np.all(np.abs(w - scale * w_q) <= scale * (0.5 + 1e-4))  # float32 rounding of w / s
+        for t in reference.graph.initializer:
+            if t.name == node.input[1]:
+                t.CopyFrom(onnx.numpy_helper.from_array((scale * w_q.astype(np.float32)).astype(np.float32), t.name))
+    onnx.save(reference, str(tmp_path / "reference.onnx"))
+    # Conv alone (MatMuls float: their dynamic int8 would turn float-order noise into rounding flips)
+    from edge_ti import int8_matmul
+    int8_matmul.quantize_matmuls(src, str(tmp_path / "conv-only.onnx"), only=[], weight_only=[n.name for n in convs])
+    for a, b in zip(_run(tmp_path / "reference.onnx", "unet"), _run(tmp_path / "conv-only.onnx", "unet")):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    for a, b in zip(_run(src, "unet"), _run(tmp_path / "conv-only.onnx", "unet")):
+        assert np.linalg.norm(b - a) <= 0.1 * np.linalg.norm(a)  # 4% on this tiny random model (a wrong axis: ~100%)
+    # onnxruntime keeps the DequantizeLinear (no constant folding back to float weights at load time)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "weights.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    assert sum(n.op_type == "DequantizeLinear" for n in optimized.node) == len(dequantized)
+    assert not [t for t in optimized.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4]
+
+
+def test_int8_weights_of_shared_and_transposed_matmuls(tmp_path):
+    """weight_only on MatMul and Gemm (transB): scales per output column, a weight shared by two nodes
+    of the same layout stored once; the output is the float graph's on the dequantized weights."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    from edge_ti import int8_matmul
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 8)).astype(np.float32) * np.linspace(0.1, 10, 8, dtype=np.float32)  # columns differ
+    model = _tiny_graph([helper.make_node("MatMul", ["x", "W"], ["a"], "m1"),
+                         helper.make_node("MatMul", ["x", "W"], ["b"], "m2"),
+                         helper.make_node("Gemm", ["x", "W"], ["c"], "g", transB=1),
+                         helper.make_node("Sum", ["a", "b", "c"], ["y"], "sum")], {"W": w})
+    onnx.save(model, str(tmp_path / "src.onnx"))
+    int8_matmul.quantize_matmuls(str(tmp_path / "src.onnx"), str(tmp_path / "q.onnx"),
+                                 weight_only=int8_matmul.weight_only_nodes(model.graph, ("MatMul", "Gemm")))
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    onnx.checker.check_model(onnx.load(str(tmp_path / "q.onnx")))
+    assert {n.op_type for n in graph.node} == {"DequantizeLinear", "MatMul", "Gemm", "Sum",
+                                               "Size", "Cast", "Mul", "Add"}  # (_after_input's nodes)
+    dequantized = _dequantized_weights(tmp_path / "q.onnx")
+    assert sorted(axis for _, _, axis in dequantized.values()) == [0, 1]  # MatMul's columns; Gemm's rows of B
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    (by_column, s1, _), (by_row, s0, _) = sorted(dequantized.values(), key=lambda v: -v[2])
+    want = 2 * x @ (s1 * by_column) + x @ (s0 * by_row).T
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    exact = 2 * x @ w + x @ w.T
+    assert np.abs(got - exact).max() <= 0.02 * np.abs(exact).max()
+
+
+def test_int8_weights_need_opset_13(tmp_path):
+    from onnx import helper
+
+    from edge_ti import int8_matmul
+    model = _tiny_graph([helper.make_node("MatMul", ["x", "W"], ["y"], "m")],
+                        {"W": np.ones((8, 8), np.float32)})
+    model.opset_import[0].version = 11
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    with pytest.raises(EdgeTIError, match="opset 11: int8 weights dequantized per channel need opset >= 13") as err:
+        int8_matmul.quantize_matmuls(str(tmp_path / "old.onnx"), str(tmp_path / "q.onnx"), weight_only=["m"])
+    assert str(tmp_path / "old.onnx") in str(err.value) and not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("level", ["ORT_ENABLE_ALL", "cached"])
+def test_int8_conv_weights_dequantized_just_before_their_layer(tiny_sd, tmp_path, level):
+    """onnxruntime runs each Conv weight's DequantizeLinear only after the layer's input exists (so the
+    float copies are not all alive at once), as optimized on load and as loaded from the saved optimized
+    graph (edge_ti.session's cache) alike: checked in onnxruntime's own profile of one run."""
+    import onnxruntime as ort
+    src = os.path.join(tiny_sd[1], "unet", "model.onnx")
+    quantize.quantize_int8(src, str(tmp_path / "weights.onnx"), conv="weights")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "weights.onnx"), options, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    if level == "cached":
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    path = tmp_path / ("optimized.onnx" if level == "cached" else "weights.onnx")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session.run(None, _unet_feed(session))
+    events = json.load(open(session.end_profiling()))
+    order = [e["name"][:-len("_kernel_time")] for e in events if e.get("cat") == "Node"
+             and e["name"].endswith("_kernel_time")]
+    position = {name: i for i, name in enumerate(order)}
+    graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    producer = {o: n.name for n in graph.node for o in n.output}
+    checked = 0
+    for layer in graph.node:
+        dequantize = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] in layer.input]
+        if not dequantize or layer.input[0] not in producer:  # (the first Conv reads the graph's input)
+            continue
+        assert position[producer[layer.input[0]]] < position[dequantize[0].name] < position[layer.name], layer.name
+        checked += 1
+    assert checked >= 10
+
+
+def test_cli_quantize_conv_weights(tiny_sd, tmp_path):
+    """edge-ti quantize --conv weights: Conv weights int8 behind DequantizeLinear, recorded; scores like fp32."""
+    from test_safe_by_default import invoke
+    out = tmp_path / "w"
+    rc, err = invoke("quantize", tiny_sd[1], str(out), "--conv", "weights")
+    assert rc == 0, err
+    record = json.load(open(out / "edge_ti_quantization.json"))
+    assert record["conv"] == "weights" and "Conv" in record["op_types"] and "dequantized" in record["activations"]
+    nodes = onnx.load(str(out / "unet" / "model.onnx")).graph.node
+    dequantized = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    assert convs and all(n.input[1] in dequantized for n in convs)
+    reference, ours = _losses(tiny_sd[1]), _losses(str(out))
+    assert np.all(np.abs(ours - reference) <= 1e-2 * np.abs(reference)) and spearman(reference, ours) >= 0.8
+    rc, err = invoke("quantize", tiny_sd[1], str(tmp_path / "x"), "--mode", "fp16", "--conv", "weights")
+    assert rc != 0 and "apply to --mode int8, not fp16" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
