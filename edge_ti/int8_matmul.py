@@ -13,6 +13,13 @@ A Gemm y = x B^T + C becomes that MatMul with B^T, then Add C, as onnxruntime re
 tests/test_quantize.py checks the result equals quantize_dynamic's on the tiny model. Where they differ:
 a weight shared with a node kept float stays float for that node (quantize_dynamic feeds it the
 dequantized int8 copy), and generated names that the graph already uses get a suffix.
+
+weight_only nodes (Conv, MatMul, Gemm) keep float arithmetic and only store their weight in int8:
+    W_q = round(W / s_c),  s_c = max|W[c]| / 127   # one full-range scale per output channel c
+    W = DequantizeLinear(W_q, s_c + 0 * Size(x))    # as the layer runs; x its input (_after_input: when)
+onnxruntime keeps the DequantizeLinear (its constant folding skips it), so the weight stays int8 in
+memory; the non-constant scale also keeps a MatMul out of onnxruntime's MatMulNBits fusion, which
+would quantize its activations (benchmarks/results/int8_weights.md).
 Weights are read and written through external_data.py (checked locations and lengths).
 """
 import os
@@ -140,7 +147,7 @@ def quantizable_matmuls(graph, exclude=(), only=None):
 def quantize_matmuls(src, dst, per_channel=False, exclude=(), only=None, qmax=QMAX, weight_only=()):
     """Write DST: SRC with its MatMuls' constant weights in int8 (see the module's docstring).
     EXCLUDE: node names kept float; ONLY: quantize just these. WEIGHT_ONLY: MatMul/Gemm/Conv node
-    names whose weights are stored in int8 and dequantized at run time (float arithmetic, the
+    names whose weights are stored in int8 and dequantized at run time (float arithmetic: the
     module's docstring), whatever EXCLUDE and ONLY say. A large SRC (external data or
     > 1 GiB) gets its weights in one file beside DST, DST's name + ".data"."""
     model = onnx.load(src, load_external_data=False)
