@@ -46,6 +46,19 @@ def test_precision_without_openvino_is_refused(tiny_sd):
         edge_ti.open_model(tiny_sd[1], session_settings=SessionSettings(precision="bf16"))
 
 
+@pytest.mark.parametrize("args, message", [
+    (["info", "{model}", "--precision", "f32"], "precision 'f32' is OpenVINO's setting: it needs --device openvino"),
+    (["info", "{model}", "--precision", "f64"], "Invalid value for '--precision'"),
+    (["train", "{model}", "{model}", "--token", "<t>", "--out", "{out}", "--device", "openvino", "--precision", "f32",
+      "--workers", "ray-local:2"], "--precision applies to --workers in-process"),
+])
+def test_cli_precision_refusals_are_one_line(tiny_sd, tmp_path, args, message):
+    from test_safe_by_default import invoke
+    rc, err = invoke(*[a.format(model=tiny_sd[1], out=tmp_path / "t.safetensors") for a in args])
+    assert rc != 0 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert os.listdir(tmp_path) == []
+
+
 def test_openvino_on_the_plain_build_says_what_to_install(tiny_sd):
     if "OpenVINOExecutionProvider" in runtime.onnxruntime().get_available_providers():
         pytest.skip("this onnxruntime has OpenVINO")
@@ -129,3 +142,10 @@ def test_openvino_scores_a_generation_as_the_cpu_provider_does(tiny_sd, tmp_path
         np.testing.assert_allclose(auto, f32, rtol=1e-6)
     assert "could not start OpenVINOExecutionProvider" in result["dropped"], result["dropped"]
     assert sys.executable != OPENVINO_PYTHON
+    # the CLI's --precision reaches the provider's options
+    proc = subprocess.run([OPENVINO_PYTHON, "-m", "edge_ti", "info", tiny_sd[1], "--device", "openvino",
+                           "--precision", "f32"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    provider, options = json.loads(proc.stdout)["providers"][0]
+    assert provider == "OpenVINOExecutionProvider"
+    assert json.loads(options["load_config"]) == {"CPU": {"INFERENCE_PRECISION_HINT": "f32"}}
