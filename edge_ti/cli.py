@@ -187,7 +187,7 @@ def export(source, out, opset, clip_dir, quantize_mode, fp16):
 @click.option("--conv", type=click.Choice(["none", "weights", "static", "dynamic"]), default="weights",
               show_default=True,
               help="int8 Conv: int8 weights, float arithmetic (weights: SD 1.5 trains in 2.8 GB instead of "
-                   "4.4, as fast, ranks like none); kept float (none); calibrated on UNet inputs (static: "
+                   "4.4, ~6% slower, ranks like none); kept float (none); calibrated on UNet inputs (static: "
                    "~2x faster on SD 1.5, but ranks candidates less like fp32); quantized at run time "
                    "(dynamic: slower)")
 @click.option("--per-channel/--per-tensor", default=False, show_default=True, help="int8 weight scales")

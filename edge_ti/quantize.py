@@ -19,10 +19,12 @@ Spearman 0.73-0.87 (7 bits) and 0.83-0.96 (8 bits) against fp32 on that CPU (3 g
 The UNet's feed-forward MatMuls stay in float (FLOAT_LAYERS): with them in int8 too, a training
 generation of the trained shapes-world model ranked at Spearman 0.80 against fp32 (8 generations, an
 AVX2 CPU), with them float 0.96; no other group of layers moved it as much (benchmarks/int8_layers.py).
-Conv weights (conv="weights"): stored in int8, one full-range scale per output channel, and
-dequantized by a DequantizeLinear node at run time, so the convolution itself is float; onnxruntime
-does not fold that node into a float weight at load time (its constant folding skips
-DequantizeLinear), so the weights stay int8 in memory: SD 1.5's UNet 2.9 GB -> 1.3 GB.
+Conv weights (conv="weights", the default): stored in int8, one full-range scale per output channel,
+and dequantized by a DequantizeLinear node as the layer runs (int8_matmul.py), so the convolution
+itself is float; onnxruntime does not fold that node into a float weight at load time (its constant
+folding skips DequantizeLinear), so the weights stay int8 in memory: SD 1.5's UNet 3.1 GB -> 1.3 GB,
+`edge-ti train` at 256 px 4.4 GB -> 2.8 GB, ~6% slower per generation (a float Conv with a computed
+weight cannot use onnxruntime's NCHWc layout), candidates ranked as before (benchmarks/results/int8_weights.md).
 Quantized at run time (conv="dynamic", ConvInteger) the UNet's
 convolutions were slower; calibrated (conv="static": activation ranges from a few UNet inputs,
 QLinearConv) they are about twice as fast on SD 1.5 with a third of the memory, but the 2-5% output
