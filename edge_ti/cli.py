@@ -49,7 +49,7 @@ PRECISION = click.option("--precision", type=click.Choice(list(OPENVINO_PRECISIO
 
 def _open(model_dir, device, precision, threads=None):
     """open_model with --precision: OpenVINO's hint, refused (one line) on any other device."""
-    settings = None if precision == "auto" else SessionSettings(cache=False, precision=precision)
+    settings = None if precision == "auto" else SessionSettings(precision=precision)
     return open_model(model_dir, device=device, threads=threads, session_settings=settings)
 
 

@@ -37,26 +37,32 @@ QMAX = 64                # reduce_range int8: [-64, 64] (onnxruntime's ONNX_INT_
 def quantize_weight(w, per_channel=False, qmax=QMAX):
     """W [K, N] float32 -> (W_q int8, s_W float32 scalar or [N], zero point int8 of s_W's shape);
     QMAX 127 is full-range int8 (benchmarks/int8_ff.py: no better ranking than 64)."""
-    axis = 0 if per_channel else None
-    absmax = np.maximum(w.max(axis=axis), -w.min(axis=axis))  # max|W| without a copy of W
-    scale = (absmax / qmax).astype(np.float32)      # exact for 64: a power-of-two divisor
-    scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1), scale).astype(np.float32)  # all-zero W
-    w_q = w / scale                                 # one float copy, rounded and clipped in place
-    np.clip(np.round(w_q, out=w_q), -qmax, qmax, out=w_q)
-    return w_q.astype(np.int8), scale, np.zeros(scale.shape, np.int8)
+    if per_channel:
+        return quantize_weight_per_channel(w, 1, qmax)
+    absmax = np.maximum(w.max(), -w.min())          # max|W| without a copy of W
+    return _rounded(w, _scale(absmax, qmax), qmax)
 
 
-def quantize_weight_per_channel(w, axis):
-    """W (any rank) -> (W_q int8, s_W [W.shape[axis]] float32, zero points int8): one symmetric full-range
-    scale per output channel along AXIS, for storage only (DequantizeLinear restores s_W W_q)."""
+def quantize_weight_per_channel(w, axis, qmax=127):
+    """W (any rank) -> (W_q int8, s_W [W.shape[axis]] float32, zero points int8): one symmetric scale
+    per output channel along AXIS (full range by default: the storage of weight_only nodes)."""
     others = tuple(i for i in range(w.ndim) if i != axis)
     absmax = np.maximum(w.max(axis=others), -w.min(axis=others))
-    scale = (absmax / 127).astype(np.float32)
-    scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1), scale).astype(np.float32)  # all-zero channel
+    scale = _scale(absmax, qmax)
     shape = [1] * w.ndim
     shape[axis] = -1
-    w_q = w / scale.reshape(shape)
-    np.clip(np.round(w_q, out=w_q), -127, 127, out=w_q)
+    w_q, _, zero = _rounded(w, scale.reshape(shape), qmax)
+    return w_q, scale, zero.reshape(scale.shape)
+
+
+def _scale(absmax, qmax):
+    scale = (absmax / qmax).astype(np.float32)      # exact for 64: a power-of-two divisor
+    return np.where(scale < np.finfo(np.float32).tiny, np.float32(1), scale).astype(np.float32)  # all-zero W
+
+
+def _rounded(w, scale, qmax):
+    w_q = w / scale                                 # one float copy, rounded and clipped in place
+    np.clip(np.round(w_q, out=w_q), -qmax, qmax, out=w_q)
     return w_q.astype(np.int8), scale, np.zeros(scale.shape, np.int8)
 
 

@@ -136,8 +136,9 @@ class Model:
         # may hold provider-specific nodes), off with EDGE_TI_SESSION_CACHE=0 (a copy of each part on disk)
         cache = device == "cpu" and os.environ.get("EDGE_TI_SESSION_CACHE", "1") != "0"
         settings = session_settings or SessionSettings(cache=cache)
-        # threads given here win over the settings' own (the CLI's --threads)
-        self.session_settings = SessionSettings(**{**vars(settings), "threads": threads or settings.threads})
+        # threads given here win over the settings' own (the CLI's --threads); the cache is CPU-only whoever asks
+        self.session_settings = SessionSettings(**{**vars(settings), "threads": threads or settings.threads,
+                                                   "cache": settings.cache and device == "cpu"})
         if device == "openvino":
             self.providers = [openvino_provider(settings.precision, self.session_settings.threads),
                               *self.providers[1:]]

@@ -424,15 +424,16 @@ def _set_entries(tensor, change):
      "unreadable external data"),
     ("matmul", lambda tensor: tensor.dims.__setitem__(slice(None), [-1, -1]), "negative shape"),
     ("matmul", lambda tensor: setattr(tensor, "data_type", 999), "unreadable external data"),
-    # a Conv weight is copied through, not read: its length is checked all the same
+    # a Conv weight is copied through (read with --conv weights): its entries are checked all the same
     ("conv", lambda tensor: _set_entries(tensor, lambda e: e.update(length=str(int(e["length"]) - 4))),
      "bytes stored for shape"),
+    ("conv", lambda tensor: _set_entries(tensor, lambda e: e.update(location="../outside.bin")), "outside the model"),
 ])
-@pytest.mark.parametrize("convert", ["quantize_int8", "convert_fp16"])
+@pytest.mark.parametrize("convert", ["quantize_int8", "quantize_int8 conv=weights", "convert_fp16"])
 def test_refuses_hostile_external_data(tiny_sd, tmp_path, weight, change, problem, convert):
     """External-data entries name files and byte ranges: outside the folder, missing, the wrong size,
     unparsable, a negative shape or an unknown type is one line naming the model file, and nothing
-    is written (int8 and fp16 alike)."""
+    is written (int8, int8 with Conv weights, fp16 alike)."""
     src = os.path.join(tiny_sd[1], "unet", "model.onnx")
     folder = tmp_path / "model"
     folder.mkdir()
@@ -448,7 +449,9 @@ def test_refuses_hostile_external_data(tiny_sd, tmp_path, weight, change, proble
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(EdgeTIError, match=problem) as err:
-        getattr(quantize, convert)(str(folder / "model.onnx"), str(out / "model.onnx"))
+        function, _, option = convert.partition(" conv=")
+        getattr(quantize, function)(str(folder / "model.onnx"), str(out / "model.onnx"),
+                                    **({"conv": option} if option else {}))
     assert str(folder / "model.onnx") in str(err.value) and "\n" not in str(err.value)
     assert os.listdir(out) == []
 
