@@ -101,6 +101,7 @@ METHODS = {
     # forward-only Gauss-Newton (edge_ti/gauss_newton.py): the point and 8 probes per generation on 8 triples,
     # every generation's predictions summed into one quadratic model; tuned on benchmarks/optimizers.py's concepts
     "edge-ti:gn": {"kind": "edge-ti", "settings": {"optimizer": "gauss-newton", "eval_every": 3}},
+    "edge-ti:gn-dim16": {"kind": "edge-ti", "settings": {"optimizer": "gauss-newton", "eval_every": 3, "dim": 16}},
     # a v-prediction model scored by its own v loss (as diffusers trains) instead of the epsilon loss; the
     # held-out loss column judges every method by the model's own loss (what gradient TI and this variant
     # minimize), so compare them by accuracy

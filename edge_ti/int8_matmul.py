@@ -80,6 +80,28 @@ def _after_input(x, scale, zero_constant, new_name):
             helper.make_node("Add", [scale, zero], [tied], tied)]
 
 
+def untie_weight_scales(graph):
+    """Undo _after_input in GRAPH (in place): each DequantizeLinear reads its constant scale again.
+    For OpenVINO, whose CPU plugin cannot compile the tied form ("Supported precisions set is not
+    available for Constant operation", onnxruntime-openvino 1.24) and orders the weights itself.
+    Returns how many scales it untied."""
+    constants = {t.name for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    dead = set()
+    for node in graph.node:
+        add = producer.get(node.input[1]) if node.op_type == "DequantizeLinear" and len(node.input) > 1 else None
+        if add is None or add.op_type != "Add" or not add.name.endswith("_after_input") or add.input[0] not in constants:
+            continue
+        mul = producer[add.input[1]]             # _after_input's nodes: Add(s, Mul(Cast(Size(x)), 0))
+        cast = producer[mul.input[0]]
+        node.input[1] = add.input[0]
+        dead |= {add.name, mul.name, cast.name, producer[cast.input[0]].name}
+    kept = [n for n in graph.node if n.name not in dead]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(dead) // 4
+
+
 def _opset(model):
     return max([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] or [0])
 

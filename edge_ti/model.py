@@ -32,6 +32,8 @@ from .tokenizer import ClipTokenizer, check_token, placeholder_ids
 
 log = logging.getLogger(__name__)
 
+QUANTIZATION_RECORD = "edge_ti_quantization.json"  # what edge-ti quantize did, in the folder it wrote
+
 # onnxruntime's input types -> numpy: fp16 exports take float16 samples, old exports int64 timesteps
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -295,7 +297,13 @@ class Model:
         except EdgeTIError:  # the cache's own errors name the cache folder
             raise
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise EdgeTIError(f"{path}: onnxruntime cannot load it ({str(err).splitlines()[0]})") from None
+            hint = ""
+            if (self.device == "openvino" and self.session_settings.precision != "f32"
+                    and os.path.isfile(os.path.join(self.path, QUANTIZATION_RECORD))):
+                # measured (onnxruntime-openvino 1.24, Zen 4): int8 MatMuls do not compile in bf16
+                hint = ("; OpenVINO compiles int8 folders only with --precision f32: give it the float folder "
+                        "instead, which it computes in bf16 itself where the CPU has it")
+            raise EdgeTIError(f"{path}: onnxruntime cannot load it ({str(err).splitlines()[0]}){hint}") from None
 
     @functools.cached_property
     def text_encoder(self):

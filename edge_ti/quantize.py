@@ -51,6 +51,7 @@ from .files import atomic_folder
 from .external_data import (EXTERNAL_THRESHOLD, INLINE_BELOW, DataFile, ExternalData, attribute_tensors, is_external,
                             place)
 from .int8_matmul import quantize_matmuls, weight_only_nodes
+from .model import QUANTIZATION_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +343,6 @@ def quantize_model(model_dir, out_dir, mode="int8", parts=None, conv="weights",
             with _QuietRoot():
                 _convert_part(mode, conv, entry, os.path.join(src, "model.onnx"), os.path.join(dst, "model.onnx"),
                               per_channel, feeds, float_layers)
-        with open(os.path.join(tmp, "edge_ti_quantization.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(tmp, QUANTIZATION_RECORD), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
     return out_dir

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 from .cache import cache_error, fingerprint
 from .files import remove_stale_temps, temp_name
-from .runtime import check_providers, onnxruntime
+from .runtime import check_providers, onnxruntime, provider_name
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,27 @@ def session_options(settings, optimized_model_path=None):
 
 
 def _inference_session(path, options, providers):
-    session = onnxruntime().InferenceSession(path, options, providers=providers)
+    model = path
+    if provider_name(providers[0]) == "OpenVINOExecutionProvider":
+        model = _openvino_graph(path, options)
+    session = onnxruntime().InferenceSession(model, options, providers=providers)
     check_providers(session, providers, path)
     return session
+
+
+def _openvino_graph(path, options):
+    """PATH, or its graph as bytes with int8 weights' scales untied (edge_ti.int8_matmul): OpenVINO
+    cannot compile the tied form. The weights stay in PATH's folder: options tells onnxruntime where."""
+    import onnx
+
+    from .int8_matmul import untie_weight_scales
+    graph = onnx.load(path, load_external_data=False)
+    if not untie_weight_scales(graph.graph):
+        return path
+    log.info("%s: int8 weight scales untied for OpenVINO", path)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                     os.path.dirname(os.path.abspath(path)))
+    return graph.SerializeToString()
 
 
 def create_session(path, providers, settings=None, cache_dir=None):

@@ -658,3 +658,37 @@ def test_cli_quantize_conv_weights(tiny_sd, tmp_path):
     rc, err = invoke("quantize", tiny_sd[1], str(tmp_path / "x"), "--mode", "fp16", "--conv", "weights")
     assert rc != 0 and "apply to --mode int8, not fp16" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_untied_weight_scales_for_openvino_compute_the_same(tiny_sd, tmp_path):
+    """OpenVINO cannot compile int8_matmul._after_input's tied scales, so sessions for it load the graph
+    with every DequantizeLinear reading its constant scale again (session._openvino_graph): no tie node
+    is left, nothing else changes, the outputs are the tied graph's exactly, and the weights are still
+    read from the model's folder (external data), not copied."""
+    import onnxruntime as ort
+
+    from edge_ti import int8_matmul, session
+    src = os.path.join(tiny_sd[1], "unet", "model.onnx")
+    split = tmp_path / "split"
+    split.mkdir()
+    onnx.save(onnx.load(src), str(split / "source.onnx"), save_as_external_data=True, size_threshold=0)
+    quantize.quantize_int8(str(split / "source.onnx"), str(split / "model.onnx"), conv="weights")
+    tied = onnx.load(str(split / "model.onnx"), load_external_data=False)
+    scales = sum(n.op_type == "DequantizeLinear" for n in tied.graph.node)
+    assert scales and any(n.op_type == "Size" for n in tied.graph.node)
+    options = ort.SessionOptions()
+    graph = session._openvino_graph(str(split / "model.onnx"), options)
+    assert isinstance(graph, bytes) and len(graph) <= os.path.getsize(split / "model.onnx")  # no weights pulled in
+    untied = onnx.load_from_string(graph).graph
+    constants = {t.name for t in untied.initializer}
+    assert [n.op_type for n in untied.node if n.op_type in ("Size", "Cast", "Mul", "Add") and
+            n.name.endswith(("_input_size", "_input_size_float", "_zero", "_after_input"))] == []
+    assert all(n.input[1] in constants for n in untied.node if n.op_type == "DequantizeLinear")
+    assert len(untied.node) == len(tied.graph.node) - 4 * scales
+    assert int8_matmul.untie_weight_scales(untied) == 0  # nothing left to untie
+    expected = _run(split / "model.onnx", "unet")
+    got = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    for a, b in zip(expected, got.run(None, _unet_feed(got))):
+        np.testing.assert_array_equal(b, a)
+    # a graph with nothing to untie is loaded from its path as before
+    assert session._openvino_graph(src, ort.SessionOptions()) == src
