@@ -99,10 +99,15 @@ def _openvino_graph(path, options):
     cannot compile the tied form. The weights stay in PATH's folder: options tells onnxruntime where."""
     import onnx
 
+    from .external_data import ExternalData, attribute_tensors, is_external
     from .int8_matmul import untie_weight_scales
     graph = onnx.load(path, load_external_data=False)
     if not untie_weight_scales(graph.graph):
         return path
+    source = ExternalData(path)  # from bytes, onnxruntime resolves locations against a folder: check them first
+    for tensor in [*graph.graph.initializer, *attribute_tensors(graph.graph.node)]:
+        if is_external(tensor):
+            source.locate(tensor)
     log.info("%s: int8 weight scales untied for OpenVINO", path)
     options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                      os.path.dirname(os.path.abspath(path)))

@@ -667,7 +667,7 @@ def test_untied_weight_scales_for_openvino_compute_the_same(tiny_sd, tmp_path):
     read from the model's folder (external data), not copied."""
     import onnxruntime as ort
 
-    from edge_ti import int8_matmul, session
+    from edge_ti import external_data, int8_matmul, session
     src = os.path.join(tiny_sd[1], "unet", "model.onnx")
     split = tmp_path / "split"
     split.mkdir()
@@ -692,3 +692,11 @@ def test_untied_weight_scales_for_openvino_compute_the_same(tiny_sd, tmp_path):
         np.testing.assert_array_equal(b, a)
     # a graph with nothing to untie is loaded from its path as before
     assert session._openvino_graph(src, ort.SessionOptions()) == src
+    # hostile external data is refused before onnxruntime resolves it against the folder
+    for tensor in tied.graph.initializer:
+        if external_data.is_external(tensor):
+            next(e for e in tensor.external_data if e.key == "location").value = "../../etc/passwd"
+            break
+    onnx.save(tied, str(split / "hostile.onnx"))
+    with pytest.raises(EdgeTIError, match="hostile.onnx: tensor .* points to '../../etc/passwd', outside the model's"):
+        session._openvino_graph(str(split / "hostile.onnx"), ort.SessionOptions())
