@@ -16,7 +16,7 @@ that process: loading, optimizing and running). The rows:
                      UNet's weights in bfloat16, as the script's --mixed_precision bf16)
     ort <variant>    edge_ti.objective.population_loss with B candidates and 1 triple:
                      B candidate evaluations (text encoder for B prompts, UNet batch B);
-                     openvino[-X]: the folder of variant X with --device openvino, run by
+                     openvino[-f32][-X]: the folder of variant X with --device openvino (-f32: --precision f32), run by
                      --openvino-python (onnxruntime-openvino cannot share a Python with onnxruntime)
     generation       population_loss with 20 candidates x 4 triples: one training generation
                      as `edge-ti train` runs it (TrainSettings defaults); its losses feed the
@@ -491,9 +491,12 @@ def _run_row_once(args, log, quiet=True):
 
 
 def variant_device(variant):
-    """openvino[-X] -> ("openvino", X or fp32): the folder of variant X through OpenVINO; others run on the CPU."""
+    """openvino[-f32][-X] -> ("openvino", X or fp32): the folder of variant X through OpenVINO (-f32: at
+    --precision f32, else auto); others run on the CPU."""
     if variant.startswith("openvino"):
-        return "openvino", variant.partition("-")[2] or "fp32"
+        rest = variant.partition("-")[2]
+        rest = rest[len("f32"):].lstrip("-") if rest.startswith("f32") else rest
+        return "openvino", rest or "fp32"
     return "cpu", variant
 
 
@@ -525,7 +528,10 @@ def ensure_variants(base, variants):
 def device_of(variant):
     """A row's device argument: none for the CPU provider (so rows logged before the option still match)."""
     device, _ = variant_device(variant)
-    return {} if device == "cpu" else {"device": device}
+    if device == "cpu":
+        return {}
+    precision = {"precision": "f32"} if variant.startswith("openvino-f32") else {}
+    return {"device": device, **({"session": precision} if precision else {})}
 
 
 def folder_gb(path):
@@ -544,7 +550,7 @@ def main():
                              "int8-pc (per channel), int8-conv (Conv too, dynamic), "
                              "int8-static (Conv calibrated, per channel), "
                              "int8-weights (Conv weights int8, float arithmetic: quantize's default since 2026-12-01), "
-                             "fp16; openvino[-X]: the folder of X "
+                             "fp16; openvino[-f32][-X]: the folder of X "
                              "through --device openvino (needs --openvino-python)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
