@@ -447,9 +447,12 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
 
     if resume and restart:
         raise EdgeTIError("choose one of --resume and --restart")
-    if precision != "auto" and workers != "in-process":
-        raise EdgeTIError("--precision applies to --workers in-process (the Ray actors use OpenVINO's auto precision)")
-    make_scorer = scorer_factory(workers, ray_address=ray_address, threads=threads, device=worker_device or device)
+    worker_device = device if workers == "in-process" else worker_device or device
+    if precision != "auto" and "openvino" not in (device, worker_device):
+        raise EdgeTIError(f"precision {precision!r} is OpenVINO's setting: it needs --device openvino "
+                          "(or --worker-device openvino with Ray)")
+    make_scorer = scorer_factory(workers, ray_address=ray_address, threads=threads, device=worker_device,
+                                 precision=precision if worker_device == "openvino" else "auto")
     if template not in TEMPLATES:
         template = _read_lines(template, "prompt templates")
     settings = TrainSettings(vectors=vectors, template=template, subspace=subspace, dim=dim, optimizer=optimizer,
@@ -458,7 +461,7 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
                              max_batch=max_batch, resolution=resolution, flip=not no_flip,
                              loss_weighting=loss_weighting)
     check_settings(settings)  # before the model folder is opened; train() checks the rest before any work
-    model = _open(model_dir, device, precision, threads)
+    model = _open(model_dir, device, precision if device == "openvino" else "auto", threads)
 
     last = {}
 

@@ -24,6 +24,7 @@ from .denoiser import Denoiser
 from .errors import EdgeTIError
 from .model import open_model
 from .runtime import provider_name
+from .session import SessionSettings
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def fingerprint_mismatch(path, expected):
 class _Worker:
     """One Ray actor: the model opened once, the prompts and latents kept; scores chunks of candidates."""
 
-    def __init__(self, model_path, device, threads, expected, prompt_ids, latents, max_batch):
+    def __init__(self, model_path, device, threads, expected, prompt_ids, latents, max_batch, precision="auto"):
         import socket
         self.where = f"{socket.gethostname()} pid {os.getpid()}"
         self.prompt_ids, self.latents = prompt_ids, latents  # (K, 77), (N, C, h, w)
@@ -82,7 +83,8 @@ class _Worker:
         try:
             self.error = fingerprint_mismatch(model_path, expected)
             if self.error is None:
-                self.model = open_model(model_path, device=device, threads=threads)
+                settings = None if precision == "auto" else SessionSettings(precision=precision)
+                self.model = open_model(model_path, device=device, threads=threads, session_settings=settings)
                 self.model.text_encoder, self.model.session("unet")  # sessions now, not in generation 1
                 self.denoiser = Denoiser(self.model, max_batch)
         except Exception as err:  # reported by hello(): the driver raises it as one line
@@ -180,9 +182,13 @@ class RayPool:
 
     def __init__(self, model, prompt_ids, latents, max_batch, address=None, local_workers=None,
                  threads_per_worker=None, device="cpu", workers=None, model_path=None, chunk=None, depth=2,
-                 max_restarts=None, backup_after=2.0, start_timeout=300.0):
+                 max_restarts=None, backup_after=2.0, start_timeout=300.0, precision="auto"):
+        if precision != "auto" and device != "openvino":  # as open_model refuses it in this process
+            raise EdgeTIError(f"precision {precision!r} is OpenVINO's setting: it needs the workers on openvino, "
+                              f"not {device}")
         ray = self._ray = import_ray(local_only=bool(local_workers))
         self.device, self.threads, self.chunk, self.depth = device, threads_per_worker, chunk, depth
+        self.precision = precision
         self.backup_after, self.start_timeout = backup_after, start_timeout
         self.model_path = os.path.abspath(model_path or model.path)
         self.expected = model_fingerprints(model.path)                # the driver's copy decides
@@ -258,7 +264,7 @@ class RayPool:
         if not hasattr(self, "_actor_class"):
             self._actor_class = self._ray.remote(_Worker)
         actor = self._actor_class.options(**options).remote(
-            self.model_path, place.device, place.threads, self.expected, *self._shared)
+            self.model_path, place.device, place.threads, self.expected, *self._shared, self.precision)
         slot = _Slot(actor, index, place)
         self._slots.append(slot)
         self._send(slot, _Task(slot, "hello"), actor.hello.remote())

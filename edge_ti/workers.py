@@ -34,20 +34,21 @@ class InProcess:
         pass
 
 
-def scorer_factory(workers="in-process", ray_address=None, threads=None, device="cpu"):
+def scorer_factory(workers="in-process", ray_address=None, threads=None, device="cpu", precision="auto"):
     """The CLI's --workers: in-process | ray (a running cluster) | ray-local:N -> a make_scorer.
 
     threads: per actor [ray-local: 1; ray: all of each node's CPUs, one actor per node]. device: every
-    actor's (auto: CUDA on GPU nodes, one actor per GPU; CPU elsewhere)."""
+    actor's (auto: CUDA on GPU nodes, one actor per GPU; CPU elsewhere). precision: the actors' OpenVINO
+    precision hint (device openvino only)."""
     if ray_address and workers != "ray":
         raise EdgeTIError("--ray-address goes with --workers ray")
     if workers == "in-process":
         return InProcess
     if workers == "ray":
         import_ray()
-        return ray_scorer(address=ray_address, threads_per_worker=threads, device=device)
+        return ray_scorer(address=ray_address, threads_per_worker=threads, device=device, precision=precision)
     count = workers[len("ray-local:"):] if workers.startswith("ray-local:") else ""
     if count.isdigit() and int(count) > 0:
         import_ray()
-        return ray_scorer(local_workers=int(count), threads_per_worker=threads, device=device)
+        return ray_scorer(local_workers=int(count), threads_per_worker=threads, device=device, precision=precision)
     raise EdgeTIError(f"--workers {workers!r}: choose in-process, ray or ray-local:N")

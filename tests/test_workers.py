@@ -18,7 +18,7 @@ import edge_ti  # noqa: E402
 from edge_ti import objective  # noqa: E402
 from edge_ti.errors import EdgeTIError  # noqa: E402
 from edge_ti.train import TrainSettings, train  # noqa: E402
-from edge_ti.ray_pool import RayPool, _Place, ray_scorer  # noqa: E402
+from edge_ti.ray_pool import RayPool, _Place, _Worker, model_fingerprints, ray_scorer  # noqa: E402
 from edge_ti.workers import InProcess, scorer_factory  # noqa: E402
 
 SETTINGS = dict(budget=48, popsize=8, heldout_triples=6, eval_every=2, patience=0, seed=1)
@@ -218,3 +218,18 @@ def test_cli_ray_local_matches_in_process(tiny_sd, concept_dir, tmp_path):
     assert np.array_equal(edge_ti.load_embedding(out)["<c>"], edge_ti.load_embedding(ref)["<c>"])
     rc, err = invoke("train", tiny_sd[1], concept_dir, *args, "--workers", "ray-local:zero", "--out", out)
     assert rc == 1 and "Traceback" not in err
+
+
+def test_ray_actors_carry_the_openvino_precision(tiny_sd):
+    """--precision reaches each actor's open_model (it used to be refused with Ray): an actor given a precision
+    on a device other than openvino reports open_model's refusal, so the setting got there; the pool refuses
+    that combination before it starts Ray."""
+    model = edge_ti.open_model(tiny_sd[1])
+    prompt_ids, latents = np.zeros((1, 77), np.int64), np.zeros((1, 4, 16, 16), np.float32)
+    expected = model_fingerprints(tiny_sd[1])
+    worker = _Worker(tiny_sd[1], "cpu", 1, expected, prompt_ids, latents, 20, precision="bf16")
+    assert worker.error == "precision 'bf16' is OpenVINO's setting: it needs --device openvino", worker.error
+    assert _Worker(tiny_sd[1], "cpu", 1, expected, prompt_ids, latents, 20).error is None
+    with pytest.raises(EdgeTIError, match="precision 'f32' is OpenVINO's setting: it needs the workers on openvino"):
+        RayPool(model, prompt_ids, latents, 20, local_workers=2, precision="f32")
+    assert scorer_factory("ray-local:2", precision="f32") is not None  # refused when the pool is made, above
