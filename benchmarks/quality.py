@@ -109,6 +109,10 @@ METHODS = {
     # the defaults again, for variants run at another time: the machine is shared, and a wall-time
     # budget buys more or fewer evaluations with its load
     "edge-ti:control": {"kind": "edge-ti", "settings": {}},
+    # the search from where the CLIP score of the token is best (edge_ti.clip_score; needs a model whose
+    # text encoder is its clip/'s text tower, as SD 1.x's is: shapes_train --text-encoder clip)
+    "edge-ti:clip": {"kind": "edge-ti", "settings": {"clip_refine": 2000}},
+    "edge-ti:clip-only": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "budget": 20}},
 }
 MAIN = ["edge-ti", "gradient"]
 ABLATIONS = ["edge-ti:prior", "edge-ti:full", "edge-ti:3vec", "edge-ti:fixed"]
@@ -195,11 +199,14 @@ def child_train(spec):
             wall = time.perf_counter() - start
             while marks and wall >= marks[0]:
                 marks.pop(0)
-                snapshots.append((wall, samples(state), subspace.embeddings_from_z(e0, W, state.best_z[None], max_norm)[0]))
+                snapshots.append((wall, samples(state), state.best_z.copy()))
 
         result = train(model, images, TOKEN, spec["out"], init_word=concept.init_word, settings=settings,
                        on_generation=on_generation, resume="restart")  # a timed run starts afresh
         wall = time.perf_counter() - start
+        # a snapshot's z is relative to where the search started (e0, or where clip_refine moved it)
+        snapshots = [(w, n, subspace.embeddings_from_z(result.start, W, z[None], max_norm)[0])
+                     for w, n, z in snapshots]
         final = result.embedding[TOKEN]
         total_samples = result.evaluations * settings.triples + result.heldout_evaluations * settings.heldout_triples
         extra = {"generations": result.generations, "evaluations": result.evaluations,

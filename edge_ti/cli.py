@@ -412,6 +412,9 @@ def _duration(text):
 @click.option("--loss-weighting", type=click.Choice(["eps", "model"]), default=TrainSettings.loss_weighting,
               show_default=True, help="score candidates by the epsilon loss whatever the model predicts (eps), "
               "or by the model's own loss (model: a v-prediction model's v loss, as diffusers trains)")
+@click.option("--clip-refine", type=click.IntRange(0), default=TrainSettings.clip_refine, show_default=True,
+              help="CLIP-score evaluations before the search: start it where the token's prompts match the images best "
+                   "in CLIP (needs a clip/ whose text tower is the model's text encoder; 0: none)")
 @click.option("--heldout-triples", type=click.IntRange(1), default=TrainSettings.heldout_triples, show_default=True)
 @click.option("--patience", type=click.IntRange(0), default=TrainSettings.patience, show_default=True,
               help="stop when the best held-out loss gained < 0.01%% over this many checks (0: never)")
@@ -438,7 +441,8 @@ def _duration(text):
               help="allow a --token that is already a word of the vocabulary (it takes over that word in prompts)")
 @click.option("--out", required=True, type=click.Path(), help="the embedding file to write (.safetensors)")
 def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, template, subspace, dim, optimizer,
-          popsize, sigma, prior, budget, max_time, triples, crn, loss_weighting, heldout_triples, patience, max_batch,
+          popsize, sigma, prior, budget, max_time, triples, crn, loss_weighting, clip_refine, heldout_triples, patience,
+          max_batch,
           resolution, no_flip, seed, threads, device, precision, workers, ray_address, worker_device, resume, restart,
           allow_vocabulary_token, out):
     """Learn TOKEN from IMAGES (files or folders) with forward passes only; write OUT."""
@@ -459,7 +463,7 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
                              popsize=popsize, sigma=sigma, prior=prior, budget=budget, max_time=_duration(max_time),
                              seed=seed, triples=triples, crn=crn, heldout_triples=heldout_triples, patience=patience,
                              max_batch=max_batch, resolution=resolution, flip=not no_flip,
-                             loss_weighting=loss_weighting)
+                             loss_weighting=loss_weighting, clip_refine=clip_refine)
     check_settings(settings)  # before the model folder is opened; train() checks the rest before any work
     model = _open(model_dir, device, precision if device == "openvino" else "auto", threads)
 

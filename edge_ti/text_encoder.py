@@ -55,10 +55,11 @@ def _find_token_gather(graph, ids_input):
     return None, None
 
 
-def patch_text_encoder(src_path, dst_dir):
+def patch_text_encoder(src_path, dst_dir, needs_hidden_state=True):
     """Write the patched text encoder to dst_dir/model.onnx (+ .data) and return the table [V, D].
 
-    Never touches src_path. Written in a temporary folder renamed into place, so a crash leaves
+    needs_hidden_state: refuse a graph without a [batch, tokens, width] output (what the UNet
+    reads); False for CLIP's text tower, whose output is the projected feature. Never touches src_path. Written in a temporary folder renamed into place, so a crash leaves
     no half-written cache.
     """
     try:
@@ -74,7 +75,7 @@ def patch_text_encoder(src_path, dst_dir):
         raise EdgeTIError(f"{src_path}: not a CLIP text encoder (no token-embedding Gather reads input_ids)")
     outputs = {o.name: len(o.type.tensor_type.shape.dim) for o in graph.output}
     hidden = HIDDEN_OUTPUT if HIDDEN_OUTPUT in outputs else graph.output[0].name
-    if outputs[hidden] not in (0, 3):  # 0: shape not recorded
+    if needs_hidden_state and outputs[hidden] not in (0, 3):  # 0: shape not recorded
         raise EdgeTIError(f"{src_path}: no last hidden state [batch, tokens, width] among its outputs "
                           f"({', '.join(outputs)}): Stable Diffusion's UNet reads it")
     graph.input.append(helper.make_tensor_value_info(EXTRA_INPUT, table.data_type, ["extra_rows", table.dims[1]]))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from . import clip_score
 from . import init as initialization
 from . import latents as lat
 from . import objective, search, subspace
@@ -90,6 +91,8 @@ class TrainSettings:
     latent_sample: bool = False   # VAE latent: the distribution's mean (False) or a seeded sample
     max_batch: int = None         # UNet samples per call; None: the memory cap, edge_ti.denoiser.auto_max_batch
     resolution: int = None        # training images' size in pixels; None: the model's (SD 1.5: 512)
+    clip_refine: int = 0          # CLIP-score evaluations before the search (clip_score.refine; needs a clip/
+                                  # whose text tower is the text encoder); 0: none
 
     def __post_init__(self):
         defaults = optimizer_defaults(self.optimizer)
@@ -122,6 +125,8 @@ class TrainResult:
     stop_reason: str
     paths: dict                   # embedding, log, curve, checkpoint, lock
     init_words: list = dataclasses.field(default_factory=list)  # init="auto": (word, weight), largest first
+    start: np.ndarray = None      # e0 [n, D], where the search started (after clip_refine, if any): the
+                                  # embedding of a state's z is subspace.embeddings_from_z(start, W, z, max_norm)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -150,6 +155,7 @@ _RANGES = {
     "min_improvement": (lambda v: math.isfinite(v) and 0 <= v < 1, "in [0, 1)"),
     "max_batch": (lambda v: v is None or v >= 1, "at least 1"),
     "resolution": (lambda v: v is None or 8 <= v <= 4096, "8 to 4096 pixels"),
+    "clip_refine": (lambda v: v >= 0, "0 (none) or more"),
 }
 
 
@@ -217,6 +223,8 @@ def _settings_key(model, settings, latents, e0, token):
         del fields["prior"]
     if settings.optimizer == "cma":  # as before the option existed: earlier checkpoints still match
         del fields["optimizer"]
+    if not settings.clip_refine:  # likewise
+        del fields["clip_refine"]
     if settings.loss_weighting == "model" or model.prediction_type == "epsilon":
         del fields["loss_weighting"]  # the loss of before the option: earlier checkpoints still match
     digest.update(json.dumps(fields, sort_keys=True).encode())
@@ -341,9 +349,19 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
     else:
         e0 = initialization.from_word(model, init_word, settings.vectors)
     dim, sigma, W, max_norm = search_space(table, settings, [p.columns for p in model.text_parts])
+    prompts = [t.format(token) for t in templates]
+    key = _settings_key(model, settings, latents, e0, token)
+    if settings.clip_refine:  # e0 moved to where the CLIP score is best (deterministic: a resume redoes it)
+        score = clip_score.ClipScore(model, images if all(isinstance(i, Image.Image) for i in images)
+                                     else lat.image_paths(images), model.tokenize(prompts[:clip_score.TEMPLATES],
+                                                                                  {token: e0}))
+        z, record = clip_score.refine(score, e0, W, max_norm, settings.clip_refine, sigma=sigma, seed=settings.seed)
+        e0 = subspace.embeddings_from_z(e0, W, z[None], max_norm)[0]
+        refine_seconds = record["clip_seconds"]
+    else:
+        refine_seconds = 0.0
 
     # 3. prompts and the common random numbers
-    prompts = [t.format(token) for t in templates]
     prompt_ids = model.tokenize(prompts, {token: e0})                  # (K, 77), token ids from V on
     cut = [p for p, ids in zip(prompts, prompt_ids) if np.count_nonzero(ids >= model.vocab_size) != settings.vectors]
     if cut:
@@ -382,8 +400,8 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         return scorer.population_loss(subspace.embeddings_from_z(e0, W, zs, max_norm), heldout)
 
     # 4. the search: resumed from the checkpoint, or new
-    key = _settings_key(model, settings, latents, e0, token)
-    limits = search.Limits(budget=settings.budget, max_time=settings.max_time, patience=settings.patience,
+    max_time = settings.max_time and max(settings.max_time - refine_seconds, 1e-3)  # the refinement counts too
+    limits = search.Limits(budget=settings.budget, max_time=max_time, patience=settings.patience,
                            min_improvement=settings.min_improvement)
     state, curve_written = None, [time.monotonic()]
 
@@ -434,4 +452,4 @@ def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths):
     return TrainResult(embedding=embedding, init_heldout=state.init_heldout, best_heldout=state.best_heldout,
                        generations=state.generation, evaluations=state.evaluations,
                        heldout_evaluations=state.heldout_evaluations, elapsed=state.elapsed,
-                       stop_reason=state.stop_reason, paths=paths, init_words=init_words)
+                       stop_reason=state.stop_reason, paths=paths, init_words=init_words, start=e0)

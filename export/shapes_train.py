@@ -17,7 +17,9 @@ The recipe is the one of diffusers' train_text_to_image.py shrunk to 32 px:
 4. the text encoder (CLIPTextModel) and the UNet (UNet2DConditionModel with cross-attention)
    jointly, v-prediction (as SD 2.x; epsilon is an option) under the DDPM scaled_linear schedule,
    10% empty captions for classifier-free guidance (Ho & Salimans 2022), and an EMA of the weights
-   that is saved;
+   that is saved; with --text-encoder clip, the UNet alone, conditioned on stage 5's CLIP text tower
+   (trained first, then frozen: SD 1.x conditions on CLIP ViT-L/14's), so that a candidate token
+   has a CLIP score (edge_ti.clip_score);
 5. optionally a tiny CLIP (ViT 32 px / text) trained contrastively on images and captions
    (Radford et al. 2021, the symmetric InfoNCE loss), for `--init auto` and CLIP metrics;
 6. export through optimum (edge_ti_export.onnx_export.export_pipeline) and check the ONNX folder:
@@ -108,6 +110,9 @@ class TrainConfig:
                                    # (Lin et al. 2024): at t = T the input holds no trace of the image
     uncond_p: float = 0.1          # empty caption: the unconditional branch of guidance
     ema_decay: float = 0.998       # EMA of UNet + text encoder weights, warmed up as (1+t)/(10+t)
+    # "own": a text encoder trained with the UNet; "clip": the tiny CLIP's text tower, trained first and
+    # frozen, as SD 1.x conditions on CLIP ViT-L/14's (then a candidate token also has a CLIP score)
+    text_encoder: str = "own"
     # tiny CLIP for --init auto and metrics (0 steps: none)
     clip_steps: int = 400
     clip_batch: int = 128
@@ -331,15 +336,18 @@ def ema_update(ema_params, params, decay):
     torch._foreach_add_(ema_params, params, alpha=1 - decay)
 
 
-def train_unet(cfg, means, stds, scaling_factor, attributes, ids_of, tokenizer, gen, rng, stop_at=None):
+def train_unet(cfg, means, stds, scaling_factor, attributes, ids_of, tokenizer, gen, rng, stop_at=None,
+               frozen_text_encoder=None):
     """Text encoder + UNet jointly on eps- or v-prediction; returns their EMA copies on the CPU.
 
     Random draws come from `gen` and `rng` on the CPU whatever cfg.device. stop_at: a time.time()
     after which training stops early (logged; the learning-rate schedule is not shortened).
+    frozen_text_encoder: condition on this one, unchanged, instead of training one (returned as is).
     """
     from diffusers import DDPMScheduler
     device = torch.device(cfg.device)
-    text_encoder = make_text_encoder(cfg, tokenizer)
+    text_encoder = frozen_text_encoder or make_text_encoder(cfg, tokenizer)
+    text_encoder.requires_grad_(frozen_text_encoder is None)
     unet = make_unet(cfg, means.shape[-1])
     log.info("text encoder: %.2fM parameters, unet: %.2fM parameters",
              n_params(text_encoder) / 1e6, n_params(unet) / 1e6)
@@ -354,9 +362,9 @@ def train_unet(cfg, means, stds, scaling_factor, attributes, ids_of, tokenizer, 
     weights = (weights / weights.mean()).to(device)
     text_encoder.to(device)
     unet.to(device)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if frozen_text_encoder is None else [])
     ema_text, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
-    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    ema_params = list(ema_unet.parameters()) + (list(ema_text.parameters()) if frozen_text_encoder is None else [])
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     t0 = time.time()
     for step in range(cfg.unet_steps):
@@ -376,7 +384,8 @@ def train_unet(cfg, means, stds, scaling_factor, attributes, ids_of, tokenizer, 
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        hidden = text_encoder(ids_of(captions).to(device))[0]                   # [B, 77, D]
+        with torch.set_grad_enabled(frozen_text_encoder is None):
+            hidden = text_encoder(ids_of(captions).to(device))[0]               # [B, 77, D]
         pred = unet(noisy, timesteps, hidden).sample                           # [B, 4, 8, 8]
         per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))                 # [B]
         loss = (weights[timesteps] * per_sample).mean()
@@ -424,6 +433,14 @@ def train_clip(cfg, images, attributes, tokenizer, gen, rng):
         if step % 50 == 0 or step == cfg.clip_steps - 1:
             log.info("clip step %d/%d loss %.4f (%.0f s)", step + 1, cfg.clip_steps, out.loss.item(), time.time() - t0)
     return clip.eval()
+
+
+def clip_text_encoder(clip):
+    """The CLIPTextModel whose weights are CLIP's text tower (SD 1.x's text encoder is CLIP ViT-L/14's)."""
+    from transformers import CLIPTextModel
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.text_model.load_state_dict(clip.text_model.state_dict())
+    return text_encoder.eval()
 
 
 # ---------------------------------------------------------------- evaluation (numpy runtime)
@@ -548,21 +565,25 @@ def train(out, cfg, vae_dir=None):
     log.info("vae: %.0f s; latent std %.4f -> scaling_factor %.4f", timings["vae"], means.std(), scaling_factor)
     vae.save_pretrained(os.path.join(out, "vae"))  # also inside diffusers/ later; here for early checks
 
-    t = time.time()
-    text_encoder, unet = train_unet(cfg, means, stds, scaling_factor, attributes, CaptionIds(tokenizer),
-                                    tokenizer, *_stage_random(cfg.seed + 1))
-    timings["unet"] = time.time() - t
-    log.info("unet + text encoder: %.0f s", timings["unet"])
-    save_pipeline(os.path.join(out, "diffusers"), vae.cpu(), text_encoder, unet, tokenizer, cfg)
-
-    clip_dir = None
-    if cfg.clip_steps:
+    def clip_stage():
         t = time.time()
         clip = train_clip(cfg, images, attributes, tokenizer, *_stage_random(cfg.seed + 2))
         timings["clip"] = time.time() - t
-        clip_dir = os.path.join(out, "clip")
-        save_clip(clip_dir, clip, tokenizer)
+        save_clip(os.path.join(out, "clip"), clip, tokenizer)
         log.info("clip: %.0f s", timings["clip"])
+        return clip
+
+    clip = clip_stage() if cfg.text_encoder == "clip" else None  # trained first: the UNet reads its text tower
+    t = time.time()
+    text_encoder, unet = train_unet(cfg, means, stds, scaling_factor, attributes, CaptionIds(tokenizer),
+                                    tokenizer, *_stage_random(cfg.seed + 1),
+                                    frozen_text_encoder=clip and clip_text_encoder(clip))
+    timings["unet"] = time.time() - t
+    log.info("unet (+ text encoder): %.0f s", timings["unet"])
+    save_pipeline(os.path.join(out, "diffusers"), vae.cpu(), text_encoder, unet, tokenizer, cfg)
+    if clip is None and cfg.clip_steps:
+        clip = clip_stage()
+    clip_dir = os.path.join(out, "clip") if clip is not None else None
 
     t = time.time()
     onnx_dir = export_pipeline(os.path.join(out, "diffusers"), os.path.join(out, "onnx"), clip_source=clip_dir)
@@ -587,7 +608,7 @@ def _channels(text):
     return values
 
 
-_CHOICES = {"prediction_type": ("epsilon", "v_prediction"), "device": ("cpu", "cuda")}
+_CHOICES = {"prediction_type": ("epsilon", "v_prediction"), "device": ("cpu", "cuda"), "text_encoder": ("own", "clip")}
 
 
 def recipe_problem(cfg):
@@ -596,6 +617,8 @@ def recipe_problem(cfg):
         return "--zero-snr 1 needs --prediction-type v_prediction"
     if cfg.max_loss_weight != 1 and cfg.prediction_type != "epsilon":  # v's loss already weighs by 1 + 1/SNR
         return "--max-loss-weight weighs the epsilon loss: use it with --prediction-type epsilon"
+    if cfg.text_encoder == "clip" and (cfg.clip_steps <= 0 or cfg.clip_dim != cfg.text_hidden):
+        return "--text-encoder clip needs --clip-steps > 0 and --clip-dim equal to --text-hidden (the UNet reads its width)"
     if cfg.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda: torch sees no CUDA device here"
     return None

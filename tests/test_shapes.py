@@ -144,6 +144,9 @@ def test_shapes_train_reads_unet_channels():
     ("--zero-snr 1 --prediction-type", "epsilon", "--zero-snr 1 needs --prediction-type v_prediction"),
     ("--max-loss-weight", "20", "--max-loss-weight weighs the epsilon loss"),
     ("--device", "cuda", "--device cuda: torch sees no CUDA device here"),
+    ("--text-encoder", "t5", "invalid choice: 't5'"),
+    ("--text-encoder clip --clip-steps", "0", "--text-encoder clip needs --clip-steps > 0 and --clip-dim equal"),
+    ("--text-encoder clip --clip-dim", "32", "--text-encoder clip needs --clip-steps > 0 and --clip-dim equal"),
 ])
 def test_shapes_train_refuses_bad_recipe_flags_before_any_work(flag, value, message, tmp_path, capsys, monkeypatch):
     import torch

@@ -1,0 +1,96 @@
+"""CLIP score of candidate tokens: what a candidate says about the concept images, without a UNet sample.
+
+On SD 1.x the text encoder *is* CLIP ViT-L/14's text tower (SD 2.x: OpenCLIP ViT-H's). With that
+CLIP's image tower in MODEL_DIR/clip/, a candidate token e has a CLIP text feature, its prompts through
+the text tower and its projection, at the cost of text passes only, and
+
+    score(e) = mean_t,i  cos(CLIP_text(template_t(e)), CLIP_image(image_i))
+
+says how well the token describes the concept images (CLIPScore, Hessel et al. 2021, without its
+clipping; the objective PEZ optimizes hard prompts for, Wen et al. 2023). Unlike the denoising loss it
+is deterministic: no timestep, no noise, so a search can rank candidates on it without sampling error.
+
+`refine` uses it before the denoising search: CMA-ES over z in the search's own subspace (e0 + W z,
+the same norm cap), maximizing the score, from the init; the denoising search then starts where it
+ended. It needs a clip/ whose text tower is the model's text encoder (same token table), which
+`ClipScore` checks.
+"""
+import logging
+import os
+import time
+
+import numpy as np
+
+from . import subspace
+from . import text_encoder as te
+from .clip import clip_model
+from .errors import EdgeTIError
+from .model import PATCH_VERSION
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = 4  # the first prompt templates of the training's: each costs one text pass per candidate
+MATCH_TOLERANCE = 1e-4  # largest |difference| between the two token tables, relative to their largest entry
+
+
+class ClipScore:
+    """score(candidates [P, n, D]) -> [P]: CLIP cosine of each candidate's prompts with the images."""
+
+    def __init__(self, model, images, prompts):
+        if model.family != "sd":
+            raise EdgeTIError(f"{model.path}: CLIP scores of candidates need one text encoder (SD 1.x / 2.x), "
+                              f"not {model.family}'s two")
+        self.clip = clip_model(model)
+        source = os.path.join(self.clip.path, "text_model.onnx")
+        patched = os.path.join(model.cache_dir("text_encoders"), f"clip-{self.clip.text_key}-p{PATCH_VERSION}")
+        if not os.path.isfile(os.path.join(patched, "model.onnx")):
+            log.info("patching %s for token injection (once) -> %s", source, patched)
+            te.patch_text_encoder(source, patched, needs_hidden_state=False)
+        table = np.load(os.path.join(patched, "token_embeddings.npy"))
+        ours = model.token_embeddings
+        if table.shape != ours.shape or np.abs(table - ours).max() > MATCH_TOLERANCE * np.abs(ours).max():
+            raise EdgeTIError(f"{self.clip.path}: its text tower is not {model.path}'s text encoder (token tables "
+                              f"{list(table.shape)} and {list(ours.shape)} differ), so it cannot score the model's "
+                              f"tokens; give a clip/ of the CLIP the text encoder comes from (SD 1.x: "
+                              f"openai/clip-vit-large-patch14)")
+        self.session = model.open_session(os.path.join(patched, "model.onnx"))
+        self.vocab_size = model.vocab_size
+        self.prompt_ids = np.asarray(prompts, np.int64)                         # (K, 77), the token from V on
+        # the text tower pools at the end-of-text token: later positions change nothing
+        eos = np.array([np.flatnonzero(row == model.tokenizer.eos_id)[0] for row in self.prompt_ids])
+        self.prompt_ids = self.prompt_ids[:, :int(eos.max()) + 1]
+        self.image_features = self.clip.image_features(images)                  # (N, P), unit rows
+        self.evaluations = 0
+
+    def __call__(self, candidates):
+        P, n, _ = candidates.shape
+        K = len(self.prompt_ids)
+        ids = te.population_ids(self.prompt_ids, self.vocab_size, n, P)           # (P*K, L)
+        feeds = {"input_ids": ids, te.EXTRA_INPUT: np.ascontiguousarray(candidates.reshape(P * n, -1), np.float32)}
+        f = self.session.run(None, feeds)[0]                                     # (P*K, F), projected
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+        self.evaluations += P
+        return (f @ self.image_features.T).reshape(P, K, -1).mean(axis=(1, 2))   # (P,)
+
+
+def refine(score, e0, W, max_norm, evaluations, sigma=0.5, popsize=20, seed=0):
+    """z* after EVALUATIONS candidates of CMA-ES maximizing score(e0 + W z) from z = 0; -> (z*, log).
+
+    Returns z = 0 unless a candidate scored above e0 itself."""
+    import cma
+    dim = e0.shape[0] * W.shape[1]
+    began = time.perf_counter()
+    start = float(score(subspace.embeddings_from_z(e0, W, np.zeros((1, dim)), max_norm))[0])
+    es = cma.CMAEvolutionStrategy(np.zeros(dim), sigma, {"popsize": popsize, "seed": seed + 1, "verbose": -9})
+    best_z, best = np.zeros(dim), start
+    while score.evaluations < evaluations + 1:
+        zs = np.asarray(es.ask())                                               # (P, dim)
+        scores = score(subspace.embeddings_from_z(e0, W, zs, max_norm))         # (P,)
+        es.tell(list(zs), (-scores).tolist())                                   # cma minimizes
+        if scores.max() > best:
+            best, best_z = float(scores.max()), zs[int(scores.argmax())].copy()
+    record = {"clip_score_init": start, "clip_score": best, "clip_evaluations": score.evaluations - 1,
+              "clip_seconds": time.perf_counter() - began}
+    log.info("CLIP refinement: score %.4f -> %.4f in %d evaluations, %.1f s", start, best,
+             record["clip_evaluations"], record["clip_seconds"])
+    return best_z, record

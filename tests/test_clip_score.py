@@ -1,0 +1,127 @@
+"""CLIP scores of candidate tokens (edge_ti.clip_score) equal transformers' CLIP; the refinement before the search."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPModel
+
+import edge_ti
+from edge_ti import clip_score, shapes, subspace
+from edge_ti.errors import EdgeTIError
+from edge_ti.train import TrainSettings, search_space, train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VAE = os.path.join(os.path.dirname(HERE), "export", "shapes_diffusers", "vae")
+
+
+@pytest.fixture(scope="module")
+def clip_conditioned(tmp_path_factory):
+    """A few steps of shapes_train --text-encoder clip: a model whose text encoder is its CLIP's text tower."""
+    from edge_ti_export import shapes_train
+    out = str(tmp_path_factory.mktemp("clip-conditioned"))
+    cfg = shapes_train.TrainConfig(n_images=200, unet_steps=2, clip_steps=2, text_encoder="clip",
+                                   prediction_type="v_prediction")
+    onnx_dir = shapes_train.train(out, cfg, vae_dir=VAE)
+    return out, onnx_dir
+
+
+def _images(n=4, seed=0):
+    return [Image.fromarray(i) for i in shapes.concept_images(n, np.random.default_rng(seed), shape="star", color="red")]
+
+
+def test_clip_text_encoder_is_the_clip_text_tower(clip_conditioned):
+    out, onnx_dir = clip_conditioned
+    with open(os.path.join(out, "diffusers", "text_encoder", "config.json")) as f:
+        assert json.load(f)["num_hidden_layers"] == 2  # the tiny CLIP's, not the own encoder's 3
+    clip = CLIPModel.from_pretrained(os.path.join(out, "clip"))
+    model = edge_ti.open_model(onnx_dir)
+    np.testing.assert_array_equal(model.token_embeddings,
+                                  clip.text_model.embeddings.token_embedding.weight.detach().numpy())
+
+
+def test_scores_equal_transformers(clip_conditioned):
+    out, onnx_dir = clip_conditioned
+    model = edge_ti.open_model(onnx_dir)
+    images = _images()
+    prompts = ["a photo of a <t>", "a rendering of a <t> on the left"]
+    rng = np.random.default_rng(0)
+    e0 = model.token_embeddings[model.tokenizer.token_ids("star")].mean(axis=0)
+    candidates = (e0[None, None] + 0.5 * rng.standard_normal((3, 1, e0.shape[0]))).astype(np.float32)
+    score = clip_score.ClipScore(model, images, model.tokenize(prompts, {"<t>": candidates[0]}))
+    got = score(candidates)
+    # transformers: the candidate as a new row of the token table, its id in the prompts
+    clip = CLIPModel.from_pretrained(os.path.join(out, "clip")).eval()
+    processor = CLIPImageProcessor.from_pretrained(os.path.join(out, "clip"))
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(clip.get_image_features(
+            pixel_values=processor(images=images, return_tensors="pt").pixel_values), dim=-1)
+        want = []
+        V = model.vocab_size
+        ids = torch.from_numpy(model.tokenize(prompts, {"<t>": candidates[0]}))
+        for candidate in candidates:
+            table = clip.text_model.embeddings.token_embedding.weight
+            clip.text_model.embeddings.token_embedding = torch.nn.Embedding.from_pretrained(
+                torch.cat([table[:V], torch.from_numpy(candidate)]))
+            text = torch.nn.functional.normalize(clip.get_text_features(input_ids=ids), dim=-1)
+            want.append(float((text @ image.T).mean()))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert score.evaluations == 3
+
+
+def test_refine_raises_the_score_within_the_norm_cap(clip_conditioned):
+    model = edge_ti.open_model(clip_conditioned[1])
+    e0 = model.token_embeddings[model.tokenizer.token_ids("star")].mean(axis=0)[None]      # (1, D)
+    _, sigma, W, max_norm = search_space(model.token_embeddings, TrainSettings())
+    score = clip_score.ClipScore(model, _images(), model.tokenize(["a photo of a <t>"], {"<t>": e0}))
+    z, record = clip_score.refine(score, e0, W, max_norm, 200, sigma=sigma)
+    refined = subspace.embeddings_from_z(e0, W, z[None], max_norm)
+    assert record["clip_score"] > record["clip_score_init"]
+    assert record["clip_evaluations"] >= 200
+    np.testing.assert_allclose(score(refined)[0], record["clip_score"], rtol=1e-5)
+    assert np.linalg.norm(refined) <= max_norm * (1 + 1e-5)
+
+
+def test_train_starts_where_the_refinement_ended(clip_conditioned, tmp_path):
+    model = edge_ti.open_model(clip_conditioned[1])
+    images = _images()
+    settings = TrainSettings(clip_refine=100, budget=40, heldout_triples=4)
+    result = train(model, images, "<t>", str(tmp_path / "t.safetensors"), init_word="star", settings=settings)
+    word = model.token_embeddings[model.tokenizer.token_ids("star")].mean(axis=0)[None]
+    assert not np.allclose(result.start, word)                   # the search began elsewhere
+    # the same run again (a resume) continues it: the refinement is deterministic
+    again = train(model, images, "<t>", str(tmp_path / "t.safetensors"), init_word="star",
+                  settings=TrainSettings(clip_refine=100, budget=80, heldout_triples=4))
+    assert again.evaluations == 80 and np.array_equal(again.start, result.start)
+
+
+def test_a_clip_of_another_text_encoder_is_refused(tiny_sd, tmp_path):
+    """The tests' tiny SD with a tiny CLIP beside it: two different text towers, one line naming clip/."""
+    import shutil
+    from edge_ti_export.clip_export import export_clip
+    from edge_ti_export.tiny_clip import tiny_clip
+    model_dir = str(tmp_path / "onnx")
+    shutil.copytree(tiny_sd[1], model_dir)
+    export_clip(tiny_clip(str(tmp_path / "clip-src")), model_dir)
+    model = edge_ti.open_model(model_dir)
+    with pytest.raises(EdgeTIError, match=r"clip: its text tower is not .*'s text encoder \(token tables") as err:
+        train(model, _images(), "<t>", str(tmp_path / "t.safetensors"), init_word="cat",
+              settings=TrainSettings(clip_refine=10, budget=20))
+    assert "\n" not in str(err.value)
+    assert not os.path.exists(tmp_path / "t.safetensors")
+    with pytest.raises(EdgeTIError, match="no clip/ folder"):
+        train(edge_ti.open_model(tiny_sd[1]), _images(), "<t>", str(tmp_path / "u.safetensors"), init_word="cat",
+              settings=TrainSettings(clip_refine=10, budget=20))
+
+
+def test_bad_clip_refine_is_one_line(tiny_sd, tmp_path):
+    from test_safe_by_default import invoke
+    with pytest.raises(EdgeTIError, match="clip_refine must be 0 \\(none\\) or more, got -1"):
+        train(edge_ti.open_model(tiny_sd[1]), _images(), "<t>", str(tmp_path / "t.safetensors"), init_word="cat",
+              settings=TrainSettings(clip_refine=-1))
+    rc, err = invoke("train", tiny_sd[1], tiny_sd[1], "--token", "<t>", "--out", str(tmp_path / "t.safetensors"),
+                     "--clip-refine", "-5")
+    assert rc != 0 and "Invalid value for '--clip-refine'" in err and len(err.strip().splitlines()) == 1, err
+    assert os.listdir(tmp_path) == []
