@@ -12,6 +12,8 @@ fixed and the others random. On the same model, images and seed:
     init            the init word's embedding alone (what both methods start from)
     oracle          the concept's caption words' own token embeddings as a multi-vector token
     edge-ti:prior, edge-ti:full, edge-ti:3vec, edge-ti:fixed   (ablations; maybe on fewer seeds)
+    edge-ti:clip, edge-ti:clip-only   --clip-refine 2000 with and without the search after it (a model whose
+                    text encoder is its clip/'s text tower: shapes_train --text-encoder clip)
 
 Every training runs in its own subprocess (its peak RSS from os.wait4: the rusage of that child
 alone, which is getrusage(RUSAGE_CHILDREN) of a parent with one child), with the same thread count
@@ -113,6 +115,8 @@ METHODS = {
     # text encoder is its clip/'s text tower, as SD 1.x's is: shapes_train --text-encoder clip)
     "edge-ti:clip": {"kind": "edge-ti", "settings": {"clip_refine": 2000}},
     "edge-ti:clip-only": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "budget": 20}},
+    "edge-ti:clip-only-500": {"kind": "edge-ti", "settings": {"clip_refine": 500, "budget": 20}},
+    "edge-ti:clip-only-8k": {"kind": "edge-ti", "settings": {"clip_refine": 8000, "budget": 20}},
 }
 MAIN = ["edge-ti", "gradient"]
 ABLATIONS = ["edge-ti:prior", "edge-ti:full", "edge-ti:3vec", "edge-ti:fixed"]
@@ -522,6 +526,7 @@ def report(args):
         cells = [f"{mean([r['heldout'] for r in groups[m]]):.5f}" if m in groups else "-" for m in ORDER]
         out.append("| (held-out loss) | " + " | ".join(cells) + " |")
     out += ablation_vs_control(units)
+    out += ablation_vs_main(units)
     # the numbers behind the curves
     main = [u for u in units if u["group"] == "main"]
     out += ["", "### Curves: snapshots at fractions of the budget (main units, mean over concepts x seeds)", "",
@@ -540,6 +545,47 @@ def report(args):
     print(text)
     curves(units, args.curves)
     return text
+
+
+def ablation_vs_main(units):
+    """Each variant against the main methods of the same (concept, seed): at its final snapshot and at its last
+    snapshot within 0.5x gradient TI's wall time, accuracy difference from gradient TI's final accuracy (the
+    issue's target, as edge-ti@half is judged) and from edge-ti's final one."""
+    main = {(u["concept"], u["seed"]): u for u in units if u["group"] == "main"}
+    pairs = {}                                                 # method -> [(variant eval, main unit)]
+    for unit in units:
+        key = (unit["concept"], unit["seed"])
+        if unit["group"] == "main" or key not in main or "gradient" not in main[key]["eval"]:
+            continue
+        for method in unit["runs"]:
+            pairs.setdefault(method, []).append((unit["eval"][method], main[key]))
+    if not pairs:
+        return []
+    out = ["", "### Variants against gradient TI and edge-ti of the main units, paired by concept and seed", "",
+           "| method | pairs | snapshot | wall / gradient wall | accuracy | - gradient (final) | better / equal / worse "
+           "| - edge-ti (final) | held-out vs init |", "|---|---|---|---|---|---|---|---|---|"]
+    for method in sorted(pairs, key=ORDER.index):
+        for label in ("final", "<= 0.5x gradient"):
+            rows = []
+            for ev, unit in pairs[method]:
+                g = unit["eval"]["gradient"]
+                i = len(ev["wall"]) - 1 if label == "final" else at_or_before(ev, 0.5 * g["wall"][-1])
+                if i is None:
+                    continue
+                rows.append({"acc": ev["accuracy"][i], "wall": ev["wall"][i] / g["wall"][-1],
+                             "g": ev["accuracy"][i] - g["accuracy"][-1],
+                             "e": ev["accuracy"][i] - unit["eval"]["edge-ti"]["accuracy"][-1],
+                             "h": 100 * (ev["heldout"][i] / unit["eval"]["init"]["heldout"][0] - 1)})
+            if not rows:
+                continue
+            d = [r["g"] for r in rows]
+            e = [r["e"] for r in rows]
+            h = [r["h"] for r in rows]
+            out.append(f"| {method} | {len(rows)} | {label} | {mean([r['wall'] for r in rows]):.2f} "
+                       f"| {mean([r['acc'] for r in rows]):.3f} | {mean(d):+.3f} ± {sem(d):.3f} "
+                       f"| {sum(x > 0 for x in d)} / {sum(x == 0 for x in d)} / {sum(x < 0 for x in d)} "
+                       f"| {mean(e):+.3f} ± {sem(e):.3f} | {mean(h):+.2f}% ± {sem(h):.2f} |")
+    return out
 
 
 def ablation_vs_control(units):

@@ -12,8 +12,8 @@ is deterministic: no timestep, no noise, so a search can rank candidates on it w
 
 `refine` uses it before the denoising search: CMA-ES over z in the search's own subspace (e0 + W z,
 the same norm cap), maximizing the score, from the init; the denoising search then starts where it
-ended. It needs a clip/ whose text tower is the model's text encoder (same token table), which
-`ClipScore` checks.
+ended, if the held-out denoising loss agrees that the refined token is better (edge_ti.train). It
+needs a clip/ whose text tower is the model's text encoder (same token table), which `ClipScore` checks.
 """
 import logging
 import os
@@ -82,15 +82,14 @@ def refine(score, e0, W, max_norm, evaluations, sigma=0.5, popsize=20, seed=0):
     began = time.perf_counter()
     start = float(score(subspace.embeddings_from_z(e0, W, np.zeros((1, dim)), max_norm))[0])
     es = cma.CMAEvolutionStrategy(np.zeros(dim), sigma, {"popsize": popsize, "seed": seed + 1, "verbose": -9})
-    best_z, best = np.zeros(dim), start
-    while score.evaluations < evaluations + 1:
+    best_z, best, done = np.zeros(dim), start, 0
+    while done < evaluations:
         zs = np.asarray(es.ask())                                               # (P, dim)
         scores = score(subspace.embeddings_from_z(e0, W, zs, max_norm))         # (P,)
         es.tell(list(zs), (-scores).tolist())                                   # cma minimizes
+        done += len(zs)
         if scores.max() > best:
             best, best_z = float(scores.max()), zs[int(scores.argmax())].copy()
-    record = {"clip_score_init": start, "clip_score": best, "clip_evaluations": score.evaluations - 1,
+    record = {"clip_score_init": start, "clip_score": best, "clip_evaluations": done,
               "clip_seconds": time.perf_counter() - began}
-    log.info("CLIP refinement: score %.4f -> %.4f in %d evaluations, %.1f s", start, best,
-             record["clip_evaluations"], record["clip_seconds"])
     return best_z, record

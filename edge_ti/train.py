@@ -351,15 +351,11 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
     dim, sigma, W, max_norm = search_space(table, settings, [p.columns for p in model.text_parts])
     prompts = [t.format(token) for t in templates]
     key = _settings_key(model, settings, latents, e0, token)
-    if settings.clip_refine:  # e0 moved to where the CLIP score is best (deterministic: a resume redoes it)
-        score = clip_score.ClipScore(model, images if all(isinstance(i, Image.Image) for i in images)
-                                     else lat.image_paths(images), model.tokenize(prompts[:clip_score.TEMPLATES],
-                                                                                  {token: e0}))
-        z, record = clip_score.refine(score, e0, W, max_norm, settings.clip_refine, sigma=sigma, seed=settings.seed)
-        e0 = subspace.embeddings_from_z(e0, W, z[None], max_norm)[0]
-        refine_seconds = record["clip_seconds"]
-    else:
-        refine_seconds = 0.0
+    clip = None
+    if settings.clip_refine:  # its checks now, before a scorer (maybe Ray) starts
+        clip = clip_score.ClipScore(model, images if all(isinstance(i, Image.Image) for i in images)
+                                    else lat.image_paths(images), model.tokenize(prompts[:clip_score.TEMPLATES],
+                                                                                 {token: e0}))
 
     # 3. prompts and the common random numbers
     prompt_ids = model.tokenize(prompts, {token: e0})                  # (K, 77), token ids from V on
@@ -384,6 +380,13 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         scorer.close()
         raise EdgeTIError(f"the gauss-newton search needs each population's Gram matrix (population_gram), which "
                           f"{type(scorer).__name__} does not give; use optimizer cma with it")
+    refine_seconds = 0.0
+    if clip is not None:  # e0 moved to where the CLIP score is best (deterministic: a resume redoes it)
+        try:
+            e0, refine_seconds = _clip_refined(clip, e0, W, max_norm, sigma, settings, scorer, heldout)
+        except BaseException:
+            scorer.close()
+            raise
 
     def generation_triples(generation):
         return triples_for(0, 0 if settings.crn == "fixed" else generation, count=settings.triples)
@@ -438,6 +441,22 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
 
     # 5. the result: the best held-out candidate, the log and the curve (on Ctrl-C too, above)
     return _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths)
+
+
+def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout):
+    """(e0 moved by clip_score.refine, seconds): kept only where the held-out denoising loss agrees that the
+    refined token is better than e0 (a CLIP score can rise on tokens the UNet reads otherwise)."""
+    z, record = clip_score.refine(score, e0, W, max_norm, settings.clip_refine, sigma=sigma, seed=settings.seed)
+    refined = subspace.embeddings_from_z(e0, W, z[None], max_norm)[0]
+    before, after = scorer.population_loss(np.stack([e0, refined]), heldout)
+    if after > before:
+        log.warning("CLIP refinement: score %.4f -> %.4f, but the held-out loss rose %.5f -> %.5f: the search "
+                    "starts from the init", record["clip_score_init"], record["clip_score"], before, after)
+        return e0, record["clip_seconds"]
+    log.warning("CLIP refinement: score %.4f -> %.4f in %d evaluations (%.1f s); held-out loss %.5f -> %.5f",
+                record["clip_score_init"], record["clip_score"], record["clip_evaluations"], record["clip_seconds"],
+                before, after)
+    return refined, record["clip_seconds"]
 
 
 def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths):

@@ -12,6 +12,7 @@ import edge_ti
 from edge_ti import clip_score, shapes, subspace
 from edge_ti.errors import EdgeTIError
 from edge_ti.train import TrainSettings, search_space, train
+from edge_ti.workers import InProcess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VAE = os.path.join(os.path.dirname(HERE), "export", "shapes_diffusers", "vae")
@@ -125,3 +126,24 @@ def test_bad_clip_refine_is_one_line(tiny_sd, tmp_path):
                      "--clip-refine", "-5")
     assert rc != 0 and "Invalid value for '--clip-refine'" in err and len(err.strip().splitlines()) == 1, err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_refinement_the_denoising_loss_disagrees_with_is_dropped(clip_conditioned, tmp_path, monkeypatch, caplog):
+    """The guard: a refined token whose held-out loss is higher than the init's is not where the search starts."""
+    model = edge_ti.open_model(clip_conditioned[1])
+    settings = TrainSettings(clip_refine=20, budget=20, heldout_triples=4)
+
+    def far_away(score, e0, W, max_norm, evaluations, sigma, seed):  # a token the UNet reads as something else
+        return np.full(W.shape[1], 50.0), {"clip_score_init": 0.1, "clip_score": 0.9, "clip_evaluations": 20,
+                                            "clip_seconds": 0.0}
+    monkeypatch.setattr(clip_score, "refine", far_away)
+    word = model.token_embeddings[model.tokenizer.token_ids("star")].mean(axis=0)[None]
+
+    class FarIsWorse(InProcess):  # two training steps of a UNet barely read the text: make the loss say so
+        def population_loss(self, candidates, triples):
+            far = np.linalg.norm(candidates - word[None], axis=(1, 2))
+            return super().population_loss(candidates, triples) + far
+    result = train(model, _images(), "<t>", str(tmp_path / "t.safetensors"), init_word="star", settings=settings,
+                   make_scorer=FarIsWorse)
+    np.testing.assert_array_equal(result.start, word)
+    assert "but the held-out loss rose" in caplog.text
