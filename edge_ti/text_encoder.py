@@ -59,8 +59,8 @@ def patch_text_encoder(src_path, dst_dir, needs_hidden_state=True):
     """Write the patched text encoder to dst_dir/model.onnx (+ .data) and return the table [V, D].
 
     needs_hidden_state: refuse a graph without a [batch, tokens, width] output (what the UNet
-    reads); False for CLIP's text tower, whose output is the projected feature. Never touches src_path. Written in a temporary folder renamed into place, so a crash leaves
-    no half-written cache.
+    reads); False for CLIP's text tower, whose output is the projected feature. Never touches
+    src_path. Written in a temporary folder renamed into place, so a crash leaves no half-written cache.
     """
     try:
         model = onnx.load(src_path)
