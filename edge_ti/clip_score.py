@@ -15,7 +15,6 @@ the same norm cap), maximizing the score, from the init; the denoising search th
 ended, if the held-out denoising loss agrees that the refined token is better (edge_ti.train). It
 needs a clip/ whose text tower is the model's text encoder (same token table), which `ClipScore` checks.
 """
-import logging
 import os
 import time
 
@@ -25,9 +24,6 @@ from . import subspace
 from . import text_encoder as te
 from .clip import clip_model
 from .errors import EdgeTIError
-from .model import PATCH_VERSION
-
-log = logging.getLogger(__name__)
 
 TEMPLATES = 4  # the first prompt templates of the training's: each costs one text pass per candidate
 MATCH_TOLERANCE = 1e-4  # largest |difference| between the two token tables, relative to their largest entry
@@ -41,11 +37,8 @@ class ClipScore:
             raise EdgeTIError(f"{model.path}: CLIP scores of candidates need one text encoder (SD 1.x / 2.x), "
                               f"not {model.family}'s two")
         self.clip = clip_model(model)
-        source = os.path.join(self.clip.path, "text_model.onnx")
-        patched = os.path.join(model.cache_dir("text_encoders"), f"clip-{self.clip.text_key}-p{PATCH_VERSION}")
-        if not os.path.isfile(os.path.join(patched, "model.onnx")):
-            log.info("patching %s for token injection (once) -> %s", source, patched)
-            te.patch_text_encoder(source, patched, needs_hidden_state=False)
+        patched = model.patched_graph(os.path.join(self.clip.path, "text_model.onnx"), f"clip-{self.clip.text_key}",
+                                      needs_hidden_state=False)
         table = np.load(os.path.join(patched, "token_embeddings.npy"))
         ours = model.token_embeddings
         if table.shape != ours.shape or np.abs(table - ours).max() > MATCH_TOLERANCE * np.abs(ours).max():
@@ -74,7 +67,8 @@ class ClipScore:
 
 
 def refine(score, e0, W, max_norm, evaluations, sigma=0.5, popsize=20, seed=0):
-    """z* after EVALUATIONS candidates of CMA-ES maximizing score(e0 + W z) from z = 0; -> (z*, log).
+    """z* after EVALUATIONS candidates of CMA-ES maximizing score(e0 + W z) from z = 0; -> (z*, record):
+    the score at e0 and at z*, the evaluations made and their seconds.
 
     Returns z = 0 unless a candidate scored above e0 itself."""
     import cma

@@ -238,13 +238,17 @@ class Model:
 
     def patched_dir(self, name):
         """The text encoder NAME with the extra_embeddings input, patched once and cached."""
-        source = os.path.join(self.path, name, "model.onnx")
         key = self.text_encoder_key if name == "text_encoder" else self.text_encoder_2_key
+        return self.patched_graph(os.path.join(self.path, name, "model.onnx"), key)
+
+    def patched_graph(self, source, key, needs_hidden_state=True):
+        """The cache folder of SOURCE (content key KEY) patched for token injection (text_encoder.py), made once:
+        model.onnx and token_embeddings.npy. needs_hidden_state=False: CLIP's text tower (clip_score.py)."""
         out = os.path.join(self.cache_dir("text_encoders"), f"{key}-p{PATCH_VERSION}")
         if not os.path.isfile(os.path.join(out, "model.onnx")):
             log.info("patching %s for token injection (once) -> %s", source, out)
             try:
-                te.patch_text_encoder(source, out)
+                te.patch_text_encoder(source, out, needs_hidden_state=needs_hidden_state)
             except OSError as err:
                 raise cache_error(os.path.dirname(out), err) from None
         return out
