@@ -147,3 +147,12 @@ def test_a_refinement_the_denoising_loss_disagrees_with_is_dropped(clip_conditio
                    make_scorer=FarIsWorse)
     np.testing.assert_array_equal(result.start, word)
     assert "but the held-out loss rose" in caplog.text
+
+
+def test_sdxl_is_refused_in_one_line(tiny_sdxl, tmp_path):
+    model = edge_ti.open_model(tiny_sdxl[1])
+    with pytest.raises(EdgeTIError, match=r"CLIP scores of candidates need one text encoder \(SD 1.x / 2.x\), not "
+                                          r"sdxl's two"):
+        train(model, _images(), "<t>", str(tmp_path / "t.safetensors"), init_word="cat",
+              settings=TrainSettings(clip_refine=10, budget=20))
+    assert not os.path.exists(tmp_path / "t.safetensors")
