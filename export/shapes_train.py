@@ -337,18 +337,22 @@ def ema_update(ema_params, params, decay):
 
 
 def train_unet(cfg, means, stds, scaling_factor, attributes, ids_of, tokenizer, gen, rng, stop_at=None,
-               frozen_text_encoder=None):
+               frozen_text_encoder=None, start=None):
     """Text encoder + UNet jointly on eps- or v-prediction; returns their EMA copies on the CPU.
 
     Random draws come from `gen` and `rng` on the CPU whatever cfg.device. stop_at: a time.time()
     after which training stops early (logged; the learning-rate schedule is not shortened).
     frozen_text_encoder: condition on this one, unchanged, instead of training one (returned as is).
+    start: (text_encoder, unet) to continue from (their EMA starts there too) instead of new ones.
     """
     from diffusers import DDPMScheduler
     device = torch.device(cfg.device)
-    text_encoder = frozen_text_encoder or make_text_encoder(cfg, tokenizer)
+    if start is not None:
+        text_encoder, unet = start
+    else:
+        text_encoder, unet = frozen_text_encoder or make_text_encoder(cfg, tokenizer), make_unet(cfg, means.shape[-1])
     text_encoder.requires_grad_(frozen_text_encoder is None)
-    unet = make_unet(cfg, means.shape[-1])
+    unet.requires_grad_(True)
     log.info("text encoder: %.2fM parameters, unet: %.2fM parameters",
              n_params(text_encoder) / 1e6, n_params(unet) / 1e6)
     noise_scheduler = DDPMScheduler.from_config(make_scheduler(cfg.prediction_type, cfg.zero_snr).config)
@@ -534,8 +538,40 @@ def _stage_random(seed):
     return torch.Generator().manual_seed(seed), np.random.default_rng(seed)
 
 
-def train(out, cfg, vae_dir=None):
-    """Every stage; returns the ONNX folder. vae_dir: skip the VAE stage, load that one instead."""
+def start_problem(diffusers_dir, cfg):
+    """What makes an earlier run's diffusers/ folder unusable as --init-from for CFG, or None (configs only)."""
+    configs = {}
+    for part in ("unet", "text_encoder"):
+        path = os.path.join(diffusers_dir, part, "config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                configs[part] = json.load(f)
+        except (OSError, ValueError) as e:
+            return f"--init-from {diffusers_dir}: no readable {part}/config.json ({type(e).__name__})"
+    unet, text = configs["unet"], configs["text_encoder"]
+    if tuple(unet.get("block_out_channels", ())) != tuple(cfg.unet_channels):
+        return (f"--init-from {diffusers_dir}: its UNet's channels are {tuple(unet.get('block_out_channels', ()))}, "
+                f"--unet-channels {cfg.unet_channels}")
+    if (text.get("hidden_size"), text.get("num_hidden_layers")) != (cfg.text_hidden, cfg.text_layers):
+        return f"--init-from {diffusers_dir}: its text encoder's width or depth is not --text-hidden / --text-layers"
+    return None
+
+
+def load_start(diffusers_dir, tokenizer):
+    """(text_encoder, unet) of an earlier run's diffusers/ folder (start_problem checked it)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+    text_encoder = CLIPTextModel.from_pretrained(os.path.join(diffusers_dir, "text_encoder"))
+    if text_encoder.config.vocab_size != len(tokenizer):  # another --seed's or revision's vocabulary
+        raise SystemExit(f"--init-from {diffusers_dir}: its text encoder has {text_encoder.config.vocab_size} "
+                         f"tokens, this run's tokenizer {len(tokenizer)}")
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(diffusers_dir, "unet"))
+    return text_encoder.train(), unet.train()
+
+
+def train(out, cfg, vae_dir=None, init_from=None):
+    """Every stage; returns the ONNX folder. vae_dir: skip the VAE stage, load that one instead.
+    init_from: a diffusers/ folder of an earlier run whose text encoder and UNet training continues."""
     from edge_ti_export.onnx_export import export_pipeline
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -575,9 +611,13 @@ def train(out, cfg, vae_dir=None):
 
     clip = clip_stage() if cfg.text_encoder == "clip" else None  # trained first: the UNet reads its text tower
     t = time.time()
+    start = load_start(init_from, tokenizer) if init_from else None
+    if start:
+        log.info("unet (+ text encoder): continuing from %s", init_from)
     text_encoder, unet = train_unet(cfg, means, stds, scaling_factor, attributes, CaptionIds(tokenizer),
-                                    tokenizer, *_stage_random(cfg.seed + 1),
-                                    frozen_text_encoder=clip and clip_text_encoder(clip))
+                                    # a continuation draws other batches than the run it continues
+                                    tokenizer, *_stage_random(cfg.seed + (11 if start else 1)),
+                                    frozen_text_encoder=clip and clip_text_encoder(clip), start=start)
     timings["unet"] = time.time() - t
     log.info("unet (+ text encoder): %.0f s", timings["unet"])
     save_pipeline(os.path.join(out, "diffusers"), vae.cpu(), text_encoder, unet, tokenizer, cfg)
@@ -590,7 +630,7 @@ def train(out, cfg, vae_dir=None):
     timings["export"] = time.time() - t
     log.info("export: %.0f s -> %s", timings["export"], onnx_dir)
     with open(os.path.join(out, "train.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "vae_from": vae_dir, "timings_s": timings,
+        json.dump({"config": dataclasses.asdict(cfg), "vae_from": vae_dir, "init_from": init_from, "timings_s": timings,
                    "scaling_factor": scaling_factor,
                    "params": {"vae": n_params(vae), "text_encoder": n_params(text_encoder), "unet": n_params(unet)}},
                   f, indent=2)
@@ -611,7 +651,7 @@ def _channels(text):
 _CHOICES = {"prediction_type": ("epsilon", "v_prediction"), "device": ("cpu", "cuda"), "text_encoder": ("own", "clip")}
 
 
-def recipe_problem(cfg):
+def recipe_problem(cfg, init_from=None):
     """What makes CFG's settings unusable together, or None."""
     if cfg.zero_snr and cfg.prediction_type == "epsilon":  # alpha_bar_T = 0: eps says nothing about x0 at T
         return "--zero-snr 1 needs --prediction-type v_prediction"
@@ -619,9 +659,11 @@ def recipe_problem(cfg):
         return "--max-loss-weight weighs the epsilon loss: use it with --prediction-type epsilon"
     if cfg.text_encoder == "clip" and (cfg.clip_steps <= 0 or cfg.clip_dim != cfg.text_hidden):
         return "--text-encoder clip needs --clip-steps > 0 and --clip-dim equal to --text-hidden (the UNet reads its width)"
+    if init_from and cfg.text_encoder == "clip":
+        return "--init-from continues a run that trained its own text encoder: not with --text-encoder clip"
     if cfg.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda: torch sees no CUDA device here"
-    return None
+    return start_problem(init_from, cfg) if init_from else None
 
 
 def main(argv=None):
@@ -630,6 +672,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--evaluate", metavar="ONNX_DIR", help="only check an exported folder's prompt accuracy")
     parser.add_argument("--vae", metavar="VAE_DIR", help="reuse DIR/vae of an earlier run with the same seed")
+    parser.add_argument("--init-from", metavar="DIFFUSERS_DIR",
+                        help="continue training the text encoder and UNet of an earlier run's diffusers/ folder "
+                             "(same seed and VAE) for --unet-steps more steps")
     for field in dataclasses.fields(TrainConfig):  # every setting is a flag: --unet-steps 100 ...
         if field.name == "zero_snr":
             parser.add_argument("--zero-snr", type=int, choices=(0, 1), default=field.default)
@@ -642,7 +687,7 @@ def main(argv=None):
                                 choices=_CHOICES[field.name])
     args = parser.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
-    problem = recipe_problem(cfg)
+    problem = recipe_problem(cfg, args.init_from)
     if problem:
         parser.error(problem)
     handlers = [logging.StreamHandler(sys.stderr)]
@@ -656,7 +701,7 @@ def main(argv=None):
     if not args.out:
         parser.error("--out is required to train")
     t0 = time.time()
-    onnx_dir = train(args.out, cfg, vae_dir=args.vae)
+    onnx_dir = train(args.out, cfg, vae_dir=args.vae, init_from=args.init_from)
     log.info("total: %.0f s", time.time() - t0)
     evaluate(onnx_dir, cfg)
 

@@ -1,5 +1,6 @@
 """The shapes world: deterministic drawing, the analyzer reads it back, held-out combinations stay
 out of training samples, and the shipped model opens, tokenizes like transformers and draws colors."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -158,6 +159,47 @@ def test_shapes_train_refuses_bad_recipe_flags_before_any_work(flag, value, mess
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+SHIPPED_DIFFUSERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "export", "shapes_diffusers")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--init-from", "nowhere"], "--init-from nowhere: no readable unet/config.json"),
+    (["--init-from", SHIPPED_DIFFUSERS, "--unet-channels", "64,128,128"], "its UNet's channels are (64, 128)"),
+    (["--init-from", SHIPPED_DIFFUSERS, "--text-layers", "2"], "its text encoder's width or depth"),
+    (["--init-from", SHIPPED_DIFFUSERS, "--text-encoder", "clip"], "--init-from continues a run that trained its own"),
+])
+def test_shapes_train_refuses_a_start_it_cannot_continue_before_any_work(flags, message, tmp_path, capsys):
+    from edge_ti_export import shapes_train
+    with pytest.raises(SystemExit) as stop:
+        shapes_train.main(["--out", str(tmp_path / "run"), *flags])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_shapes_train_continues_an_earlier_run(tmp_path):
+    """--init-from: the text encoder and UNet start from the earlier run's weights, and train.json says so."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from edge_ti_export import shapes_train
+    vae = os.path.join(SHIPPED_DIFFUSERS, "vae")
+    cfg = shapes_train.TrainConfig(n_images=100, unet_steps=2, unet_batch=8, clip_steps=0, eval_prompts=0)
+    shapes_train.train(str(tmp_path / "first"), cfg, vae_dir=vae)
+    first = str(tmp_path / "first" / "diffusers")
+    shapes_train.train(str(tmp_path / "second"), dataclasses.replace(cfg, unet_steps=1, unet_lr=1e-5),
+                       vae_dir=vae, init_from=first)
+    fresh = shapes_train.make_unet(cfg, 8).state_dict()
+    before = UNet2DConditionModel.from_pretrained(os.path.join(first, "unet")).state_dict()
+    after = UNet2DConditionModel.from_pretrained(str(tmp_path / "second" / "diffusers" / "unet")).state_dict()
+    moved = sum(float((after[k] - before[k]).abs().sum()) for k in before)
+    from_fresh = sum(float((after[k] - fresh[k]).abs().sum()) for k in before)
+    assert 0 < moved < 0.01 * from_fresh                    # one small step away from where it started
+    assert all(torch.isfinite(v).all() for v in after.values())
+    with open(tmp_path / "second" / "train.json") as f:
+        assert json.load(f)["init_from"] == first
 
 
 @needs_model
