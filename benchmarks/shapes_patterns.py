@@ -65,6 +65,7 @@ def main(argv=None):
     img2img.scheduler = DDIMScheduler.from_config(img2img.scheduler.config)
     img2img.set_progress_bar_config(disable=True)
     text2img = StableDiffusionPipeline(**img2img.components)
+    text2img.set_progress_bar_config(disable=True)
     vae, scaling = img2img.vae, img2img.vae.config.scaling_factor
 
     rows = collections.defaultdict(dict)
