@@ -262,3 +262,15 @@ def test_check_attributes_are_seeded_and_split_by_held_out():
     assert len(groups["trained"]) == len(groups["held_out"]) == 20
     assert not any(world.is_held_out(a) for a in groups["trained"])
     assert all(world.is_held_out(a) for a in groups["held_out"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["shapes_patterns.py", "nowhere"], "nowhere: no model_index.json (not a diffusers pipeline folder)"),
+    (["shapes_patterns.py", SHIPPED_DIFFUSERS, "--n", "0"], "--n must be at least 1"),
+    (["shapes_rigid_patterns.py", "bogus"], "Experiment (issue 15): fill patterns attached to the shape"),
+])
+def test_pattern_benchmarks_refuse_bad_arguments_in_one_line(args, message):
+    script = os.path.join(os.path.dirname(SHIPPED_DIFFUSERS), "..", "benchmarks", args[0])
+    proc = subprocess.run([sys.executable, script, *args[1:]], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr
