@@ -85,13 +85,17 @@ def test_refine_raises_the_score_within_the_norm_cap(clip_conditioned):
     assert np.linalg.norm(refined) <= max_norm * (1 + 1e-5)
 
 
-def test_train_starts_where_the_refinement_ended(clip_conditioned, tmp_path):
+def test_train_starts_where_the_refinement_ended(clip_conditioned, tmp_path, caplog):
     model = edge_ti.open_model(clip_conditioned[1])
     images = _images()
     settings = TrainSettings(clip_refine=100, budget=40, heldout_triples=4)
     result = train(model, images, "<t>", str(tmp_path / "t.safetensors"), init_word="star", settings=settings)
     word = model.token_embeddings[model.tokenizer.token_ids("star")].mean(axis=0)[None]
-    assert not np.allclose(result.start, word)                   # the search began elsewhere
+    # the search began where the refinement ended, unless the held-out loss refused it (said in the log);
+    # which of the two happens depends on the fixture's two-step weights
+    refused = "the search starts from the init" in caplog.text
+    assert "CLIP refinement: score" in caplog.text
+    assert np.allclose(result.start, word) == refused
     # the same run again (a resume) continues it: the refinement is deterministic
     again = train(model, images, "<t>", str(tmp_path / "t.safetensors"), init_word="star",
                   settings=TrainSettings(clip_refine=100, budget=80, heldout_triples=4))

@@ -12,13 +12,16 @@ Six attributes, each a small closed set (ATTRIBUTES):
     color       red orange yellow green cyan blue purple pink
     size        small (radius 6.5 px) big (radius 9.5 px)
     position    left center right (horizontal; the vertical centre is 16 px +- 1)
-    pattern     solid; striped (horizontal bands of background, 3 px every 6 px);
-                dotted (3 px round holes of background on a 6 px grid), both inside a 1.5 px outline
+    pattern     solid; striped (horizontal bands of background, 2 px every 4 px, inside a 1.5 px
+                outline); dotted (2 px square holes of background on a 4 px grid, inside a 1 px outline)
     background  black white gray brown, each far from every shape color
 
-Images are drawn at 4x (128 px) and box-downsampled, so edges are anti-aliased and the 3 px
-stripes and dots sit on whole pixels at 32 px. Jitter (seeded by `rng`): position +-1 px, radius
-+-6%, rotation +-8 degrees, the phase of the pattern. HELD_OUT lists attribute combinations that
+Images are drawn at 4x (128 px) and box-downsampled, so edges are anti-aliased and the 2 px
+stripes and dots sit on whole pixels at 32 px. The pattern is a lattice fixed to the image, one
+period per 4x4 latent cell of the VAE: each cell of a dotted fill holds the same dot. (Dots 6 px
+apart at a random phase, the first world's, were drawn by the trained model in 20% of prompts:
+36 lattices per caption on a 4 px latent grid; models.md.) Jitter (seeded by `rng`): position
++-1 px, radius +-6%, rotation +-8 degrees. HELD_OUT lists attribute combinations that
 the training set never shows, so a learned token can be asked for something never named together.
 """
 import functools
@@ -40,8 +43,12 @@ SIZES = {"small": 6.5, "big": 9.5}  # the shape's radius R in pixels (see _outli
 POSITIONS = ("left", "center", "right")
 CENTERS_X = {"small": (8.5, 16.0, 23.5), "big": (11.0, 16.0, 21.0)}  # big shapes must stay in frame
 PATTERNS = ("solid", "striped", "dotted")
-PERIOD, HOLE = 6, 3  # pattern: a 3 px band or dot of background every 6 px
-OUTLINE = 6          # the solid outline around a pattern, in 4x pixels (1.5 px): never below 0.75 coverage
+PERIOD, HOLE = 4, 2  # pattern: a 2 px band or square dot of background every 4 px (one VAE latent cell)
+PHASE = 3            # holes on rows (and columns) 1 and 2 of every 4: centred in each latent cell
+# the solid outline around a pattern, in 4x pixels: stripes run into it along whole rows and need
+# 1.5 px to keep the silhouette closed (never below 0.75 coverage); dots are islands, 1 px keeps
+# room for a dot in a small cross's arm
+OUTLINE = {"striped": 6, "dotted": 4}
 
 ATTRIBUTES = {
     "shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES), "position": POSITIONS,
@@ -107,8 +114,8 @@ def _outline(shape, cx, cy, r, angle):
                  for i in range(10)]
     elif shape == "hexagon":
         local = [(0.95 * math.cos(i * math.pi / 3), 0.95 * math.sin(i * math.pi / 3)) for i in range(6)]
-    elif shape == "cross":  # a plus sign: arms 0.35 half-wide, 0.95 long
-        w, h = 0.35, 0.95
+    elif shape == "cross":  # a plus sign: arms 0.4 half-wide (room for a dot in a small one's), 0.95 long
+        w, h = 0.4, 0.95
         local = [(-w, -h), (w, -h), (w, -w), (h, -w), (h, w), (w, w), (w, h), (-w, h), (-w, w),
                  (-h, w), (-h, -w), (-w, -w)]
     else:
@@ -146,10 +153,8 @@ def _holes(pattern, phase_x, phase_y):
     y, x = np.mgrid[0:big, 0:big] / SCALE                                     # 32 px units
     if pattern == "striped":  # horizontal bands of HOLE px every PERIOD px
         return ((np.floor(y) + phase_y) % PERIOD) < HOLE
-    if pattern == "dotted":  # round holes of diameter HOLE centred on a PERIOD px grid
-        gx = (x + phase_x + 0.5) % PERIOD - PERIOD / 2  # dot centres on pixel centres
-        gy = (y + phase_y + 0.5) % PERIOD - PERIOD / 2
-        return gx * gx + gy * gy <= (HOLE / 2) ** 2
+    if pattern == "dotted":  # square holes of HOLE px on a PERIOD px grid
+        return (((np.floor(x) + phase_x) % PERIOD) < HOLE) & (((np.floor(y) + phase_y) % PERIOD) < HOLE)
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
@@ -166,28 +171,16 @@ def geometry(attributes, rng=None):
     return cx, cy, r, angle
 
 
-def _pattern_holes(pattern, interior, rng=None):
-    """The pattern's holes inside `interior` (bool [128, 128]) at a phase that shows them well.
-
-    A small star can hide a badly placed dot grid entirely; among the phases whose holes cover
-    at least 60% of the best phase's area, one is drawn with rng (without rng: the best).
-    """
-    if pattern == "solid":
-        return np.zeros_like(interior)
-    phases = [(px, py) for py in range(PERIOD) for px in (range(PERIOD) if pattern == "dotted" else [0])]
-    counts = np.array([np.count_nonzero(_holes(pattern, px, py) & interior) for px, py in phases])
-    good = np.flatnonzero(counts >= 0.6 * counts.max())
-    choice = good[rng.integers(len(good))] if rng is not None else int(np.argmax(counts))
-    return _holes(pattern, *phases[choice]) & interior
-
-
 def draw(attributes, rng=None):
     """Attributes -> uint8 [32, 32, 3]. Without rng: the un-jittered drawing; same rng state, same image."""
     cx, cy, r, angle = geometry(attributes, rng)
     silhouette = shape_mask(attributes["shape"], cx, cy, r, angle)
-    # the outline (1.5 px wide at 32 px) stays solid so the silhouette stays closed
-    interior = np.asarray(silhouette.filter(ImageFilter.MinFilter(2 * OUTLINE + 1))) > 127  # [128, 128]
-    holes = _pattern_holes(attributes["pattern"], interior, rng)                 # [128, 128]
+    pattern = attributes["pattern"]
+    if pattern == "solid":
+        holes = np.zeros((SIZE * SCALE, SIZE * SCALE), bool)                      # [128, 128]
+    else:  # the lattice fixed to the image, inside a solid outline that keeps the silhouette closed
+        interior = np.asarray(silhouette.filter(ImageFilter.MinFilter(2 * OUTLINE[pattern] + 1))) > 127
+        holes = _holes(pattern, PHASE, PHASE) & interior                          # [128, 128]
     coverage = np.asarray(silhouette, np.float32) / 255 * ~holes                  # [128, 128]
     coverage = coverage.reshape(SIZE, SCALE, SIZE, SCALE).mean(axis=(1, 3))[..., None]  # [32, 32, 1]
     fg = np.asarray(COLORS[attributes["color"]], np.float32)
