@@ -50,7 +50,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for crn in ("fixed", "redraw"):
             for seed in args.seeds:
-                settings = TrainSettings(crn=crn, seed=seed, budget=args.budget, popsize=args.popsize,
+                settings = TrainSettings(crn=crn, seed=seed, clip_refine=0, budget=args.budget, popsize=args.popsize,
                                          triples=args.triples, template=args.template, patience=0)
                 start = time.perf_counter()
                 r = train(model, args.images, args.token, os.path.join(tmp, f"{crn}-{seed}.safetensors"),

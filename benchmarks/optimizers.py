@@ -90,7 +90,8 @@ def run_one(model, fixed, init_word, seed, settings, budget):
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         result = train(model, images, TOKEN, os.path.join(tmp, "c.safetensors"), init_word=init_word,
-                       settings=TrainSettings(**{"budget": budget, "seed": seed, "patience": 0, **settings}),
+                       settings=TrainSettings(**{"budget": budget, "seed": seed, "patience": 0,
+                                                 "clip_refine": 0, **settings}),  # the search alone
                        resume="restart")
         seconds = time.perf_counter() - start
     e = result.embedding[TOKEN]

@@ -13,7 +13,8 @@ fixed and the others random. On the same model, images and seed:
     oracle          the concept's caption words' own token embeddings as a multi-vector token
     edge-ti:prior, edge-ti:full, edge-ti:3vec, edge-ti:fixed   (ablations; maybe on fewer seeds)
     edge-ti:clip, edge-ti:clip-only   --clip-refine 2000 with and without the search after it (a model whose
-                    text encoder is its clip/'s text tower: shapes_train --text-encoder clip)
+                    text encoder is its clip/'s text tower: the shipped one since 2026-12-01, where the defaults
+                    do it too, or shapes_train --text-encoder clip); edge-ti:no-clip: the defaults without it
 
 Every training runs in its own subprocess (its peak RSS from os.wait4: the rusage of that child
 alone, which is getrusage(RUSAGE_CHILDREN) of a parent with one child), with the same thread count
@@ -115,6 +116,8 @@ METHODS = {
     # text encoder is its clip/'s text tower, as SD 1.x's is: shapes_train --text-encoder clip)
     "edge-ti:clip": {"kind": "edge-ti", "settings": {"clip_refine": 2000}},
     "edge-ti:clip-only": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "budget": 20}},
+    "edge-ti:clip-10s": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "max_time": 10}},  # at <= 0.5x gradient's
+    "edge-ti:no-clip": {"kind": "edge-ti", "settings": {"clip_refine": 0}},  # the search alone (the defaults before)
     "edge-ti:clip-only-500": {"kind": "edge-ti", "settings": {"clip_refine": 500, "budget": 20}},
     "edge-ti:clip-only-8k": {"kind": "edge-ti", "settings": {"clip_refine": 8000, "budget": 20}},
 }
@@ -192,8 +195,8 @@ def child_train(spec):
         from edge_ti import init as initialization, subspace
         from edge_ti.train import TrainSettings, search_space, train
         model = edge_ti.open_model(spec["onnx"], threads=spec["threads"])
-        settings = TrainSettings(template=template, seed=spec["seed"], max_time=budget,
-                                 **{**spec.get("edge_settings", {}), **method["settings"]})
+        settings = TrainSettings(template=template, seed=spec["seed"],   # a method may set its own max_time
+                                 **{"max_time": budget, **spec.get("edge_settings", {}), **method["settings"]})
         # e0 and W as edge_ti.train builds them, to turn a snapshot's best z into its embedding
         e0 = initialization.from_word(model, concept.init_word, settings.vectors)
         _, _, W, max_norm = search_space(model.token_embeddings, settings)

@@ -102,7 +102,8 @@ def trained_centre(model, images, init_word, dim, budget, seed):
     from edge_ti.train import TrainSettings, train
     with tempfile.TemporaryDirectory() as tmp:
         result = train(model, images, TOKEN, os.path.join(tmp, "c.safetensors"), init_word=init_word,
-                       settings=TrainSettings(dim=dim, budget=budget, seed=seed, patience=0), resume="restart")
+                       settings=TrainSettings(dim=dim, budget=budget, seed=seed, patience=0, clip_refine=0),
+                       resume="restart")
     return result.embedding[TOKEN], result.init_heldout, result.best_heldout
 
 

@@ -27,6 +27,20 @@ MAX_IMAGES = 256                      # per call: the latents and text states of
 MAX_SIZE = 4096                       # pixels: SDXL is 1024; far beyond that a UNet call does not fit in memory
 
 
+class AutoOrCount(click.ParamType):
+    """"auto", or a whole number >= 0."""
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        text = str(value).strip()
+        if text.isascii() and text.isdigit():
+            return int(text)
+        self.fail(f"{value!r} is not auto or a whole number >= 0", param, ctx)
+
+
+
 class _Float(click.FloatRange):
     """A FloatRange that also refuses nan (every comparison with nan is false, so ranges let it in)."""
 
@@ -412,9 +426,10 @@ def _duration(text):
 @click.option("--loss-weighting", type=click.Choice(["eps", "model"]), default=TrainSettings.loss_weighting,
               show_default=True, help="score candidates by the epsilon loss whatever the model predicts (eps), "
               "or by the model's own loss (model: a v-prediction model's v loss, as diffusers trains)")
-@click.option("--clip-refine", type=click.IntRange(0), default=TrainSettings.clip_refine, show_default=True,
+@click.option("--clip-refine", type=AutoOrCount(), default=TrainSettings.clip_refine, show_default=True,
               help="CLIP-score evaluations before the search: start it where the token's prompts match the images best "
-                   "in CLIP (needs a clip/ whose text tower is the model's text encoder; 0: none)")
+                   "in CLIP, if the held-out loss agrees (needs a clip/ whose text tower is the model's text encoder; "
+                   "auto: 2000 where there is one, else none; 0: none)")
 @click.option("--heldout-triples", type=click.IntRange(1), default=TrainSettings.heldout_triples, show_default=True)
 @click.option("--patience", type=click.IntRange(0), default=TrainSettings.patience, show_default=True,
               help="stop when the best held-out loss gained < 0.01%% over this many checks (0: never)")

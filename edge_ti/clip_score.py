@@ -29,23 +29,42 @@ TEMPLATES = 4  # the first prompt templates of the training's: each costs one te
 MATCH_TOLERANCE = 1e-4  # largest |difference| between the two token tables, relative to their largest entry
 
 
+REFINE_AUTO = 2000  # TrainSettings(clip_refine="auto") where the model's clip/ can score its tokens (clip_score.md)
+
+
+def _patched_text_tower(model):
+    """The folder of MODEL's clip/ text tower patched to take a token's embedding (edge_ti.text_encoder),
+    after checking that it is the model's text encoder; raises EdgeTIError saying why not."""
+    if model.family != "sd":
+        raise EdgeTIError(f"{model.path}: CLIP scores of candidates need one text encoder (SD 1.x / 2.x), "
+                          f"not {model.family}'s two")
+    clip = clip_model(model)
+    patched = model.patched_graph(os.path.join(clip.path, "text_model.onnx"), f"clip-{clip.text_key}",
+                                  needs_hidden_state=False)
+    table = np.load(os.path.join(patched, "token_embeddings.npy"))
+    ours = model.token_embeddings
+    if table.shape != ours.shape or np.abs(table - ours).max() > MATCH_TOLERANCE * np.abs(ours).max():
+        raise EdgeTIError(f"{clip.path}: its text tower is not {model.path}'s text encoder (token tables "
+                          f"{list(table.shape)} and {list(ours.shape)} differ), so it cannot score the model's "
+                          f"tokens; give a clip/ of the CLIP the text encoder comes from (SD 1.x: "
+                          f"openai/clip-vit-large-patch14)")
+    return clip, patched
+
+
+def why_not(model):
+    """None if MODEL's clip/ can score its tokens (ClipScore works), else the reason in one line."""
+    try:
+        _patched_text_tower(model)
+    except EdgeTIError as error:
+        return str(error)
+    return None
+
+
 class ClipScore:
     """score(candidates [P, n, D]) -> [P]: CLIP cosine of each candidate's prompts with the images."""
 
     def __init__(self, model, images, prompts):
-        if model.family != "sd":
-            raise EdgeTIError(f"{model.path}: CLIP scores of candidates need one text encoder (SD 1.x / 2.x), "
-                              f"not {model.family}'s two")
-        self.clip = clip_model(model)
-        patched = model.patched_graph(os.path.join(self.clip.path, "text_model.onnx"), f"clip-{self.clip.text_key}",
-                                      needs_hidden_state=False)
-        table = np.load(os.path.join(patched, "token_embeddings.npy"))
-        ours = model.token_embeddings
-        if table.shape != ours.shape or np.abs(table - ours).max() > MATCH_TOLERANCE * np.abs(ours).max():
-            raise EdgeTIError(f"{self.clip.path}: its text tower is not {model.path}'s text encoder (token tables "
-                              f"{list(table.shape)} and {list(ours.shape)} differ), so it cannot score the model's "
-                              f"tokens; give a clip/ of the CLIP the text encoder comes from (SD 1.x: "
-                              f"openai/clip-vit-large-patch14)")
+        self.clip, patched = _patched_text_tower(model)
         self.session = model.open_session(os.path.join(patched, "model.onnx"))
         self.vocab_size = model.vocab_size
         self.prompt_ids = np.asarray(prompts, np.int64)                         # (K, 77), the token from V on

@@ -91,8 +91,9 @@ class TrainSettings:
     latent_sample: bool = False   # VAE latent: the distribution's mean (False) or a seeded sample
     max_batch: int = None         # UNet samples per call; None: the memory cap, edge_ti.denoiser.auto_max_batch
     resolution: int = None        # training images' size in pixels; None: the model's (SD 1.5: 512)
-    clip_refine: int = 0          # CLIP-score evaluations before the search (clip_score.refine; needs a clip/
-                                  # whose text tower is the text encoder); 0: none
+    clip_refine: object = "auto"  # CLIP-score evaluations before the search (clip_score.refine; needs a clip/
+                                  # whose text tower is the text encoder); 0: none; "auto": clip_score.REFINE_AUTO
+                                  # where the model's clip/ can score its tokens, else none
 
     def __post_init__(self):
         defaults = optimizer_defaults(self.optimizer)
@@ -155,7 +156,6 @@ _RANGES = {
     "min_improvement": (lambda v: math.isfinite(v) and 0 <= v < 1, "in [0, 1)"),
     "max_batch": (lambda v: v is None or v >= 1, "at least 1"),
     "resolution": (lambda v: v is None or 8 <= v <= 4096, "8 to 4096 pixels"),
-    "clip_refine": (lambda v: v >= 0, "0 (none) or more"),
 }
 
 
@@ -167,6 +167,9 @@ def check_settings(settings):
             raise EdgeTIError(f"{name} must be a number, got {value!r}")
         if not valid(value):
             raise EdgeTIError(f"{name} must be {what}, got {value!r}")
+    refine = settings.clip_refine
+    if refine != "auto" and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
+        raise EdgeTIError(f"clip_refine must be auto, 0 (none) or more evaluations, got {refine!r}")
     if settings.crn not in ("redraw", "fixed"):
         raise EdgeTIError(f"unknown crn {settings.crn!r}: choose redraw or fixed")
     if settings.subspace not in ("pca", "prior", "full"):
@@ -350,6 +353,7 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         e0 = initialization.from_word(model, init_word, settings.vectors)
     dim, sigma, W, max_norm = search_space(table, settings, [p.columns for p in model.text_parts])
     prompts = [t.format(token) for t in templates]
+    settings = _resolve_clip_refine(model, settings)
     key = _settings_key(model, settings, latents, e0, token)
     clip = None
     if settings.clip_refine:  # its checks now, before a scorer (maybe Ray) starts
@@ -443,9 +447,25 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
     return _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths)
 
 
+def _resolve_clip_refine(model, settings):
+    """SETTINGS with clip_refine "auto" made a number: clip_score.REFINE_AUTO where the model's clip/ can
+    score its tokens (its text tower is the text encoder, as SD 1.x's CLIP ViT-L/14), else 0."""
+    if settings.clip_refine != "auto":
+        return settings
+    reason = clip_score.why_not(model)
+    if reason is None:
+        log.info("the model's clip/ scores its tokens: %d CLIP-score evaluations before the search "
+                 "(--clip-refine 0: none)", clip_score.REFINE_AUTO)
+        return dataclasses.replace(settings, clip_refine=clip_score.REFINE_AUTO)
+    log.info("no CLIP refinement before the search: %s", reason)
+    return dataclasses.replace(settings, clip_refine=0)
+
+
 def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout):
     """(e0 moved by clip_score.refine, seconds): kept only where the held-out denoising loss agrees that the
     refined token is better than e0 (a CLIP score can rise on tokens the UNet reads otherwise)."""
+    log.warning("CLIP refinement: %d CLIP-score evaluations (text passes only) before the search...",
+                settings.clip_refine)  # about a minute on SD 1.5 on 2 cores: say so before it starts
     z, record = clip_score.refine(score, e0, W, max_norm, settings.clip_refine, sigma=sigma, seed=settings.seed)
     refined = subspace.embeddings_from_z(e0, W, z[None], max_norm)[0]
     before, after = scorer.population_loss(np.stack([e0, refined]), heldout)

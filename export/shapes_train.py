@@ -113,6 +113,10 @@ class TrainConfig:
     # "own": a text encoder trained with the UNet; "clip": the tiny CLIP's text tower, trained first and
     # frozen, as SD 1.x conditions on CLIP ViT-L/14's (then a candidate token also has a CLIP score)
     text_encoder: str = "own"
+    # the tiny CLIP's text tower: "own" (trained with its image tower) or "locked": the model's text
+    # encoder, frozen, with only the image tower and the projections trained (LiT, Zhai et al. 2022,
+    # with the text side locked), so that the model's tokens have a CLIP score as SD 1.x's do
+    clip_text: str = "own"
     # tiny CLIP for --init auto and metrics (0 steps: none)
     clip_steps: int = 400
     clip_batch: int = 128
@@ -406,24 +410,32 @@ def train_unet(cfg, means, stds, scaling_factor, attributes, ids_of, tokenizer, 
     return ema_text.cpu(), ema_unet.cpu()
 
 
-def train_clip(cfg, images, attributes, tokenizer, gen, rng):
-    """A tiny CLIPModel (ViT 32 px in 4 px patches, 2 layers each) on the symmetric InfoNCE loss."""
+def train_clip(cfg, images, attributes, tokenizer, gen, rng, locked_text=None):
+    """A tiny CLIPModel (ViT 32 px in 4 px patches, 2 layers each) on the symmetric InfoNCE loss.
+    locked_text: a CLIPTextModel to be the text tower, frozen (only the image tower, both projections
+    and the temperature learn); else a 2-layer text tower is trained with the image tower."""
     from transformers import CLIPConfig, CLIPModel
     vocab = len(tokenizer)
     text_config = dict(vocab_size=vocab, hidden_size=cfg.clip_dim, intermediate_size=4 * cfg.clip_dim,
                        num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
+    if locked_text is not None:
+        text_config = locked_text.config.to_dict()
     vision_config = dict(hidden_size=cfg.clip_dim, intermediate_size=4 * cfg.clip_dim, num_attention_heads=4,
                          num_hidden_layers=2, image_size=world.SIZE, patch_size=4, num_channels=3)
     clip = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=cfg.clip_dim))
-    log.info("clip: %.2fM parameters", n_params(clip) / 1e6)
+    if locked_text is not None:
+        clip.text_model.load_state_dict(locked_text.text_model.state_dict())
+        clip.text_model.requires_grad_(False)
+    log.info("clip: %.2fM parameters (%.2fM trained)", n_params(clip) / 1e6,
+             sum(p.numel() for p in clip.parameters() if p.requires_grad) / 1e6)
     ids_of = CaptionIds(tokenizer)
     # CLIPImageProcessor's normalization (OpenAI's mean and std), as edge_ti.clip will apply it
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     pixels_all = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
-    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW([p for p in clip.parameters() if p.requires_grad], lr=cfg.clip_lr, weight_decay=1e-2)
     t0 = time.time()
     for step in range(cfg.clip_steps):
         for group in opt.param_groups:
@@ -601,9 +613,9 @@ def train(out, cfg, vae_dir=None, init_from=None):
     log.info("vae: %.0f s; latent std %.4f -> scaling_factor %.4f", timings["vae"], means.std(), scaling_factor)
     vae.save_pretrained(os.path.join(out, "vae"))  # also inside diffusers/ later; here for early checks
 
-    def clip_stage():
+    def clip_stage(locked_text=None):
         t = time.time()
-        clip = train_clip(cfg, images, attributes, tokenizer, *_stage_random(cfg.seed + 2))
+        clip = train_clip(cfg, images, attributes, tokenizer, *_stage_random(cfg.seed + 2), locked_text=locked_text)
         timings["clip"] = time.time() - t
         save_clip(os.path.join(out, "clip"), clip, tokenizer)
         log.info("clip: %.0f s", timings["clip"])
@@ -622,7 +634,7 @@ def train(out, cfg, vae_dir=None, init_from=None):
     log.info("unet (+ text encoder): %.0f s", timings["unet"])
     save_pipeline(os.path.join(out, "diffusers"), vae.cpu(), text_encoder, unet, tokenizer, cfg)
     if clip is None and cfg.clip_steps:
-        clip = clip_stage()
+        clip = clip_stage(text_encoder if cfg.clip_text == "locked" else None)
     clip_dir = os.path.join(out, "clip") if clip is not None else None
 
     t = time.time()
@@ -648,7 +660,8 @@ def _channels(text):
     return values
 
 
-_CHOICES = {"prediction_type": ("epsilon", "v_prediction"), "device": ("cpu", "cuda"), "text_encoder": ("own", "clip")}
+_CHOICES = {"prediction_type": ("epsilon", "v_prediction"), "device": ("cpu", "cuda"), "text_encoder": ("own", "clip"),
+            "clip_text": ("own", "locked")}
 
 
 def recipe_problem(cfg, init_from=None):
@@ -659,6 +672,10 @@ def recipe_problem(cfg, init_from=None):
         return "--max-loss-weight weighs the epsilon loss: use it with --prediction-type epsilon"
     if cfg.text_encoder == "clip" and (cfg.clip_steps <= 0 or cfg.clip_dim != cfg.text_hidden):
         return "--text-encoder clip needs --clip-steps > 0 and --clip-dim equal to --text-hidden (the UNet reads its width)"
+    if cfg.text_encoder == "clip" and cfg.clip_text == "locked":
+        return "--clip-text locked gives the CLIP the model's own text encoder: not with --text-encoder clip"
+    if cfg.clip_text == "locked" and cfg.clip_steps <= 0:
+        return "--clip-text locked trains a CLIP: it needs --clip-steps > 0"
     if init_from and cfg.text_encoder == "clip":
         return "--init-from continues a run that trained its own text encoder: not with --text-encoder clip"
     if cfg.device == "cuda" and not torch.cuda.is_available():

@@ -123,13 +123,42 @@ def test_a_clip_of_another_text_encoder_is_refused(tiny_sd, tmp_path):
 
 def test_bad_clip_refine_is_one_line(tiny_sd, tmp_path):
     from test_safe_by_default import invoke
-    with pytest.raises(EdgeTIError, match="clip_refine must be 0 \\(none\\) or more, got -1"):
-        train(edge_ti.open_model(tiny_sd[1]), _images(), "<t>", str(tmp_path / "t.safetensors"), init_word="cat",
-              settings=TrainSettings(clip_refine=-1))
-    rc, err = invoke("train", tiny_sd[1], tiny_sd[1], "--token", "<t>", "--out", str(tmp_path / "t.safetensors"),
-                     "--clip-refine", "-5")
-    assert rc != 0 and "Invalid value for '--clip-refine'" in err and len(err.strip().splitlines()) == 1, err
+    for bad in (-1, "always", 2.5, True):
+        with pytest.raises(EdgeTIError, match="clip_refine must be auto, 0 \\(none\\) or more evaluations, got "):
+            train(edge_ti.open_model(tiny_sd[1]), _images(), "<t>", str(tmp_path / "t.safetensors"), init_word="cat",
+                  settings=TrainSettings(clip_refine=bad))
+    for bad in ("-5", "sometimes", "1.5", "", "\u00b2"):  # "²" is a digit to str.isdigit, not to int()
+        rc, err = invoke("train", tiny_sd[1], tiny_sd[1], "--token", "<t>", "--out", str(tmp_path / "t.safetensors"),
+                         "--clip-refine", bad)
+        assert rc != 0 and "Invalid value for '--clip-refine'" in err and len(err.strip().splitlines()) == 1, err
     assert os.listdir(tmp_path) == []
+
+
+def test_auto_refines_where_the_clip_scores_the_tokens(clip_conditioned, tiny_sd, tmp_path, caplog):
+    """The default clip_refine "auto": REFINE_AUTO evaluations on a model whose clip/ text tower is its text
+    encoder; none, said in the log, on a model without a clip/ (the same run as clip_refine=0)."""
+    import logging
+    caplog.set_level(logging.INFO, logger="edge_ti")
+    model = edge_ti.open_model(clip_conditioned[1])
+    assert clip_score.why_not(model) is None
+    result = train(model, _images(), "<t>", str(tmp_path / "a.safetensors"), init_word="star",
+                   settings=TrainSettings(budget=20, heldout_triples=4))
+    assert f"{clip_score.REFINE_AUTO} CLIP-score evaluations before the search" in caplog.text
+    assert f"in {clip_score.REFINE_AUTO} evaluations" in caplog.text or "the search starts from the init" in caplog.text
+    explicit = train(model, _images(), "<t>", str(tmp_path / "b.safetensors"), init_word="star",
+                     settings=TrainSettings(budget=20, heldout_triples=4, clip_refine=clip_score.REFINE_AUTO))
+    np.testing.assert_array_equal(result.start, explicit.start)
+    np.testing.assert_array_equal(result.embedding["<t>"], explicit.embedding["<t>"])
+
+    caplog.clear()
+    bare = edge_ti.open_model(tiny_sd[1])
+    assert "no clip/ folder" in clip_score.why_not(bare)
+    auto = train(bare, _images(), "<t>", str(tmp_path / "c.safetensors"), init_word="cat",
+                 settings=TrainSettings(budget=20, heldout_triples=4))
+    assert "no CLIP refinement before the search" in caplog.text and "CLIP refinement: score" not in caplog.text
+    none = train(bare, _images(), "<t>", str(tmp_path / "d.safetensors"), init_word="cat",
+                 settings=TrainSettings(budget=20, heldout_triples=4, clip_refine=0))
+    np.testing.assert_array_equal(auto.embedding["<t>"], none.embedding["<t>"])
 
 
 def test_a_refinement_the_denoising_loss_disagrees_with_is_dropped(clip_conditioned, tmp_path, monkeypatch, caplog):

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import edge_ti
 from edge_ti import shapes
@@ -159,6 +160,9 @@ def test_shapes_train_reads_unet_channels():
     ("--text-encoder", "t5", "invalid choice: 't5'"),
     ("--text-encoder clip --clip-steps", "0", "--text-encoder clip needs --clip-steps > 0 and --clip-dim equal"),
     ("--text-encoder clip --clip-dim", "32", "--text-encoder clip needs --clip-steps > 0 and --clip-dim equal"),
+    ("--clip-text", "frozen", "invalid choice: 'frozen'"),
+    ("--text-encoder clip --clip-text", "locked", "--clip-text locked gives the CLIP the model's own text encoder"),
+    ("--clip-text locked --clip-steps", "0", "--clip-text locked trains a CLIP: it needs --clip-steps > 0"),
 ])
 def test_shapes_train_refuses_bad_recipe_flags_before_any_work(flag, value, message, tmp_path, capsys, monkeypatch):
     import torch
@@ -211,6 +215,34 @@ def test_shapes_train_continues_an_earlier_run(tmp_path):
     assert all(torch.isfinite(v).all() for v in after.values())
     with open(tmp_path / "second" / "train.json") as f:
         assert json.load(f)["init_from"] == first
+
+
+def test_locked_clip_text_tower_is_the_text_encoder(tmp_path):
+    """--clip-text locked: the CLIP's text tower is the trained text encoder, unchanged by the CLIP stage,
+    so that edge_ti.clip_score can score the model's tokens; the image tower did learn."""
+    import torch
+    from transformers import CLIPModel, CLIPTextModel
+
+    from edge_ti import clip_score
+    from edge_ti_export import shapes_train
+    cfg = shapes_train.TrainConfig(n_images=100, unet_steps=2, unet_batch=8, clip_steps=3, clip_batch=16,
+                                   clip_text="locked", eval_prompts=0)
+    onnx_dir = shapes_train.train(str(tmp_path), cfg, vae_dir=os.path.join(SHIPPED_DIFFUSERS, "vae"))
+    text_encoder = CLIPTextModel.from_pretrained(str(tmp_path / "diffusers" / "text_encoder")).state_dict()
+    clip = CLIPModel.from_pretrained(str(tmp_path / "clip"))
+    tower = clip.text_model.state_dict()
+    assert tower.keys() == {k.removeprefix("text_model.") for k in text_encoder}
+    for key, value in text_encoder.items():
+        torch.testing.assert_close(tower[key.removeprefix("text_model.")], value, rtol=0, atol=0)
+    torch.manual_seed(cfg.seed + 2)  # the CLIP stage's seed: its image tower before the 3 steps
+    untrained = CLIPModel(clip.config).vision_model.state_dict()
+    moved = max(float((untrained[k] - v).abs().max()) for k, v in clip.vision_model.state_dict().items())
+    assert 0 < moved <= 3 * cfg.clip_lr * cfg.clip_steps  # a few small Adam steps (another init: ~0.05)
+    model = edge_ti.open_model(onnx_dir)
+    images = [Image.fromarray(i) for i in shapes.concept_images(2, np.random.default_rng(0), shape="star")]
+    e0 = model.token_embeddings[model.tokenizer.token_ids("star")].mean(axis=0)[None]
+    score = clip_score.ClipScore(model, images, model.tokenize(["a photo of a <t>"], {"<t>": e0}))
+    assert np.isfinite(score(e0[None])).all()
 
 
 @needs_model
