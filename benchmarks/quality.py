@@ -118,6 +118,10 @@ METHODS = {
     "edge-ti:clip-only": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "budget": 20}},
     "edge-ti:clip-10s": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "max_time": 10}},  # at <= 0.5x gradient's
     "edge-ti:no-clip": {"kind": "edge-ti", "settings": {"clip_refine": 0}},  # the search alone (the defaults before)
+    # after the refinement: a smaller first step, or gauss-newton (exploratory, stop 31)
+    "edge-ti:clip-10s-s025": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "max_time": 10, "sigma": 0.25}},
+    "edge-ti:clip-10s-gn": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "max_time": 10,
+                                                            "optimizer": "gauss-newton", "eval_every": 3}},
     "edge-ti:clip-only-500": {"kind": "edge-ti", "settings": {"clip_refine": 500, "budget": 20}},
     "edge-ti:clip-only-8k": {"kind": "edge-ti", "settings": {"clip_refine": 8000, "budget": 20}},
 }

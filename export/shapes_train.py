@@ -21,7 +21,9 @@ The recipe is the one of diffusers' train_text_to_image.py shrunk to 32 px:
    (trained first, then frozen: SD 1.x conditions on CLIP ViT-L/14's), so that a candidate token
    has a CLIP score (edge_ti.clip_score);
 5. optionally a tiny CLIP (ViT 32 px / text) trained contrastively on images and captions
-   (Radford et al. 2021, the symmetric InfoNCE loss), for `--init auto` and CLIP metrics;
+   (Radford et al. 2021, the symmetric InfoNCE loss), for `--init auto` and CLIP metrics; with
+   --clip-text locked its text tower is stage 4's text encoder, frozen (the shipped model's: then its
+   tokens have a CLIP score, which `edge-ti train` climbs before its search);
 6. export through optimum (edge_ti_export.onnx_export.export_pipeline) and check the ONNX folder:
    generations of full captions, read back by edge_ti.shapes.analyzer, per attribute.
 """
