@@ -11,6 +11,7 @@ import time
 
 import click
 
+from .clip_score import REFINE_AUTO
 from .demo import BUDGET as DEMO_BUDGET
 from .embeddings import MAX_VECTORS, load_embedding
 from .errors import EdgeTIError
@@ -38,7 +39,6 @@ class AutoOrCount(click.ParamType):
         if text.isascii() and text.isdigit():
             return int(text)
         self.fail(f"{value!r} is not auto or a whole number >= 0", param, ctx)
-
 
 
 class _Float(click.FloatRange):
@@ -429,7 +429,7 @@ def _duration(text):
 @click.option("--clip-refine", type=AutoOrCount(), default=TrainSettings.clip_refine, show_default=True,
               help="CLIP-score evaluations before the search: start it where the token's prompts match the images best "
                    "in CLIP, if the held-out loss agrees (needs a clip/ whose text tower is the model's text encoder; "
-                   "auto: 2000 where there is one, else none; 0: none)")
+                   f"auto: {REFINE_AUTO} where there is one, else none; 0: none)")
 @click.option("--heldout-triples", type=click.IntRange(1), default=TrainSettings.heldout_triples, show_default=True)
 @click.option("--patience", type=click.IntRange(0), default=TrainSettings.patience, show_default=True,
               help="stop when the best held-out loss gained < 0.01%% over this many checks (0: never)")
