@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --work /tmp/quality [--seeds 0 1 2 3 4] [--time 60] [--workers 2]
     python benchmarks/quality.py --work /tmp/quality --report       # tables + curves from what ran
+    python benchmarks/quality.py --work /tmp/quality --report --paired-with edge-ti:clip-10s   # variants vs one
 
 For each concept (CONCEPTS: attribute concepts built on held-out combinations, and styles that
 must transfer to any shape) and seed, K concept images are drawn with the concept's attributes
@@ -15,6 +16,8 @@ fixed and the others random. On the same model, images and seed:
     edge-ti:clip, edge-ti:clip-only   --clip-refine 2000 with and without the search after it (a model whose
                     text encoder is its clip/'s text tower: the shipped one since 2026-12-01, where the defaults
                     do it too, or shapes_train --text-encoder clip); edge-ti:no-clip: the defaults without it
+    edge-ti:clip-10s-*, edge-ti:auto-*   one change each to the defaults at 10 s (clip_score.md); a variant
+                    whose code was not kept is in benchmarks/results/patches/ (its units still report)
 
 Every training runs in its own subprocess (its peak RSS from os.wait4: the rusage of that child
 alone, which is getrusage(RUSAGE_CHILDREN) of a parent with one child), with the same thread count
@@ -122,6 +125,13 @@ METHODS = {
     "edge-ti:clip-10s-s025": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "max_time": 10, "sigma": 0.25}},
     "edge-ti:clip-10s-gn": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "max_time": 10,
                                                             "optimizer": "gauss-newton", "eval_every": 3}},
+    # the paper's initialization (CLIP image features attend over the vocabulary: --init auto) instead of the word
+    "edge-ti:auto-clip-10s": {"kind": "edge-ti", "init": "auto", "settings": {"clip_refine": 2000, "max_time": 10}},
+    "edge-ti:auto-only": {"kind": "edge-ti", "init": "auto", "settings": {"clip_refine": 0, "budget": 20}},
+    # gradient TI's tokens end 1.0-1.8x the vocabulary's longest row; the capped search's sit at the cap
+    "edge-ti:clip-10s-nocap": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "max_time": 10, "norm_cap": False}},
+    "edge-ti:clip-10s-p8": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "max_time": 10, "popsize": 8,
+                                                            "eval_every": 12}},  # the same held-out share
     "edge-ti:clip-only-500": {"kind": "edge-ti", "settings": {"clip_refine": 500, "budget": 20}},
     "edge-ti:clip-only-8k": {"kind": "edge-ti", "settings": {"clip_refine": 8000, "budget": 20}},
 }
@@ -212,8 +222,10 @@ def child_train(spec):
                 marks.pop(0)
                 snapshots.append((wall, samples(state), state.best_z.copy()))
 
-        result = train(model, images, TOKEN, spec["out"], init_word=concept.init_word, settings=settings,
-                       on_generation=on_generation, resume="restart")  # a timed run starts afresh
+        init_mode = method.get("init", "word")  # "auto": the paper's init from the images (init.from_images)
+        result = train(model, images, TOKEN, spec["out"], init_word=concept.init_word if init_mode == "word" else None,
+                       init=init_mode, settings=settings, on_generation=on_generation,
+                       resume="restart")  # a timed run starts afresh
         wall = time.perf_counter() - start
         # a snapshot's z is relative to where the search started (e0, or where clip_refine moved it)
         snapshots = [(w, n, subspace.embeddings_from_z(result.start, W, z[None], max_norm)[0])
@@ -450,6 +462,11 @@ def unit_rows(unit):
 ORDER = ["init", "oracle", "gradient", "gradient@half", "edge-ti", "edge-ti@half"] + [m for m in METHODS if m not in MAIN]
 
 
+def in_order(method):
+    """Sort key: ORDER, then methods a work folder has units of but METHODS no longer lists (a patch's)."""
+    return (ORDER.index(method), "") if method in ORDER else (len(ORDER), method)
+
+
 def fmt(x, spec):
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
@@ -458,10 +475,8 @@ def table(groups, title):
     """Markdown: one row per method, means (± standard error over the units) of each column."""
     lines = [f"| {title} | accuracy | all attributes | held-out loss | wall s | loop s | process s | peak RSS MiB | "
              f"UNet samples | runs |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for method in ORDER:
-        rows = groups.get(method)
-        if not rows:
-            continue
+    for method in sorted(groups, key=in_order):
+        rows = groups[method]
         col = lambda k: [r.get(k) for r in rows]  # noqa: E731
         lines.append(f"| {method} | {fmt(mean(col('acc')), '.3f')} ± {fmt(sem(col('acc')), '.3f')} | "
                      f"{fmt(mean(col('all')), '.3f')} | {fmt(mean(col('heldout')), '.5f')} | "
@@ -532,7 +547,7 @@ def report(args):
         out.append(f"| {concept} | " + " | ".join(cells) + " |")
         cells = [f"{mean([r['heldout'] for r in groups[m]]):.5f}" if m in groups else "-" for m in ORDER]
         out.append("| (held-out loss) | " + " | ".join(cells) + " |")
-    out += ablation_vs_control(units)
+    out += ablation_vs_control(units, args.paired_with)
     out += ablation_vs_main(units)
     # the numbers behind the curves
     main = [u for u in units if u["group"] == "main"]
@@ -571,7 +586,7 @@ def ablation_vs_main(units):
     out = ["", "### Variants against gradient TI and edge-ti of the main units, paired by concept and seed", "",
            "| method | pairs | snapshot | wall / gradient wall | accuracy | - gradient (final) | better / equal / worse "
            "| - edge-ti (final) | held-out vs init |", "|---|---|---|---|---|---|---|---|---|"]
-    for method in sorted(pairs, key=ORDER.index):
+    for method in sorted(pairs, key=in_order):
         for label in ("final", "<= 0.5x gradient"):
             rows = []
             for ev, unit in pairs[method]:
@@ -595,9 +610,9 @@ def ablation_vs_main(units):
     return out
 
 
-def ablation_vs_control(units):
-    """Each variant against edge-ti:control (the defaults, run in the same period), paired by
-    (concept, seed): accuracy difference and held-out loss change from the init, in percent."""
+def ablation_vs_control(units, control="edge-ti:control"):
+    """Each variant against CONTROL (edge-ti:control: the defaults, run in the same period; --paired-with names
+    another), paired by (concept, seed): accuracy difference and held-out loss change from the init, in percent."""
     runs = {}                                                  # (concept, seed) -> {method: row}
     init = {}                                                  # (concept, seed) -> the init's held-out loss
     for unit in units:
@@ -608,16 +623,14 @@ def ablation_vs_control(units):
         for method, row in unit_rows(unit).items():
             if method not in ("init", "oracle"):
                 runs.setdefault(key, {})[method] = row
-    methods = sorted({m for r in runs.values() for m in r} - {"edge-ti:control"}, key=ORDER.index)
-    if not methods or not any("edge-ti:control" in r for r in runs.values()):
+    methods = sorted({m for r in runs.values() for m in r} - {control}, key=in_order)
+    if not methods or not any(control in r for r in runs.values()):
         return []
-    out = ["", "### Variants against the defaults run in the same period (edge-ti:control), paired by concept "
-           "and seed", "",
-           "| method | pairs | accuracy | control accuracy | difference | held-out vs init | control held-out vs init "
-           "| evaluations | control evaluations |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["", f"### Variants against {control}, paired by concept and seed", "",
+           "| method | pairs | accuracy | control accuracy | difference | better / equal / worse | held-out vs init "
+           "| control held-out vs init | evaluations | control evaluations |", "|---|---|---|---|---|---|---|---|---|---|"]
     for method in methods:
-        pairs = [(r[method], r["edge-ti:control"], init[k]) for k, r in runs.items()
-                 if method in r and "edge-ti:control" in r and k in init]
+        pairs = [(r[method], r[control], init[k]) for k, r in runs.items() if method in r and control in r and k in init]
         if not pairs:
             continue
         diff = [a["acc"] - c["acc"] for a, c, _ in pairs]
@@ -625,6 +638,7 @@ def ablation_vs_control(units):
         control_gain = [100 * (c["heldout"] / i - 1) for _, c, i in pairs]
         out.append(f"| {method} | {len(pairs)} | {mean([a['acc'] for a, _, _ in pairs]):.3f} "
                    f"| {mean([c['acc'] for _, c, _ in pairs]):.3f} | {mean(diff):+.3f} ± {sem(diff):.3f} "
+                   f"| {sum(x > 0 for x in diff)} / {sum(x == 0 for x in diff)} / {sum(x < 0 for x in diff)} "
                    f"| {mean(gain):+.2f}% ± {sem(gain):.2f} | {mean(control_gain):+.2f}% ± {sem(control_gain):.2f} "
                    f"| {mean([a['samples'] for a, _, _ in pairs]):.0f} | {mean([c['samples'] for _, c, _ in pairs]):.0f} |")
     out.append("")
@@ -762,6 +776,8 @@ def main():
     p.add_argument("--heldout-triples", type=int, default=96)
     p.add_argument("--report", action="store_true", help="only print the tables and draw the curves")
     p.add_argument("--curves", default=os.path.join(HERE, "results", "quality_curves.png"))
+    p.add_argument("--paired-with", default="edge-ti:control", metavar="METHOD",
+                   help="the report's last table pairs every other variant with this one (default: edge-ti:control)")
     args = p.parse_args()
     if not args.report:
         if not (args.onnx and args.diffusers):

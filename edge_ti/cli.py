@@ -507,7 +507,8 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
     paths = output_paths(out)
     click.echo(f"{result.stop_reason}; {result.generations} generations, {result.evaluations} evaluations "
                f"(+{result.heldout_evaluations} held-out), {result.elapsed:.1f} s")
-    click.echo(f"held-out loss: init {result.init_heldout:.6f} -> learned {result.best_heldout:.6f}")
+    refined = f" -> CLIP-refined {result.start_heldout:.6f}" if result.clip_refined else ""
+    click.echo(f"held-out loss: init {result.init_heldout:.6f}{refined} -> learned {result.best_heldout:.6f}")
     click.echo(f"wrote {paths['embedding']} (log {paths['log']}, curve {paths['curve']})")
 
 

@@ -117,7 +117,7 @@ def optimizer_defaults(optimizer):
 @dataclass
 class TrainResult:
     embedding: dict               # {token: float32 [n, D]}
-    init_heldout: float           # held-out loss of the initial embedding
+    init_heldout: float           # held-out loss of the initial embedding (the word's or --init auto's)
     best_heldout: float           # held-out loss of the written embedding
     generations: int
     evaluations: int
@@ -128,6 +128,8 @@ class TrainResult:
     init_words: list = dataclasses.field(default_factory=list)  # init="auto": (word, weight), largest first
     start: np.ndarray = None      # e0 [n, D], where the search started (after clip_refine, if any): the
                                   # embedding of a state's z is subspace.embeddings_from_z(start, W, z, max_norm)
+    start_heldout: float = None   # held-out loss at start: init_heldout, or the CLIP-refined token's
+    clip_refined: bool = False    # whether the search started from the CLIP-refined token (not the init)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -384,10 +386,11 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         scorer.close()
         raise EdgeTIError(f"the gauss-newton search needs each population's Gram matrix (population_gram), which "
                           f"{type(scorer).__name__} does not give; use optimizer cma with it")
-    refine_seconds = 0.0
+    refine_seconds, initial = 0.0, (e0, None)                          # the init and its held-out loss, if known
     if clip is not None:  # e0 moved to where the CLIP score is best (deterministic: a resume redoes it)
         try:
-            e0, refine_seconds = _clip_refined(clip, e0, W, max_norm, sigma, settings, scorer, heldout)
+            e0, refine_seconds, init_heldout = _clip_refined(clip, e0, W, max_norm, sigma, settings, scorer, heldout)
+            initial = (initial[0], init_heldout)
         except BaseException:
             scorer.close()
             raise
@@ -439,12 +442,13 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         if state is None:
             raise
         state.stop_reason = f"interrupted at generation {state.generation}"
-        raise Interrupted(_finish(model, state, e0, W, max_norm, token, init_word, init_words, paths)) from None
+        result = _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, initial)
+        raise Interrupted(result) from None
     finally:
         scorer.close()
 
     # 5. the result: the best held-out candidate, the log and the curve (on Ctrl-C too, above)
-    return _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths)
+    return _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, initial)
 
 
 def _resolve_clip_refine(model, settings):
@@ -462,8 +466,8 @@ def _resolve_clip_refine(model, settings):
 
 
 def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout):
-    """(e0 moved by clip_score.refine, seconds): kept only where the held-out denoising loss agrees that the
-    refined token is better than e0 (a CLIP score can rise on tokens the UNet reads otherwise)."""
+    """(e0 moved by clip_score.refine, seconds, e0's held-out loss): kept only where the held-out denoising loss
+    agrees that the refined token is better than e0 (a CLIP score can rise on tokens the UNet reads otherwise)."""
     log.warning("CLIP refinement: %d CLIP-score evaluations (text passes only) before the search...",
                 settings.clip_refine)  # about a minute on SD 1.5 on 2 cores: say so before it starts
     z, record = clip_score.refine(score, e0, W, max_norm, settings.clip_refine, sigma=sigma, seed=settings.seed)
@@ -472,23 +476,26 @@ def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout):
     if after > before:
         log.warning("CLIP refinement: score %.4f -> %.4f, but the held-out loss rose %.5f -> %.5f: the search "
                     "starts from the init", record["clip_score_init"], record["clip_score"], before, after)
-        return e0, record["clip_seconds"]
+        return e0, record["clip_seconds"], float(before)
     log.warning("CLIP refinement: score %.4f -> %.4f in %d evaluations (%.1f s); held-out loss %.5f -> %.5f",
                 record["clip_score_init"], record["clip_score"], record["clip_evaluations"], record["clip_seconds"],
                 before, after)
-    return refined, record["clip_seconds"]
+    return refined, record["clip_seconds"], float(before)
 
 
-def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths):
-    """Write the best held-out candidate (z = 0, the init, if nothing beat it), the log, the curve."""
+def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, initial):
+    """Write the best held-out candidate (z = 0, where the search started, if nothing beat it), the log, the
+    curve. INITIAL: (the initial embedding, its held-out loss or None: the search's z = 0, state.init_heldout)."""
     embedding = {token: subspace.embeddings_from_z(e0, W, state.best_z[None], max_norm)[0]}
+    init_e, init_heldout = initial[0], state.init_heldout if initial[1] is None else initial[1]
     save_embedding(paths["embedding"], {token: model.file_parts(embedding[token])}, metadata={
-        "edge_ti.init": json.dumps(e0.tolist()), "edge_ti.init_word": init_word or "",
-        "edge_ti.heldout_loss": f"{state.best_heldout:.6g}", "edge_ti.init_heldout_loss": f"{state.init_heldout:.6g}"})
+        "edge_ti.init": json.dumps(init_e.tolist()), "edge_ti.init_word": init_word or "",
+        "edge_ti.heldout_loss": f"{state.best_heldout:.6g}", "edge_ti.init_heldout_loss": f"{init_heldout:.6g}"})
     _write_log(paths["log"], state.history)
     loss_curve(state.history, paths["curve"])
     search.save_checkpoint(paths["checkpoint"], state)
-    return TrainResult(embedding=embedding, init_heldout=state.init_heldout, best_heldout=state.best_heldout,
+    return TrainResult(embedding=embedding, init_heldout=init_heldout, best_heldout=state.best_heldout,
                        generations=state.generation, evaluations=state.evaluations,
                        heldout_evaluations=state.heldout_evaluations, elapsed=state.elapsed,
-                       stop_reason=state.stop_reason, paths=paths, init_words=init_words, start=e0)
+                       stop_reason=state.stop_reason, paths=paths, init_words=init_words, start=e0,
+                       start_heldout=state.init_heldout, clip_refined=not np.array_equal(e0, init_e))

@@ -182,6 +182,57 @@ def test_a_refinement_the_denoising_loss_disagrees_with_is_dropped(clip_conditio
     assert "but the held-out loss rose" in caplog.text
 
 
+def test_the_init_is_reported_as_the_init_when_the_refinement_is_kept(clip_conditioned, tmp_path, monkeypatch):
+    """With the refined token kept, the result, the CLI and the file's metadata still give the init's held-out loss
+    and embedding (not the refined token's, where the search started); when it is dropped they are one and the same."""
+    from edge_ti.embeddings import read_safetensors
+    model = edge_ti.open_model(clip_conditioned[1])
+    word = model.token_embeddings[model.tokenizer.token_ids("star")].mean(axis=0)[None]
+    monkeypatch.setattr(clip_score, "refine", lambda score, e0, W, max_norm, evaluations, sigma, seed: (
+        np.full(W.shape[1], 0.5), {"clip_score_init": 0.1, "clip_score": 0.9, "clip_evaluations": 20, "clip_seconds": 0.0}))
+
+    def scorer(sign):
+        class Distance(InProcess):  # the UNet of a two-step fixture barely reads the text: make the loss say which way
+            def population_loss(self, candidates, triples):
+                far = np.linalg.norm(candidates - word[None], axis=(1, 2))
+                return super().population_loss(candidates, triples) + sign * far
+        return Distance
+    settings = TrainSettings(clip_refine=20, budget=20, heldout_triples=4)
+    kept = train(model, _images(), "<t>", str(tmp_path / "kept.safetensors"), init_word="star", settings=settings,
+                 make_scorer=scorer(-1.0))
+    assert kept.clip_refined and not np.allclose(kept.start, word)
+    assert kept.init_heldout > kept.start_heldout >= kept.best_heldout
+    _, metadata = read_safetensors(str(tmp_path / "kept.safetensors"))
+    np.testing.assert_allclose(json.loads(metadata["edge_ti.init"]), word, rtol=1e-6)
+    assert metadata["edge_ti.init_heldout_loss"] == f"{kept.init_heldout:.6g}"
+
+    dropped = train(model, _images(), "<t>", str(tmp_path / "dropped.safetensors"), init_word="star",
+                    settings=settings, make_scorer=scorer(+1.0))
+    assert not dropped.clip_refined and dropped.init_heldout == dropped.start_heldout
+    np.testing.assert_array_equal(dropped.start, word)
+
+
+def test_the_cli_names_the_refined_start(clip_conditioned, tmp_path, monkeypatch):
+    import importlib
+    from click.testing import CliRunner
+    from edge_ti.cli import cli
+    training = importlib.import_module("edge_ti.train")  # the module: edge_ti.train is also the package's function
+    result = training.TrainResult(embedding={}, init_heldout=0.3, best_heldout=0.1, generations=1, evaluations=20,
+                                  heldout_evaluations=2, elapsed=1.0, stop_reason="done", paths={},
+                                  start_heldout=0.2, clip_refined=True)
+    monkeypatch.setattr(training, "train", lambda *args, **kwargs: result)
+    images = tmp_path / "images"
+    images.mkdir()
+    _images(1)[0].save(images / "a.png")
+    out = CliRunner().invoke(cli, ["train", clip_conditioned[1], str(images), "--token", "<t>", "--init-word", "star",
+                                   "--out", str(tmp_path / "t.safetensors")])
+    assert "held-out loss: init 0.300000 -> CLIP-refined 0.200000 -> learned 0.100000" in out.output, out.output
+    result.clip_refined = False
+    out = CliRunner().invoke(cli, ["train", clip_conditioned[1], str(images), "--token", "<t>", "--init-word", "star",
+                                   "--out", str(tmp_path / "u.safetensors")])
+    assert "held-out loss: init 0.300000 -> learned 0.100000" in out.output, out.output
+
+
 def test_sdxl_is_refused_in_one_line(tiny_sdxl, tmp_path):
     model = edge_ti.open_model(tiny_sdxl[1])
     with pytest.raises(EdgeTIError, match=r"CLIP scores of candidates need one text encoder \(SD 1.x / 2.x\), not "
