@@ -3,6 +3,7 @@
     python benchmarks/quality.py --work /tmp/quality [--seeds 0 1 2 3 4] [--time 60] [--workers 2]
     python benchmarks/quality.py --work /tmp/quality --report       # tables + curves from what ran
     python benchmarks/quality.py --work /tmp/quality --report --paired-with edge-ti:clip-10s   # variants vs one
+    python benchmarks/quality.py --work /tmp/other --concept-seed 11 --seeds 0 1 2   # 8 concepts nobody chose
 
 For each concept (CONCEPTS: attribute concepts built on held-out combinations, and styles that
 must transfer to any shape) and seed, K concept images are drawn with the concept's attributes
@@ -37,6 +38,7 @@ drawn against wall time. Then, per snapshot:
 """
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import os
 import resource
@@ -59,6 +61,7 @@ class Concept:
     kind: str                     # object (prompts "a photo of <c>") or style ("a {shape} in the style of <c>")
     attributes: dict              # fixed in every concept image; the rest is drawn at random
     init_word: str                # the plausible class word a user would give
+    index: int = None             # seeds its images' and held-out triples' random numbers
 
 
 CONCEPTS = [
@@ -78,7 +81,32 @@ CONCEPTS = [
     Concept("style-cyan-dotted-brown", "style", {"color": "cyan", "pattern": "dotted", "background": "brown"},
             "pattern"),
 ]
+CONCEPTS = [dataclasses.replace(c, index=i) for i, c in enumerate(CONCEPTS)]
 BY_NAME = {c.name: c for c in CONCEPTS}
+
+
+def drawn_concepts(seed, count=8):
+    """COUNT object concepts that are none of CONCEPTS: a shape and two other attributes, drawn by SEED
+    (--concept-seed: quality on concepts nobody chose, as the issues' checks outside the repo do)."""
+    from edge_ti.shapes.draw import ATTRIBUTES, sample_attributes
+    rng = np.random.default_rng([seed, 8])
+    order = list(ATTRIBUTES)                                    # shape, color, size, position, pattern, background
+    others = order[1:]
+    taken, concepts = [c.attributes for c in CONCEPTS], []
+    while len(concepts) < count:
+        full = sample_attributes(rng, exclude=())
+        fixed = {str(k): full[k] for k in ["shape"] + sorted(rng.choice(others, 2, replace=False), key=order.index)}
+        if fixed not in taken and fixed not in [c.attributes for c in concepts]:
+            words = [f"{v}-background" if k == "background" else v for k, v in list(fixed.items())[1:]]
+            name = "-".join(words + [fixed["shape"]])
+            concepts.append(Concept(name, "object", fixed, fixed["shape"], index=1000 * (seed + 1) + len(concepts)))
+    return concepts
+
+
+def concept_of(spec):
+    """The Concept a child's spec names (one of CONCEPTS, or drawn by its concept_seed)."""
+    seed = spec.get("concept_seed")
+    return BY_NAME[spec["concept"]] if seed is None else {c.name: c for c in drawn_concepts(seed)}[spec["concept"]]
 
 OBJECT_PROMPTS = ["a photo of a {}", "a rendering of a {}", "a close-up photo of a {}", "a good photo of a {}"]
 STYLE_PROMPT = "a {shape} in the style of {token}"
@@ -158,7 +186,7 @@ def exclusions(concept):
 def draw_concept(concept, seed, k, salt):
     """K images uint8 [K, 32, 32, 3] of the concept (salt: 0 training images, 1 held-out ones)."""
     from edge_ti import shapes
-    rng = np.random.default_rng([seed, CONCEPTS.index(concept), salt])
+    rng = np.random.default_rng([seed, concept.index, salt])
     return np.stack(shapes.concept_images(k, rng, exclude=exclusions(concept), **concept.attributes))
 
 
@@ -196,7 +224,7 @@ def peak_rss_mb():
 def child_train(spec):
     """One training in this process: writes spec['out'] + .npz (snapshots) and .json (numbers)."""
     method = METHODS[spec["method"]]
-    concept = BY_NAME[spec["concept"]]
+    concept = concept_of(spec)
     template = "object" if concept.kind == "object" else "style"
     images = [os.path.join(spec["images"], f) for f in sorted(os.listdir(spec["images"]))]
     budget, fractions = spec["time"], spec["fractions"]
@@ -273,7 +301,7 @@ def child_eval(spec):
     from edge_ti.generate import generate
     from edge_ti.shapes.analyzer import analyze
     from edge_ti.train import TEMPLATES
-    concept = BY_NAME[spec["concept"]]
+    concept = concept_of(spec)
     model = edge_ti.open_model(spec["onnx"], threads=spec["threads"])
     # held-out: fresh images of the concept, a fixed set of triples (the same for every method)
     images = draw_concept(concept, spec["seed"], spec["heldout_images"], salt=1)
@@ -283,7 +311,7 @@ def child_eval(spec):
     templates = TEMPLATES["object" if concept.kind == "object" else "style"]
     prompts = [t.format(TOKEN) for t in templates]
     T_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
-    triples = objective.draw_triples(np.random.default_rng([spec["seed"], CONCEPTS.index(concept), 2]),
+    triples = objective.draw_triples(np.random.default_rng([spec["seed"], concept.index, 2]),
                                      spec["heldout_triples"], len(latents), len(prompts), T_train, latents.shape[1:])
 
     def heldout(embeddings):                                                     # [P, n, D] -> [P]
@@ -358,8 +386,8 @@ def run_unit(args, concept, seed, methods, group):
         for i, image in enumerate(images):
             Image.fromarray(image).save(os.path.join(image_dir + ".tmp", f"{i:02d}.png"))
         os.replace(image_dir + ".tmp", image_dir)
-    common = {"concept": concept.name, "seed": seed, "onnx": args.onnx, "diffusers": args.diffusers,
-              "threads": args.threads}
+    common = {"concept": concept.name, "concept_seed": args.concept_seed, "seed": seed, "onnx": args.onnx,
+              "diffusers": args.diffusers, "threads": args.threads}
     record = {"concept": concept.name, "kind": concept.kind, "seed": seed, "group": group, "runs": {}}
     for method in methods:
         out = os.path.join(unit_dir, method + ".safetensors")
@@ -393,7 +421,8 @@ def run_unit(args, concept, seed, methods, group):
 def run_all(args):
     import edge_ti
     edge_ti.open_model(args.onnx).token_embeddings  # patch the text encoder once, before the children race
-    concepts = [BY_NAME[n] for n in args.concepts]
+    concepts = [BY_NAME[n] for n in args.concepts] if args.concept_seed is None else drawn_concepts(args.concept_seed)
+    print("concepts: " + ", ".join(c.name for c in concepts), flush=True)
     units = [(c, s, args.main_methods, "main") for s in args.seeds for c in concepts]
     units += [(c, s, args.ablation_methods, args.ablation_group) for s in args.ablation_seeds for c in concepts
               if args.ablation_methods]
@@ -412,6 +441,12 @@ def run_all(args):
 
 
 # ---------------------------------------------------------------- report
+def unit_concepts(units):
+    """The concepts the units are of: CONCEPTS' order, then drawn ones (--concept-seed) as they first appear."""
+    names = list(dict.fromkeys(u["concept"] for u in units))
+    return sorted(names, key=lambda n: (BY_NAME[n].index, "") if n in BY_NAME else (len(CONCEPTS), n))
+
+
 def load_units(work):
     folder = os.path.join(work, "units")
     return [json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder)) if f.endswith(".json")]
@@ -513,7 +548,7 @@ def report(args):
     out += ["### The target: edge-ti at <= 0.5x gradient's wall time vs gradient at its full time", "",
             "| concept | seeds | gradient acc | edge-ti@half acc | edge-ti final acc | edge-ti@half wall / gradient wall "
             "| edge-ti RSS / gradient RSS | accuracy met |", "|---|---|---|---|---|---|---|---|"]
-    for concept in [c.name for c in CONCEPTS]:
+    for concept in unit_concepts(units):
         pairs = [r for u, r in paired if u["concept"] == concept]
         if not pairs:
             continue
@@ -537,15 +572,16 @@ def report(args):
                 f"paired difference edge-ti@half - gradient: {mean(diffs):+.3f} ± {sem(diffs):.3f} (standard error, "
                 f"{len(diffs)} pairs); edge-ti@half better / equal / worse in {wins[0]} / {wins[1]} / {wins[2]}"]
     # per concept, every method
+    present = sorted({m for groups in by_concept.values() for m in groups}, key=in_order)   # methods that ran
     out += ["", "### Per concept (accuracy, mean over seeds; held-out loss below it)", "",
-            "| concept | " + " | ".join(ORDER) + " |", "|---|" + "---|" * len(ORDER)]
-    for concept in [c.name for c in CONCEPTS]:
+            "| concept | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
+    for concept in unit_concepts(units):
         groups = by_concept.get(concept)
         if not groups:
             continue
-        cells = [f"{mean([r['acc'] for r in groups[m]]):.3f} ({len(groups[m])})" if m in groups else "-" for m in ORDER]
+        cells = [f"{mean([r['acc'] for r in groups[m]]):.3f} ({len(groups[m])})" if m in groups else "-" for m in present]
         out.append(f"| {concept} | " + " | ".join(cells) + " |")
-        cells = [f"{mean([r['heldout'] for r in groups[m]]):.5f}" if m in groups else "-" for m in ORDER]
+        cells = [f"{mean([r['heldout'] for r in groups[m]]):.5f}" if m in groups else "-" for m in present]
         out.append("| (held-out loss) | " + " | ".join(cells) + " |")
     out += ablation_vs_control(units, args.paired_with)
     out += ablation_vs_main(units)
@@ -747,7 +783,9 @@ def main():
     p.add_argument("--work", required=True, help="folder for images, runs and unit records (resumable)")
     p.add_argument("--onnx", default=onnx, help="the shapes model's ONNX folder")
     p.add_argument("--diffusers", default=diffusers, help="the same model as a diffusers folder (for gradient TI)")
-    p.add_argument("--concepts", nargs="+", default=[c.name for c in CONCEPTS], choices=[c.name for c in CONCEPTS])
+    p.add_argument("--concepts", nargs="+", choices=[c.name for c in CONCEPTS], help="some of CONCEPTS (default: all)")
+    p.add_argument("--concept-seed", type=int, default=None, metavar="N",
+                   help="instead of the eight CONCEPTS, eight object concepts drawn by N (a shape and two attributes)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--main-methods", nargs="+", default=MAIN, choices=MAIN, help=argparse.SUPPRESS)  # tuning
     p.add_argument("--ablation-methods", nargs="*", default=ABLATIONS, choices=[m for m in METHODS if m not in MAIN],
@@ -779,6 +817,10 @@ def main():
     p.add_argument("--paired-with", default="edge-ti:control", metavar="METHOD",
                    help="the report's last table pairs every other variant with this one (default: edge-ti:control)")
     args = p.parse_args()
+    if args.concepts and args.concept_seed is not None:
+        p.error("--concepts names some of the eight CONCEPTS; --concept-seed draws eight others: give one of them")
+    args.concepts = args.concepts or ([c.name for c in CONCEPTS] if args.concept_seed is None
+                                      else [c.name for c in drawn_concepts(args.concept_seed)])
     if not args.report:
         if not (args.onnx and args.diffusers):
             p.error("no shapes model found: give --onnx and --diffusers")
