@@ -183,8 +183,8 @@ def test_a_refinement_the_denoising_loss_disagrees_with_is_dropped(clip_conditio
 
 
 def test_the_init_is_reported_as_the_init_when_the_refinement_is_kept(clip_conditioned, tmp_path, monkeypatch):
-    """With the refined token kept, the result, the CLI and the file's metadata still give the init's held-out loss
-    and embedding (not the refined token's, where the search started); when it is dropped they are one and the same."""
+    """With the refined token kept, the result and the file's metadata still give the init's held-out loss and
+    embedding (not the refined token's, where the search started); when it is dropped the two are the same."""
     from edge_ti.embeddings import read_safetensors
     model = edge_ti.open_model(clip_conditioned[1])
     word = model.token_embeddings[model.tokenizer.token_ids("star")].mean(axis=0)[None]
