@@ -386,11 +386,10 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         scorer.close()
         raise EdgeTIError(f"the gauss-newton search needs each population's Gram matrix (population_gram), which "
                           f"{type(scorer).__name__} does not give; use optimizer cma with it")
-    refine_seconds, initial = 0.0, (e0, None)                          # the init and its held-out loss, if known
+    init_e, init_heldout, refine_seconds = e0, None, 0.0   # the initial embedding and, once measured, its held-out loss
     if clip is not None:  # e0 moved to where the CLIP score is best (deterministic: a resume redoes it)
         try:
             e0, refine_seconds, init_heldout = _clip_refined(clip, e0, W, max_norm, sigma, settings, scorer, heldout)
-            initial = (initial[0], init_heldout)
         except BaseException:
             scorer.close()
             raise
@@ -442,13 +441,13 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         if state is None:
             raise
         state.stop_reason = f"interrupted at generation {state.generation}"
-        result = _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, initial)
+        result = _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout)
         raise Interrupted(result) from None
     finally:
         scorer.close()
 
     # 5. the result: the best held-out candidate, the log and the curve (on Ctrl-C too, above)
-    return _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, initial)
+    return _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout)
 
 
 def _resolve_clip_refine(model, settings):
@@ -483,11 +482,11 @@ def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout):
     return refined, record["clip_seconds"], float(before)
 
 
-def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, initial):
+def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout):
     """Write the best held-out candidate (z = 0, where the search started, if nothing beat it), the log, the
-    curve. INITIAL: (the initial embedding, its held-out loss or None: the search's z = 0, state.init_heldout)."""
+    curve. init_e: the initial embedding; init_heldout: its held-out loss, None when the search started at it."""
     embedding = {token: subspace.embeddings_from_z(e0, W, state.best_z[None], max_norm)[0]}
-    init_e, init_heldout = initial[0], state.init_heldout if initial[1] is None else initial[1]
+    init_heldout = state.init_heldout if init_heldout is None else init_heldout
     save_embedding(paths["embedding"], {token: model.file_parts(embedding[token])}, metadata={
         "edge_ti.init": json.dumps(init_e.tolist()), "edge_ti.init_word": init_word or "",
         "edge_ti.heldout_loss": f"{state.best_heldout:.6g}", "edge_ti.init_heldout_loss": f"{init_heldout:.6g}"})
