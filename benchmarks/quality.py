@@ -9,8 +9,10 @@ For each concept (CONCEPTS: attribute concepts built on held-out combinations, a
 must transfer to any shape) and seed, K concept images are drawn with the concept's attributes
 fixed and the others random. On the same model, images and seed:
 
-    edge-ti         edge_ti.train with its defaults (pca subspace, 1 vector, CMA-ES, redrawn CRN)
-    gradient        export/gradient_ti.py: diffusers' textual-inversion recipe (AdamW on the token rows)
+    edge-ti         edge_ti.train with its defaults (CLIP refinement, then CMA-ES in the pca subspace; objects:
+                    1 searched vector + the init word's, kept: the anchor, since stop 33)
+    gradient        export/gradient_ti.py: diffusers' textual-inversion recipe (AdamW on the token rows);
+                    gradient:anchor: the same with edge-ti's anchor (a 2nd vector, the init word's, kept)
     init            the init word's embedding alone (what both methods start from)
     oracle          the concept's caption words' own token embeddings as a multi-vector token
     edge-ti:prior, edge-ti:full, edge-ti:3vec, edge-ti:fixed   (ablations; maybe on fewer seeds)
@@ -115,6 +117,8 @@ STYLE_PROMPT = "a {shape} in the style of {token}"
 METHODS = {
     "edge-ti": {"kind": "edge-ti", "settings": {}},
     "gradient": {"kind": "gradient", "settings": {}},
+    # gradient TI with edge-ti's anchor (the init word's embedding as a 2nd vector, kept): what the anchor gives it
+    "gradient:anchor": {"kind": "gradient", "settings": {"anchor": True}},
     "edge-ti:prior": {"kind": "edge-ti", "settings": {"subspace": "prior"}},
     "edge-ti:full": {"kind": "edge-ti", "settings": {"subspace": "full"}},
     "edge-ti:3vec": {"kind": "edge-ti", "settings": {"vectors": 3}},
@@ -160,9 +164,16 @@ METHODS = {
     "edge-ti:clip-10s-nocap": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "max_time": 10, "norm_cap": False}},
     "edge-ti:clip-10s-p8": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "max_time": 10, "popsize": 8,
                                                             "eval_every": 12}},  # the same held-out share
+    # the anchor (the default since stop 33): the init word's embedding as the token's kept last vector
+    "edge-ti:clip-10s-anchor": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "max_time": 10, "anchor": True}},
+    "edge-ti:no-anchor": {"kind": "edge-ti", "settings": {"anchor": False}},  # the defaults before the anchor
     "edge-ti:clip-only-500": {"kind": "edge-ti", "settings": {"clip_refine": 500, "budget": 20}},
     "edge-ti:clip-only-8k": {"kind": "edge-ti", "settings": {"clip_refine": 8000, "budget": 20}},
 }
+# every other variant was measured before the anchor became the default (stop 33): it stays what it measured
+for _name, _method in METHODS.items():
+    if _method["kind"] == "edge-ti" and _name not in ("edge-ti", "edge-ti:control"):
+        _method["settings"].setdefault("anchor", False)
 MAIN = ["edge-ti", "gradient"]
 ABLATIONS = ["edge-ti:prior", "edge-ti:full", "edge-ti:3vec", "edge-ti:fixed"]
 
@@ -256,7 +267,7 @@ def child_train(spec):
                        resume="restart")  # a timed run starts afresh
         wall = time.perf_counter() - start
         # a snapshot's z is relative to where the search started (e0, or where clip_refine moved it)
-        snapshots = [(w, n, subspace.embeddings_from_z(result.start, W, z[None], max_norm)[0])
+        snapshots = [(w, n, subspace.embeddings_from_z(result.start, W, z[None], max_norm, result.anchor)[0])
                      for w, n, z in snapshots]
         final = result.embedding[TOKEN]
         total_samples = result.evaluations * settings.triples + result.heldout_evaluations * settings.heldout_triples
@@ -269,7 +280,8 @@ def child_train(spec):
         from edge_ti_export import gradient_ti
         settings = gradient_ti.GradientSettings(template=template, seed=spec["seed"], max_time=budget,
                                                 threads=spec["threads"], max_steps=10 ** 9,
-                                                **spec.get("gradient_settings", {}))
+                                                **{**spec.get("gradient_settings", {}),
+                                                   **METHODS[spec["method"]]["settings"]})
 
         def on_step(record, rows):
             wall = time.perf_counter() - start

@@ -430,6 +430,9 @@ def _duration(text):
               help="CLIP-score evaluations before the search: start it where the token's prompts match the images best "
                    "in CLIP, if the held-out loss agrees (needs a clip/ whose text tower is the model's text encoder; "
                    f"auto: {REFINE_AUTO} where there is one, else none; 0: none)")
+@click.option("--anchor", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="keep the --init-word's embedding as the token's last vector and search the others, so the token "
+                   "says \"a <learned> WORD\" (auto: with --init-word and --template object)")
 @click.option("--heldout-triples", type=click.IntRange(1), default=TrainSettings.heldout_triples, show_default=True)
 @click.option("--patience", type=click.IntRange(0), default=TrainSettings.patience, show_default=True,
               help="stop when the best held-out loss gained < 0.01%% over this many checks (0: never)")
@@ -456,8 +459,8 @@ def _duration(text):
               help="allow a --token that is already a word of the vocabulary (it takes over that word in prompts)")
 @click.option("--out", required=True, type=click.Path(), help="the embedding file to write (.safetensors)")
 def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, template, subspace, dim, optimizer,
-          popsize, sigma, prior, budget, max_time, triples, crn, loss_weighting, clip_refine, heldout_triples, patience,
-          max_batch,
+          popsize, sigma, prior, budget, max_time, triples, crn, loss_weighting, clip_refine, anchor, heldout_triples,
+          patience, max_batch,
           resolution, no_flip, seed, threads, device, precision, workers, ray_address, worker_device, resume, restart,
           allow_vocabulary_token, out):
     """Learn TOKEN from IMAGES (files or folders) with forward passes only; write OUT."""
@@ -478,7 +481,8 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
                              popsize=popsize, sigma=sigma, prior=prior, budget=budget, max_time=_duration(max_time),
                              seed=seed, triples=triples, crn=crn, heldout_triples=heldout_triples, patience=patience,
                              max_batch=max_batch, resolution=resolution, flip=not no_flip,
-                             loss_weighting=loss_weighting, clip_refine=clip_refine)
+                             loss_weighting=loss_weighting, clip_refine=clip_refine,
+                             anchor={"auto": "auto", "on": True, "off": False}[anchor])
     check_settings(settings)  # before the model folder is opened; train() checks the rest before any work
     model = _open(model_dir, device, precision if device == "openvino" else "auto", threads)
 
@@ -509,7 +513,10 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
                f"(+{result.heldout_evaluations} held-out), {result.elapsed:.1f} s")
     refined = f" -> CLIP-refined {result.start_heldout:.6f}" if result.clip_refined else ""
     click.echo(f"held-out loss: init {result.init_heldout:.6f}{refined} -> learned {result.best_heldout:.6f}")
-    click.echo(f"wrote {paths['embedding']} (log {paths['log']}, curve {paths['curve']})")
+    vectors = len(result.embedding[token])
+    kept = f"; its last is {init_word!r}'s embedding, kept" if result.anchor is not None else ""
+    click.echo(f"wrote {paths['embedding']} ({vectors} vector{'s' * (vectors > 1)}{kept}; log {paths['log']}, "
+               f"curve {paths['curve']})")
 
 
 @cli.command()

@@ -85,20 +85,21 @@ class ClipScore:
         return (f @ self.image_features.T).reshape(P, K, -1).mean(axis=(1, 2))   # (P,)
 
 
-def refine(score, e0, W, max_norm, evaluations, sigma=0.5, popsize=20, seed=0):
+def refine(score, e0, W, max_norm, evaluations, sigma=0.5, popsize=20, seed=0, anchor=None):
     """z* after EVALUATIONS candidates of CMA-ES maximizing score(e0 + W z) from z = 0; -> (z*, record):
-    the score at e0 and at z*, the evaluations made and their seconds.
+    the score at e0 and at z*, the evaluations made and their seconds. anchor: the token's kept last
+    vector (subspace.with_anchor), scored with every candidate.
 
     Returns z = 0 unless a candidate scored above e0 itself."""
     import cma
     dim = e0.shape[0] * W.shape[1]
     began = time.perf_counter()
-    start = float(score(subspace.embeddings_from_z(e0, W, np.zeros((1, dim)), max_norm))[0])
+    start = float(score(subspace.embeddings_from_z(e0, W, np.zeros((1, dim)), max_norm, anchor))[0])
     es = cma.CMAEvolutionStrategy(np.zeros(dim), sigma, {"popsize": popsize, "seed": seed + 1, "verbose": -9})
     best_z, best, done = np.zeros(dim), start, 0
     while done < evaluations:
         zs = np.asarray(es.ask())                                               # (P, dim)
-        scores = score(subspace.embeddings_from_z(e0, W, zs, max_norm))         # (P,)
+        scores = score(subspace.embeddings_from_z(e0, W, zs, max_norm, anchor))  # (P,)
         es.tell(list(zs), (-scores).tolist())                                   # cma minimizes
         done += len(zs)
         if scores.max() > best:

@@ -63,11 +63,21 @@ def max_row_norm(table):
     return float(np.linalg.norm(table, axis=1).max())
 
 
-def embeddings_from_z(e0, W, z, max_norm=None):
+def with_anchor(candidates, anchor):
+    """candidates [P, n, D] -> [P, n + 1, D]: ANCHOR [1, D] (the init word's embedding, never searched) as
+    every candidate's last vector; None leaves them as they are."""
+    if anchor is None:
+        return candidates
+    anchor = np.broadcast_to(np.asarray(anchor, np.float32)[None], (len(candidates),) + np.shape(anchor))
+    return np.concatenate([np.asarray(candidates, np.float32), anchor], axis=1)
+
+
+def embeddings_from_z(e0, W, z, max_norm=None, anchor=None):
     """e0 [n, D], W [D, d], z [P, n*d] -> candidates [P, n, D] = e0 + W z per vector; with max_norm,
     a vector longer than that is shortened to it (the search can then not leave the vocabulary's
     range of norms, where the text encoder was never trained; the direction is kept). max_norm is a
-    number, or [(columns, cap), ...] to cap each text encoder's part of the vector on its own."""
+    number, or [(columns, cap), ...] to cap each text encoder's part of the vector on its own. With
+    anchor [1, D], each candidate gets it as one more, last vector: [P, n + 1, D] (with_anchor)."""
     P = z.shape[0]
     n, d = e0.shape[0], W.shape[1]
     z = z.reshape(P, n, d)                                        # (P, n, d)
@@ -76,4 +86,4 @@ def embeddings_from_z(e0, W, z, max_norm=None):
     for cols, cap in caps:
         norms = np.linalg.norm(e[..., cols], axis=-1, keepdims=True)         # (P, n, 1)
         e[..., cols] = e[..., cols] * np.minimum(1.0, cap / np.maximum(norms, 1e-30))
-    return e.astype(np.float32)
+    return with_anchor(e.astype(np.float32), anchor)

@@ -94,6 +94,10 @@ class TrainSettings:
     clip_refine: object = "auto"  # CLIP-score evaluations before the search (clip_score.refine; needs a clip/
                                   # whose text tower is the text encoder); 0: none; "auto": clip_score.REFINE_AUTO
                                   # where the model's clip/ can score its tokens, else none
+    anchor: object = "auto"       # the init word's embedding as one more, last vector of the token, kept as it is
+                                  # while the others are searched (the class noun of "a photo of [V] dog"): the
+                                  # token says "a <learned> cross"; "auto": with a word init and object prompts
+                                  # (quality.md, run 11); False: none; True: also with style or own templates
 
     def __post_init__(self):
         defaults = optimizer_defaults(self.optimizer)
@@ -127,9 +131,11 @@ class TrainResult:
     paths: dict                   # embedding, log, curve, checkpoint, lock
     init_words: list = dataclasses.field(default_factory=list)  # init="auto": (word, weight), largest first
     start: np.ndarray = None      # e0 [n, D], where the search started (after clip_refine, if any): the
-                                  # embedding of a state's z is subspace.embeddings_from_z(start, W, z, max_norm)
+                                  # searched vectors of a state's z (the token's: with anchor, below)
     start_heldout: float = None   # held-out loss at start: init_heldout, or the CLIP-refined token's
     clip_refined: bool = False    # whether the search started from the CLIP-refined token (not the init)
+    anchor: np.ndarray = None     # [1, D], the token's kept last vector (settings.anchor), or None: a state's
+                                  # token is subspace.embeddings_from_z(start, W, z, max_norm, anchor)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -172,6 +178,10 @@ def check_settings(settings):
     refine = settings.clip_refine
     if refine != "auto" and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
         raise EdgeTIError(f"clip_refine must be auto, 0 (none) or more evaluations, got {refine!r}")
+    if settings.anchor not in ("auto", True, False) or not isinstance(settings.anchor, (str, bool)):
+        raise EdgeTIError(f"anchor must be auto, true or false, got {settings.anchor!r}")
+    if settings.anchor is True and settings.vectors >= MAX_VECTORS:
+        raise EdgeTIError(f"vectors {settings.vectors} leaves no room for the anchor: at most {MAX_VECTORS} in all")
     if settings.crn not in ("redraw", "fixed"):
         raise EdgeTIError(f"unknown crn {settings.crn!r}: choose redraw or fixed")
     if settings.subspace not in ("pca", "prior", "full"):
@@ -230,6 +240,8 @@ def _settings_key(model, settings, latents, e0, token):
         del fields["optimizer"]
     if not settings.clip_refine:  # likewise
         del fields["clip_refine"]
+    if not settings.anchor:  # likewise
+        del fields["anchor"]
     if settings.loss_weighting == "model" or model.prediction_type == "epsilon":
         del fields["loss_weighting"]  # the loss of before the option: earlier checkpoints still match
     digest.update(json.dumps(fields, sort_keys=True).encode())
@@ -276,6 +288,8 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
         raise EdgeTIError(f"init must be word or auto, got {init!r}")
     if init == "word" and init_embedding is None and not init_word:
         raise EdgeTIError("give an initialization: --init-word WORD or --init auto")
+    if settings.anchor is True and (init != "word" or init_embedding is not None or not init_word):
+        raise EdgeTIError("anchor true needs an init word (--init-word): the anchor is that word's embedding")
     if init_top_k is not None and init_top_k < 1:
         raise EdgeTIError(f"init_top_k must be at least 1, got {init_top_k}")
     dim = subspace_dim(settings, [p.columns.stop - p.columns.start for p in model.text_parts])
@@ -356,18 +370,21 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
     dim, sigma, W, max_norm = search_space(table, settings, [p.columns for p in model.text_parts])
     prompts = [t.format(token) for t in templates]
     settings = _resolve_clip_refine(model, settings)
+    settings = _resolve_anchor(settings, init_word if init == "word" and init_embedding is None else None)
+    anchor = initialization.from_word(model, init_word, 1) if settings.anchor else None   # (1, D) or None
+    token_e = subspace.with_anchor(e0[None], anchor)[0]               # the token's vectors at the init
     key = _settings_key(model, settings, latents, e0, token)
     clip = None
     if settings.clip_refine:  # its checks now, before a scorer (maybe Ray) starts
         clip = clip_score.ClipScore(model, images if all(isinstance(i, Image.Image) for i in images)
                                     else lat.image_paths(images), model.tokenize(prompts[:clip_score.TEMPLATES],
-                                                                                 {token: e0}))
+                                                                                 {token: token_e}))
 
     # 3. prompts and the common random numbers
-    prompt_ids = model.tokenize(prompts, {token: e0})                  # (K, 77), token ids from V on
-    cut = [p for p, ids in zip(prompts, prompt_ids) if np.count_nonzero(ids >= model.vocab_size) != settings.vectors]
+    prompt_ids = model.tokenize(prompts, {token: token_e})             # (K, 77), token ids from V on
+    cut = [p for p, ids in zip(prompts, prompt_ids) if np.count_nonzero(ids >= model.vocab_size) != len(token_e)]
     if cut:
-        raise EdgeTIError(f"the prompt {cut[0]!r} is too long for {settings.vectors} vectors: its token would be "
+        raise EdgeTIError(f"the prompt {cut[0]!r} is too long for {len(token_e)} vectors: its token would be "
                           "cut at 77 tokens; use fewer --vectors or shorter templates")
     T_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
 
@@ -389,7 +406,8 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
     init_e, init_heldout, refine_seconds = e0, None, 0.0   # the initial embedding and, once measured, its held-out loss
     if clip is not None:  # e0 moved to where the CLIP score is best (deterministic: a resume redoes it)
         try:
-            e0, refine_seconds, init_heldout = _clip_refined(clip, e0, W, max_norm, sigma, settings, scorer, heldout)
+            e0, refine_seconds, init_heldout = _clip_refined(clip, e0, W, max_norm, sigma, settings, scorer, heldout,
+                                                             anchor)
         except BaseException:
             scorer.close()
             raise
@@ -398,15 +416,15 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         return triples_for(0, 0 if settings.crn == "fixed" else generation, count=settings.triples)
 
     def population_loss_of_z(zs, generation):
-        candidates = subspace.embeddings_from_z(e0, W, zs, max_norm)                  # (P, n, D)
+        candidates = subspace.embeddings_from_z(e0, W, zs, max_norm, anchor)          # (P, n, D)
         return scorer.population_loss(candidates, generation_triples(generation))     # (P,)
 
     def population_gram_of_z(zs, generation):
-        candidates = subspace.embeddings_from_z(e0, W, zs, max_norm)
+        candidates = subspace.embeddings_from_z(e0, W, zs, max_norm, anchor)
         return scorer.population_gram(candidates, generation_triples(generation))     # (P, P)
 
     def heldout_loss_of_z(zs):
-        return scorer.population_loss(subspace.embeddings_from_z(e0, W, zs, max_norm), heldout)
+        return scorer.population_loss(subspace.embeddings_from_z(e0, W, zs, max_norm, anchor), heldout)
 
     # 4. the search: resumed from the checkpoint, or new
     max_time = settings.max_time and max(settings.max_time - refine_seconds, 1e-3)  # the refinement counts too
@@ -441,13 +459,14 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         if state is None:
             raise
         state.stop_reason = f"interrupted at generation {state.generation}"
-        result = _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout)
+        result = _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout,
+                         anchor)
         raise Interrupted(result) from None
     finally:
         scorer.close()
 
     # 5. the result: the best held-out candidate, the log and the curve (on Ctrl-C too, above)
-    return _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout)
+    return _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout, anchor)
 
 
 def _resolve_clip_refine(model, settings):
@@ -464,14 +483,26 @@ def _resolve_clip_refine(model, settings):
     return dataclasses.replace(settings, clip_refine=0)
 
 
-def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout):
+def _resolve_anchor(settings, word):
+    """SETTINGS with anchor "auto" made true or false: true where the init is a WORD (None: an embedding or
+    --init auto) and the prompts are the object templates, whose token is a thing of that word's class."""
+    if settings.anchor != "auto":
+        return settings
+    anchor = bool(word) and settings.template == "object" and settings.vectors < MAX_VECTORS
+    log.info("the token's last vector is %s", f"{word!r}'s embedding, kept (--anchor off: none)" if anchor else
+             "not an anchor (auto: only with --init-word and object prompts)")
+    return dataclasses.replace(settings, anchor=anchor)
+
+
+def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout, anchor):
     """(e0 moved by clip_score.refine, seconds, e0's held-out loss): kept only where the held-out denoising loss
     agrees that the refined token is better than e0 (a CLIP score can rise on tokens the UNet reads otherwise)."""
     log.warning("CLIP refinement: %d CLIP-score evaluations (text passes only) before the search...",
                 settings.clip_refine)  # about a minute on SD 1.5 on 2 cores: say so before it starts
-    z, record = clip_score.refine(score, e0, W, max_norm, settings.clip_refine, sigma=sigma, seed=settings.seed)
+    z, record = clip_score.refine(score, e0, W, max_norm, settings.clip_refine, sigma=sigma, seed=settings.seed,
+                                  anchor=anchor)
     refined = subspace.embeddings_from_z(e0, W, z[None], max_norm)[0]
-    before, after = scorer.population_loss(np.stack([e0, refined]), heldout)
+    before, after = scorer.population_loss(subspace.with_anchor(np.stack([e0, refined]), anchor), heldout)
     if after > before:
         log.warning("CLIP refinement: score %.4f -> %.4f, but the held-out loss rose %.5f -> %.5f: the search "
                     "starts from the init", record["clip_score_init"], record["clip_score"], before, after)
@@ -482,10 +513,13 @@ def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout):
     return refined, record["clip_seconds"], float(before)
 
 
-def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout):
+def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout, anchor):
     """Write the best held-out candidate (z = 0, where the search started, if nothing beat it), the log, the
-    curve. init_e: the initial embedding; init_heldout: its held-out loss, None when the search started at it."""
-    embedding = {token: subspace.embeddings_from_z(e0, W, state.best_z[None], max_norm)[0]}
+    curve. init_e: the initial embedding; init_heldout: its held-out loss, None when the search started at it;
+    anchor: the token's kept last vector, or None."""
+    embedding = {token: subspace.embeddings_from_z(e0, W, state.best_z[None], max_norm, anchor)[0]}
+    clip_refined = not np.array_equal(e0, init_e)
+    init_e = subspace.with_anchor(init_e[None], anchor)[0]                       # the whole token at the init
     init_heldout = state.init_heldout if init_heldout is None else init_heldout
     save_embedding(paths["embedding"], {token: model.file_parts(embedding[token])}, metadata={
         "edge_ti.init": json.dumps(init_e.tolist()), "edge_ti.init_word": init_word or "",
@@ -497,4 +531,4 @@ def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, 
                        generations=state.generation, evaluations=state.evaluations,
                        heldout_evaluations=state.heldout_evaluations, elapsed=state.elapsed,
                        stop_reason=state.stop_reason, paths=paths, init_words=init_words, start=e0,
-                       start_heldout=state.init_heldout, clip_refined=not np.array_equal(e0, init_e))
+                       start_heldout=state.init_heldout, clip_refined=clip_refined, anchor=anchor)

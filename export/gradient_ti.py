@@ -52,6 +52,7 @@ class GradientSettings:
     seed: int = 0
     flip: bool = True             # random horizontal flip, p = 0.5 (the script's --flip_p 0.5)
     threads: int = 1              # torch threads: the benchmark gives onnxruntime the same number
+    anchor: bool = False          # one more vector after the learned ones, the init word's, kept (not trained)
 
 
 @dataclass
@@ -174,12 +175,15 @@ def train(diffusers_dir, images, token, init_word=None, init_embedding=None, set
     T_train = noise_scheduler.config.num_train_timesteps
 
     # 1. the placeholder rows
-    ids = add_placeholder(components, token, init_word, init_embedding, settings.vectors)
-    placeholder_string = " ".join(placeholder_tokens(token, settings.vectors))
+    n_vectors = settings.vectors + settings.anchor
+    ids = add_placeholder(components, token, init_word, init_embedding, n_vectors)
+    placeholder_string = " ".join(placeholder_tokens(token, n_vectors))
     table = text_encoder.get_input_embeddings().weight                     # (V + n, D)
     original = table.detach().clone()
     keep = torch.ones(len(tokenizer), dtype=torch.bool)                   # rows restored after each step
     keep[min(ids):max(ids) + 1] = False
+    if settings.anchor:  # the anchor row is restored with the vocabulary's: it stays the init word's
+        keep[ids[-1]] = True
     init = original[ids].numpy().copy()                                   # (n, D)
 
     # 2. freeze all but the token-embedding table; AdamW on it

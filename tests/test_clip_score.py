@@ -166,7 +166,7 @@ def test_a_refinement_the_denoising_loss_disagrees_with_is_dropped(clip_conditio
     model = edge_ti.open_model(clip_conditioned[1])
     settings = TrainSettings(clip_refine=20, budget=20, heldout_triples=4)
 
-    def far_away(score, e0, W, max_norm, evaluations, sigma, seed):  # a token the UNet reads as something else
+    def far_away(score, e0, W, max_norm, evaluations, sigma, seed, anchor):  # a token the UNet reads as something else
         return np.full(W.shape[1], 50.0), {"clip_score_init": 0.1, "clip_score": 0.9, "clip_evaluations": 20,
                                             "clip_seconds": 0.0}
     monkeypatch.setattr(clip_score, "refine", far_away)
@@ -188,7 +188,7 @@ def test_the_init_is_reported_as_the_init_when_the_refinement_is_kept(clip_condi
     from edge_ti.embeddings import read_safetensors
     model = edge_ti.open_model(clip_conditioned[1])
     word = model.token_embeddings[model.tokenizer.token_ids("star")].mean(axis=0)[None]
-    monkeypatch.setattr(clip_score, "refine", lambda score, e0, W, max_norm, evaluations, sigma, seed: (
+    monkeypatch.setattr(clip_score, "refine", lambda score, e0, W, max_norm, evaluations, sigma, seed, anchor: (
         np.full(W.shape[1], 0.5), {"clip_score_init": 0.1, "clip_score": 0.9, "clip_evaluations": 20, "clip_seconds": 0.0}))
 
     def scorer(sign):
@@ -203,7 +203,7 @@ def test_the_init_is_reported_as_the_init_when_the_refinement_is_kept(clip_condi
     assert kept.clip_refined and not np.allclose(kept.start, word)
     assert kept.init_heldout > kept.start_heldout >= kept.best_heldout
     _, metadata = read_safetensors(str(tmp_path / "kept.safetensors"))
-    np.testing.assert_allclose(json.loads(metadata["edge_ti.init"]), word, rtol=1e-6)
+    np.testing.assert_allclose(json.loads(metadata["edge_ti.init"]), np.tile(word, (2, 1)), rtol=1e-6)  # + anchor
     assert metadata["edge_ti.init_heldout_loss"] == f"{kept.init_heldout:.6g}"
 
     dropped = train(model, _images(), "<t>", str(tmp_path / "dropped.safetensors"), init_word="star",

@@ -55,3 +55,15 @@ def test_a_few_steps_move_only_the_token_rows(tiny_sd, concept_dir):
     # init from the word: the mean of its token rows, for each vector
     word_ids = components["tokenizer"].encode("cat", add_special_tokens=False)
     assert np.allclose(result.init, before[word_ids].mean(0).numpy()[None].repeat(2, 0))
+
+
+def test_anchor_keeps_the_init_words_row(tiny_sd, concept_dir):
+    """GradientSettings(anchor=True): one more token row, the init word's, restored every step like the vocabulary's."""
+    source, _ = tiny_sd
+    components = gradient_ti.load_components(source)
+    settings = gradient_ti.GradientSettings(batch=2, max_steps=3, lr=5e-2, seed=0, anchor=True)
+    result = gradient_ti.train(source, [concept_dir], "<t>", init_word="cat", settings=settings, components=components)
+    learned = result.embedding["<t>"]                                                      # (2, D)
+    assert learned.shape[0] == 2
+    np.testing.assert_array_equal(learned[1], result.init[1])     # the anchor: the word's row, untouched
+    assert not np.allclose(learned[0], result.init[0])           # the searched row moved

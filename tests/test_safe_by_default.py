@@ -232,7 +232,7 @@ def test_ctrl_c_writes_the_best_so_far_and_the_rerun_ends_where_an_unbroken_run_
     assert "training, evaluations: 8/120" in err  # progress lines although stderr is no terminal
     done = int(line.split("interrupted at generation ")[1].split()[0])
     assert 3 <= done < 15
-    assert edge_ti.load_embedding(out)["<c>"].shape == (1, 32)   # the best so far, written
+    assert edge_ti.load_embedding(out)["<c>"].shape == (2, 32)   # the best so far (+ the anchor), written
     assert not (tmp_path / "c.lock").exists()
     rc, err = invoke("train", *args, "--out", out)               # the same command continues
     assert rc == 0 and f"at generation {done}" in err, err

@@ -291,12 +291,13 @@ def test_train_writes_an_sdxl_token(model, tiny_sdxl, concept_dir, tmp_path, pip
     settings = edge_ti.TrainSettings(dim=4, popsize=6, budget=36, eval_every=2, heldout_triples=8, seed=0)
     result = edge_ti.train(model, concept_dir, TOKEN, out, init_word="cat", settings=settings)
     vectors = result.embedding[TOKEN]
-    assert vectors.shape == (1, 80)
+    assert vectors.shape == (2, 80)   # the searched vector and the anchor, the init word's rows of both tables
     # z has a subspace per encoder: the init word's rows of both tables, each capped at its own table's norms
     from edge_ti.init import from_word
     e0 = from_word(model, "cat", 1)
     np.testing.assert_allclose(e0, np.concatenate([t[model.tokenize(["cat"])[0, 1]][None] for t in model.token_tables],
                                                   axis=1), rtol=1e-6)
+    np.testing.assert_array_equal(vectors[1:], e0)
     for part, table in zip(model.text_parts, model.token_tables):
         assert np.linalg.norm(vectors[0, part.columns]) <= np.linalg.norm(table, axis=1).max() * (1 + 1e-5)
     loaded = edge_ti.load_embedding(out)

@@ -65,12 +65,12 @@ def test_train_run_lowers_heldout_loss(tiny_sd, concept_dir, tmp_path):
     result = train(model, [concept_dir], "<c>", out, init_word="cat", settings=settings)
     assert result.best_heldout < result.init_heldout
     emb = edge_ti.load_embedding(out)
-    assert emb["<c>"].shape == (2, 32)
+    assert emb["<c>"].shape == (3, 32)  # 2 searched vectors + the anchor ("cat")
     lines = open(result.paths["log"]).read().splitlines()
     assert len(lines) == result.generations == 30
     assert json.loads(lines[-1])["evaluations"] == 300
     assert Image.open(result.paths["curve"]).size == (720, 480)
-    assert not np.allclose(emb["<c>"], model.token_embeddings[model.tokenizer.token_ids("cat")].mean(0))
+    assert not np.allclose(emb["<c>"][:2], model.token_embeddings[model.tokenizer.token_ids("cat")].mean(0))
     # the norm cap (on by default): no vector longer than the vocabulary's longest row
     assert np.linalg.norm(emb["<c>"], axis=-1).max() <= np.linalg.norm(model.token_embeddings, axis=1).max() * (1 + 1e-6)
     # the written embedding is the held-out winner, re-scored: it reproduces best_heldout. The held-out
@@ -83,6 +83,57 @@ def test_train_run_lowers_heldout_loss(tiny_sd, concept_dir, tmp_path):
     rescored = objective.population_loss(Denoiser(model), emb["<c>"][None], model.tokenize(prompts, emb), latents,
                                          heldout)
     assert float(rescored[0]) == result.best_heldout
+
+
+def test_anchor_is_the_init_words_embedding_kept_last(tiny_sd, concept_dir, tmp_path):
+    """The default with --init-word and object prompts: the token's last vector is the word's embedding, never
+    searched; the held-out loss recorded is the whole token's. Off, or with style prompts: no anchor."""
+    model = edge_ti.open_model(tiny_sd[1])
+    word = model.token_embeddings[model.tokenizer.token_ids("cat")].mean(0)                 # (D,)
+    common = dict(budget=40, popsize=8, eval_every=2, patience=0, triples=2, heldout_triples=8)
+    runs = {}
+    for name, extra in (("auto", {}), ("off", {"anchor": False}), ("style", {"template": "style"}),
+                        ("style-on", {"template": "style", "anchor": True})):
+        out = str(tmp_path / f"{name}.safetensors")
+        runs[name] = train(model, [concept_dir], "<c>", out, init_word="cat", settings=TrainSettings(**common, **extra))
+        assert np.array_equal(edge_ti.load_embedding(out)["<c>"], runs[name].embedding["<c>"])
+    for name in ("auto", "style-on"):
+        token = runs[name].embedding["<c>"]
+        assert token.shape == (2, 32) and np.array_equal(token[1], word.astype(np.float32))
+        assert np.array_equal(runs[name].anchor[0], token[1])
+    for name in ("off", "style"):
+        assert runs[name].embedding["<c>"].shape == (1, 32) and runs[name].anchor is None
+    # the recorded held-out loss is the written two-vector token's, re-scored as train() draws the held-out set
+    latents = lat.encode_images(model, lat.load_images([concept_dir], model.resolution, flip=True))
+    prompts = [t.format("<c>") for t in prompt_templates("object")]
+    heldout = objective.draw_triples(np.random.default_rng([0, 1, 0]), 8, len(latents), len(prompts), 1000,
+                                     latents.shape[1:])
+    emb = runs["auto"].embedding
+    rescored = objective.population_loss(Denoiser(model), emb["<c>"][None], model.tokenize(prompts, emb), latents,
+                                         heldout)
+    assert float(rescored[0]) == runs["auto"].best_heldout
+    # the init recorded beside it (edge-ti evaluate compares with it) is the whole token at the start: word, word
+    from edge_ti.evaluate import load_for_evaluation
+    _, init, recorded = load_for_evaluation(model, str(tmp_path / "auto.safetensors"))
+    assert recorded == "cat" and np.allclose(init, np.tile(word, (2, 1)))
+    # a checkpoint of an anchored run is not resumed without it
+    e0 = np.zeros((1, 32), np.float32)
+    assert (_settings_key(model, TrainSettings(anchor=True), latents, e0, "<c>")
+            != _settings_key(model, TrainSettings(anchor=False), latents, e0, "<c>"))
+
+
+def test_anchor_bad_settings(tiny_sd, concept_dir, tmp_path):
+    for value in ("yes", 1, None):
+        with pytest.raises(EdgeTIError, match="anchor must be auto, true or false"):
+            check_settings(TrainSettings(anchor=value))
+    with pytest.raises(EdgeTIError, match="no room for the anchor"):
+        check_settings(TrainSettings(anchor=True, vectors=75))
+    model = edge_ti.open_model(tiny_sd[1])
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(EdgeTIError, match="anchor true needs an init word"):
+        train(model, [concept_dir], "<c>", str(out), init_embedding=np.zeros((1, 32), np.float32),
+              settings=TrainSettings(anchor=True, budget=8))
+    assert not out.exists()
 
 
 def test_loss_weighting(tiny_sd, tiny_sd_v, concept_dir, tmp_path):
@@ -162,7 +213,8 @@ def test_train_cli_without_torch(tiny_sd, concept_dir, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "held-out loss: init" in proc.stdout
-    assert edge_ti.load_embedding(out)["<c>"].shape == (1, 32)
+    assert edge_ti.load_embedding(out)["<c>"].shape == (2, 32)  # the searched vector and the anchor
+    assert "2 vectors; its last is 'cat'" in proc.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -171,6 +223,7 @@ def test_train_cli_without_torch(tiny_sd, concept_dir, tmp_path):
     (["IMAGES"], "--init-word"),
     (["--init-word", "cat", "--max-time", "soon", "IMAGES"], "--max-time"),
     (["--init-word", "cat", "--resolution", "33", "IMAGES"], "not a multiple of the VAE's scale factor 2"),
+    (["--init-word", "cat", "--anchor", "yes", "IMAGES"], "'--anchor'"),
 ])
 def test_train_bad_input(tiny_sd, concept_dir, tmp_path, args, message):
     (tmp_path / "empty").mkdir()

@@ -128,7 +128,7 @@ def test_sdxl_on_ray_matches_in_process(tiny_sdxl, concept_dir, tmp_path, local_
     runs = [train(model, [concept_dir], "<c>", str(tmp_path / f"{i}.safetensors"), init_word="cat",
                   settings=TrainSettings(**settings), make_scorer=make_scorer)
             for i, make_scorer in enumerate((InProcess, ray_scorer(workers=2)))]
-    assert runs[0].embedding["<c>"].shape == (1, model.hidden_size)
+    assert runs[0].embedding["<c>"].shape == (2, model.hidden_size)  # + the anchor ("cat")
     assert np.array_equal(runs[0].embedding["<c>"], runs[1].embedding["<c>"])
     assert _history(runs[0]) == _history(runs[1]) and runs[0].generations == 4
 
