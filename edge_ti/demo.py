@@ -91,7 +91,9 @@ def run(out_dir, budget=BUDGET, seed=0, n=16, steps=25, guidance=4.0, images=6, 
     drawn = shapes.concept_images(images, np.random.default_rng(seed), exclude=(), **CONCEPT)
     for i, image in enumerate(drawn):
         save_png(image, os.path.join(out_dir, "concept", f"{i:02d}.png"))
-    settings = TrainSettings(template=TEMPLATES, budget=budget, seed=seed, popsize=20)
+    # the templates are object prompts (in the world's caption style), so the token keeps "star" as its anchor,
+    # as --anchor auto does for --template object
+    settings = TrainSettings(template=TEMPLATES, budget=budget, seed=seed, popsize=20, anchor=True)
     result = train(model, [Image.fromarray(x) for x in drawn], TOKEN, os.path.join(out_dir, "concept.safetensors"),
                    init_word=INIT_WORD, settings=settings, on_generation=on_generation,
                    resume="restart")  # the demo's folder is its own: a rerun learns again
