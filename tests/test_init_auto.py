@@ -361,10 +361,12 @@ def test_cli_evaluate_reports_learned_and_init(clip_sd, torch_clip, tmp_path):
     assert lines[1].startswith("init") and lines[2].startswith("learned")
     results = json.load(open(out_json))
     assert results["class_word"] == "cat" and len(results["prompts"]) == 4
-    # the recorded init is the word's embedding, and the learned one differs from it
+    # the recorded init is the whole token at the start: the word's embedding, and the anchor (the word again);
+    # the learned one differs from it
     from edge_ti.evaluate import init_from_file
     model = edge_ti.open_model(clip_sd[1])
-    assert np.allclose(init_from_file(emb, "<r>", 32), init.from_word(model, "cat"))
+    recorded = init_from_file(emb, "<r>", 32)
+    assert recorded.shape == (2, 32) and np.allclose(recorded, np.tile(init.from_word(model, "cat"), (2, 1)))
     assert results["init"] != results["learned"]
     # the same generations (prompt k: seed k, as evaluate draws them) scored by transformers' CLIPModel:
     # CLIP-I the mean cosine over (generated, concept) pairs, CLIP-T each image with its prompt, <r> -> cat
@@ -379,7 +381,7 @@ def test_cli_evaluate_reports_learned_and_init(clip_sd, torch_clip, tmp_path):
     with torch.no_grad():
         t = _torch_unit(torch_model.get_text_features(**tokenizer(texts, padding="max_length", max_length=77,
                                                                   return_tensors="pt")))
-    for name, embedding in (("init", init.from_word(model, "cat")), ("learned", edge_ti.load_embedding(emb)["<r>"])):
+    for name, embedding in (("init", recorded), ("learned", edge_ti.load_embedding(emb)["<r>"])):
         generated = np.concatenate([edge_ti.generate(model, prompt, {"<r>": embedding}, steps=3, seed=k, n=2)
                                     for k, prompt in enumerate(results["prompts"])])
         g = features(generated)
