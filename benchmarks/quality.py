@@ -4,13 +4,15 @@
     python benchmarks/quality.py --work /tmp/quality --report       # tables + curves from what ran
     python benchmarks/quality.py --work /tmp/quality --report --paired-with edge-ti:clip-10s   # variants vs one
     python benchmarks/quality.py --work /tmp/other --concept-seed 11 --seeds 0 1 2   # 8 concepts nobody chose
+    python benchmarks/quality.py --work /tmp/styles --concept-seed 11 --concept-kind style --seeds 0 1 2
 
 For each concept (CONCEPTS: attribute concepts built on held-out combinations, and styles that
 must transfer to any shape) and seed, K concept images are drawn with the concept's attributes
 fixed and the others random. On the same model, images and seed:
 
     edge-ti         edge_ti.train with its defaults (CLIP refinement, then CMA-ES in the pca subspace; objects:
-                    1 searched vector + the init word's, kept: the anchor, since stop 33)
+                    1 searched vector + the init word's, kept: the anchor, since stop 33; styles: + the images'
+                    CLIP init, kept, since stop 34)
     gradient        export/gradient_ti.py: diffusers' textual-inversion recipe (AdamW on the token rows);
                     gradient:anchor: the same with edge-ti's anchor (a 2nd vector, the init word's, kept)
     init            the init word's embedding alone (what both methods start from)
@@ -105,10 +107,34 @@ def drawn_concepts(seed, count=8):
     return concepts
 
 
+def drawn_styles(seed, count=8):
+    """COUNT style concepts that are none of CONCEPTS: a pattern (striped or dotted) and a background, half of
+    them with a colour too, drawn by SEED (--concept-seed N --concept-kind style); their images vary the shape
+    and whatever else is not fixed, as the committed styles' do. The init word is "pattern", as theirs."""
+    from edge_ti.shapes.draw import BACKGROUNDS, COLORS
+    rng = np.random.default_rng([seed, 9])                      # not drawn_concepts' stream: its draws stay
+    taken, concepts = [c.attributes for c in CONCEPTS], []
+    while len(concepts) < count:
+        fixed = {"pattern": str(rng.choice(["striped", "dotted"])), "background": str(rng.choice(list(BACKGROUNDS)))}
+        if rng.random() < 0.5:
+            fixed = {"color": str(rng.choice(list(COLORS))), **fixed}
+        if fixed not in taken and fixed not in [c.attributes for c in concepts]:
+            name = "style-" + "-".join(fixed.values())
+            concepts.append(Concept(name, "style", fixed, "pattern", index=1000 * (seed + 1) + 500 + len(concepts)))
+    return concepts
+
+
+def drawn(seed, kind):
+    """The eight concepts --concept-seed SEED --concept-kind KIND names."""
+    return drawn_styles(seed) if kind == "style" else drawn_concepts(seed)
+
+
 def concept_of(spec):
-    """The Concept a child's spec names (one of CONCEPTS, or drawn by its concept_seed)."""
+    """The Concept a child's spec names (one of CONCEPTS, or drawn by its concept_seed and concept_kind)."""
     seed = spec.get("concept_seed")
-    return BY_NAME[spec["concept"]] if seed is None else {c.name: c for c in drawn_concepts(seed)}[spec["concept"]]
+    if seed is None:
+        return BY_NAME[spec["concept"]]
+    return {c.name: c for c in drawn(seed, spec.get("concept_kind", "object"))}[spec["concept"]]
 
 OBJECT_PROMPTS = ["a photo of a {}", "a rendering of a {}", "a close-up photo of a {}", "a good photo of a {}"]
 STYLE_PROMPT = "a {shape} in the style of {token}"
@@ -160,6 +186,13 @@ METHODS = {
     # the paper's initialization (CLIP image features attend over the vocabulary: --init auto) instead of the word
     "edge-ti:auto-clip-10s": {"kind": "edge-ti", "init": "auto", "settings": {"clip_refine": 2000, "max_time": 10}},
     "edge-ti:auto-only": {"kind": "edge-ti", "init": "auto", "settings": {"clip_refine": 0, "budget": 20}},
+    "edge-ti:auto-10s": {"kind": "edge-ti", "init": "auto", "settings": {"clip_refine": 0, "max_time": 10}},
+    # the images' CLIP init (the paper's init, init.from_images) as the kept anchor instead of the word (stop 34;
+    # the default for styles since): from the word, refined, as clip-10s; or from the images' init itself
+    "edge-ti:images-anchor-10s": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "max_time": 10,
+                                                                  "anchor": "images"}},
+    "edge-ti:auto-images-anchor-10s": {"kind": "edge-ti", "init": "auto",
+                                       "settings": {"clip_refine": 2000, "max_time": 10, "anchor": "images"}},
     # gradient TI's tokens end 1.0-1.8x the vocabulary's longest row; the capped search's sit at the cap
     "edge-ti:clip-10s-nocap": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "max_time": 10, "norm_cap": False}},
     "edge-ti:clip-10s-p8": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "max_time": 10, "popsize": 8,
@@ -398,7 +431,8 @@ def run_unit(args, concept, seed, methods, group):
         for i, image in enumerate(images):
             Image.fromarray(image).save(os.path.join(image_dir + ".tmp", f"{i:02d}.png"))
         os.replace(image_dir + ".tmp", image_dir)
-    common = {"concept": concept.name, "concept_seed": args.concept_seed, "seed": seed, "onnx": args.onnx,
+    common = {"concept": concept.name, "concept_seed": args.concept_seed, "concept_kind": args.concept_kind,
+              "seed": seed, "onnx": args.onnx,
               "diffusers": args.diffusers, "threads": args.threads}
     record = {"concept": concept.name, "kind": concept.kind, "seed": seed, "group": group, "runs": {}}
     for method in methods:
@@ -433,7 +467,8 @@ def run_unit(args, concept, seed, methods, group):
 def run_all(args):
     import edge_ti
     edge_ti.open_model(args.onnx).token_embeddings  # patch the text encoder once, before the children race
-    concepts = [BY_NAME[n] for n in args.concepts] if args.concept_seed is None else drawn_concepts(args.concept_seed)
+    concepts = ([BY_NAME[n] for n in args.concepts] if args.concept_seed is None
+                else drawn(args.concept_seed, args.concept_kind))
     print("concepts: " + ", ".join(c.name for c in concepts), flush=True)
     units = [(c, s, args.main_methods, "main") for s in args.seeds for c in concepts]
     units += [(c, s, args.ablation_methods, args.ablation_group) for s in args.ablation_seeds for c in concepts
@@ -800,6 +835,8 @@ def main():
     p.add_argument("--concepts", nargs="+", choices=[c.name for c in CONCEPTS], help="some of CONCEPTS (default: all)")
     p.add_argument("--concept-seed", type=int, default=None, metavar="N",
                    help="instead of the eight CONCEPTS, eight object concepts drawn by N (a shape and two attributes)")
+    p.add_argument("--concept-kind", choices=["object", "style"], default="object",
+                   help="--concept-seed draws object concepts, or styles (a pattern, a background, maybe a colour)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--main-methods", nargs="+", default=MAIN, choices=MAIN, help=argparse.SUPPRESS)  # tuning
     p.add_argument("--ablation-methods", nargs="*", default=ABLATIONS, choices=[m for m in METHODS if m not in MAIN],
@@ -834,7 +871,7 @@ def main():
     if args.concepts and args.concept_seed is not None:
         p.error("--concepts names some of the eight CONCEPTS; --concept-seed draws eight others: give one of them")
     args.concepts = args.concepts or ([c.name for c in CONCEPTS] if args.concept_seed is None
-                                      else [c.name for c in drawn_concepts(args.concept_seed)])
+                                      else [c.name for c in drawn(args.concept_seed, args.concept_kind)])
     if not args.report:
         if not (args.onnx and args.diffusers):
             p.error("no shapes model found: give --onnx and --diffusers")

@@ -430,9 +430,11 @@ def _duration(text):
               help="CLIP-score evaluations before the search: start it where the token's prompts match the images best "
                    "in CLIP, if the held-out loss agrees (needs a clip/ whose text tower is the model's text encoder; "
                    f"auto: {REFINE_AUTO} where there is one, else none; 0: none)")
-@click.option("--anchor", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="keep the --init-word's embedding as the token's last vector and search the others, so the token "
-                   "says \"a <learned> WORD\" (auto: with --init-word and --template object)")
+@click.option("--anchor", type=click.Choice(["auto", "word", "images", "off", "on"]), default="auto", show_default=True,
+              help="a last vector of the token, kept while the others are searched: word: the --init-word's embedding "
+                   "(the token says \"a <learned> WORD\"; on: the same); images: the images' CLIP init (--init auto's, "
+                   "needs clip/); auto: word with --init-word and --template object, else images where there is a "
+                   "clip/; off: none")
 @click.option("--heldout-triples", type=click.IntRange(1), default=TrainSettings.heldout_triples, show_default=True)
 @click.option("--patience", type=click.IntRange(0), default=TrainSettings.patience, show_default=True,
               help="stop when the best held-out loss gained < 0.01%% over this many checks (0: never)")
@@ -482,7 +484,7 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
                              seed=seed, triples=triples, crn=crn, heldout_triples=heldout_triples, patience=patience,
                              max_batch=max_batch, resolution=resolution, flip=not no_flip,
                              loss_weighting=loss_weighting, clip_refine=clip_refine,
-                             anchor={"auto": "auto", "on": True, "off": False}[anchor])
+                             anchor={"on": "word", "off": False}.get(anchor, anchor))
     check_settings(settings)  # before the model folder is opened; train() checks the rest before any work
     model = _open(model_dir, device, precision if device == "openvino" else "auto", threads)
 
@@ -514,7 +516,9 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
     refined = f" -> CLIP-refined {result.start_heldout:.6f}" if result.clip_refined else ""
     click.echo(f"held-out loss: init {result.init_heldout:.6f}{refined} -> learned {result.best_heldout:.6f}")
     vectors = len(result.embedding[token])
-    kept = f"; its last is {init_word!r}'s embedding, kept" if result.anchor is not None else ""
+    kept = {"word": f"; its last is {init_word!r}'s embedding, kept",
+            "images": f"; its last is the images' CLIP init ({', '.join(w for w, _ in result.anchor_words[:3])}), kept",
+            None: ""}[result.anchor_from]
     click.echo(f"wrote {paths['embedding']} ({vectors} vector{'s' * (vectors > 1)}{kept}; log {paths['log']}, "
                f"curve {paths['curve']})")
 

@@ -21,6 +21,7 @@ from . import clip_score
 from . import init as initialization
 from . import latents as lat
 from . import objective, search, subspace
+from .clip import clip_model
 from .denoiser import Denoiser
 from .embeddings import MAX_VECTORS, save_embedding
 from .errors import EdgeTIError
@@ -94,10 +95,12 @@ class TrainSettings:
     clip_refine: object = "auto"  # CLIP-score evaluations before the search (clip_score.refine; needs a clip/
                                   # whose text tower is the text encoder); 0: none; "auto": clip_score.REFINE_AUTO
                                   # where the model's clip/ can score its tokens, else none
-    anchor: object = "auto"       # the init word's embedding as one more, last vector of the token, kept as it is
-                                  # while the others are searched (the class noun of "a photo of [V] dog"): the
-                                  # token says "a <learned> cross"; "auto": with a word init and object prompts
-                                  # (quality.md, run 11); False: none; True: also with style or own templates
+    anchor: object = "auto"       # one more, last vector of the token, kept as it is while the others are searched:
+                                  # "word": the init word's embedding (the class noun of "a photo of [V] dog": the
+                                  # token says "a <learned> cross"); "images": the images' CLIP init (init.from_images,
+                                  # the paper's init; needs the model's clip/); "auto": the word with a word init and
+                                  # object prompts (quality.md, run 11), else the images where the model has a clip/
+                                  # (styles: run 12); False: none. True is "word"
 
     def __post_init__(self):
         defaults = optimizer_defaults(self.optimizer)
@@ -136,6 +139,8 @@ class TrainResult:
     clip_refined: bool = False    # whether the search started from the CLIP-refined token (not the init)
     anchor: np.ndarray = None     # [1, D], the token's kept last vector (settings.anchor), or None: a state's
                                   # token is subspace.embeddings_from_z(start, W, z, max_norm, anchor)
+    anchor_from: str = None       # "word" or "images": what the anchor is (None: no anchor)
+    anchor_words: list = dataclasses.field(default_factory=list)  # an "images" anchor: (word, weight), largest first
 
 
 class Interrupted(KeyboardInterrupt):
@@ -178,9 +183,9 @@ def check_settings(settings):
     refine = settings.clip_refine
     if refine != "auto" and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
         raise EdgeTIError(f"clip_refine must be auto, 0 (none) or more evaluations, got {refine!r}")
-    if settings.anchor not in ("auto", True, False) or not isinstance(settings.anchor, (str, bool)):
-        raise EdgeTIError(f"anchor must be auto, true or false, got {settings.anchor!r}")
-    if settings.anchor is True and settings.vectors >= MAX_VECTORS:
+    if settings.anchor not in ANCHORS or not isinstance(settings.anchor, (str, bool)):
+        raise EdgeTIError(f"anchor must be auto, word, images or false, got {settings.anchor!r}")
+    if settings.anchor not in ("auto", False) and settings.vectors >= MAX_VECTORS:
         raise EdgeTIError(f"vectors {settings.vectors} leaves no room for the anchor: at most {MAX_VECTORS} in all")
     if settings.crn not in ("redraw", "fixed"):
         raise EdgeTIError(f"unknown crn {settings.crn!r}: choose redraw or fixed")
@@ -199,6 +204,9 @@ def check_settings(settings):
         # z of a few hundred dimensions ("Found unused injected direction/solutions"): found on SDXL
         raise EdgeTIError(f"popsize must be at least 3 for cma, got {settings.popsize}")
     return prompt_templates(settings.template)
+
+
+ANCHORS = ("auto", "word", "images", True, False)   # True: "word" (as the option was first written)
 
 
 def prompt_templates(template):
@@ -242,6 +250,8 @@ def _settings_key(model, settings, latents, e0, token):
         del fields["clip_refine"]
     if not settings.anchor:  # likewise
         del fields["anchor"]
+    elif settings.anchor == "word":  # as it was written when the word was the only anchor: those checkpoints match
+        fields["anchor"] = True
     if settings.loss_weighting == "model" or model.prediction_type == "epsilon":
         del fields["loss_weighting"]  # the loss of before the option: earlier checkpoints still match
     digest.update(json.dumps(fields, sort_keys=True).encode())
@@ -288,8 +298,10 @@ def train(model, images, token, out, init_word=None, init_embedding=None, settin
         raise EdgeTIError(f"init must be word or auto, got {init!r}")
     if init == "word" and init_embedding is None and not init_word:
         raise EdgeTIError("give an initialization: --init-word WORD or --init auto")
-    if settings.anchor is True and (init != "word" or init_embedding is not None or not init_word):
-        raise EdgeTIError("anchor true needs an init word (--init-word): the anchor is that word's embedding")
+    if settings.anchor in (True, "word") and (init != "word" or init_embedding is not None or not init_word):
+        raise EdgeTIError("anchor word needs an init word (--init-word): the anchor is that word's embedding")
+    if settings.anchor == "images":
+        clip_model(model)  # no clip/: a one-line error now, not after encoding the images
     if init_top_k is not None and init_top_k < 1:
         raise EdgeTIError(f"init_top_k must be at least 1, got {init_top_k}")
     dim = subspace_dim(settings, [p.columns.stop - p.columns.start for p in model.text_parts])
@@ -358,8 +370,9 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
 
     # 2. e0 and the subspace e = e0 + W z
     init_words = []
-    if init == "auto":
+    if init == "auto" or settings.anchor in ("auto", "images"):
         images = images if all(isinstance(i, Image.Image) for i in images) else lat.image_paths(images)
+    if init == "auto":
         init_embedding, init_words = initialization.from_images(model, images, settings.vectors, top_k=init_top_k)
         log.warning("init from images: %s", ", ".join(f"{w} {x:.3f}" for w, x in init_words))
     if init_embedding is not None:
@@ -370,8 +383,15 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
     dim, sigma, W, max_norm = search_space(table, settings, [p.columns for p in model.text_parts])
     prompts = [t.format(token) for t in templates]
     settings = _resolve_clip_refine(model, settings)
-    settings = _resolve_anchor(settings, init_word if init == "word" and init_embedding is None else None)
-    anchor = initialization.from_word(model, init_word, 1) if settings.anchor else None   # (1, D) or None
+    settings = _resolve_anchor(model, settings, init_word if init == "word" and init_embedding is None else None)
+    anchor, anchor_words = None, []                                     # (1, D) or None
+    if settings.anchor == "word":
+        anchor = initialization.from_word(model, init_word, 1)
+    elif settings.anchor == "images":  # --init auto's own embedding, or computed for the anchor alone
+        anchor, anchor_words = ((init_embedding[:1], init_words) if init == "auto" else
+                                initialization.from_images(model, images, 1, top_k=init_top_k))
+        log.warning("the token's last vector is the images' CLIP init, kept: %s",
+                    ", ".join(f"{w} {x:.3f}" for w, x in anchor_words[:5]))
     token_e = subspace.with_anchor(e0[None], anchor)[0]               # the token's vectors at the init
     key = _settings_key(model, settings, latents, e0, token)
     clip = None
@@ -460,13 +480,14 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
             raise
         state.stop_reason = f"interrupted at generation {state.generation}"
         result = _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout,
-                         anchor)
+                         anchor, settings.anchor, anchor_words)
         raise Interrupted(result) from None
     finally:
         scorer.close()
 
     # 5. the result: the best held-out candidate, the log and the curve (on Ctrl-C too, above)
-    return _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout, anchor)
+    return _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout, anchor,
+                   settings.anchor, anchor_words)
 
 
 def _resolve_clip_refine(model, settings):
@@ -483,15 +504,35 @@ def _resolve_clip_refine(model, settings):
     return dataclasses.replace(settings, clip_refine=0)
 
 
-def _resolve_anchor(settings, word):
-    """SETTINGS with anchor "auto" made true or false: true where the init is a WORD (None: an embedding or
-    --init auto) and the prompts are the object templates, whose token is a thing of that word's class."""
+def _resolve_anchor(model, settings, word):
+    """SETTINGS with anchor "auto" (or True) made "word", "images" or False: the word where the init is a WORD
+    (None: an embedding or --init auto) and the prompts are the object templates, whose token is a thing of that
+    word's class; else the images' CLIP init where the model has a clip/ to compute it; else none."""
+    if settings.anchor is True:
+        return dataclasses.replace(settings, anchor="word")
     if settings.anchor != "auto":
         return settings
-    anchor = bool(word) and settings.template == "object" and settings.vectors < MAX_VECTORS
-    log.info("the token's last vector is %s", f"{word!r}'s embedding, kept (--anchor off: none)" if anchor else
-             "not an anchor (auto: only with --init-word and object prompts)")
+    if settings.vectors >= MAX_VECTORS:
+        anchor = False
+    elif word and settings.template == "object":
+        anchor = "word"
+    else:
+        anchor = "images" if _has_clip(model) else False
+    log.info("the token's last vector is %s", {
+        "word": f"{word!r}'s embedding, kept (--anchor off: none)",
+        "images": "the images' CLIP init, kept (--anchor off: none)",
+        False: "not an anchor (auto: the word with --init-word and object prompts, else the images' CLIP init, "
+               "which needs the model's clip/)"}[anchor])
     return dataclasses.replace(settings, anchor=anchor)
+
+
+def _has_clip(model):
+    """Whether MODEL has a clip/ that init.from_images can use."""
+    try:
+        clip_model(model)
+    except EdgeTIError:
+        return False
+    return True
 
 
 def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout, anchor):
@@ -513,10 +554,12 @@ def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout, anch
     return refined, record["clip_seconds"], float(before)
 
 
-def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout, anchor):
+def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout, anchor,
+            anchor_from, anchor_words):
     """Write the best held-out candidate (z = 0, where the search started, if nothing beat it), the log, the
     curve. init_e: the initial embedding; init_heldout: its held-out loss, None when the search started at it;
-    anchor: the token's kept last vector, or None."""
+    anchor: the token's kept last vector, or None; anchor_from: "word", "images" or False; anchor_words: an
+    images anchor's words."""
     embedding = {token: subspace.embeddings_from_z(e0, W, state.best_z[None], max_norm, anchor)[0]}
     clip_refined = not np.array_equal(e0, init_e)
     init_e = subspace.with_anchor(init_e[None], anchor)[0]                       # the whole token at the init
@@ -531,4 +574,5 @@ def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, 
                        generations=state.generation, evaluations=state.evaluations,
                        heldout_evaluations=state.heldout_evaluations, elapsed=state.elapsed,
                        stop_reason=state.stop_reason, paths=paths, init_words=init_words, start=e0,
-                       start_heldout=state.init_heldout, clip_refined=clip_refined, anchor=anchor)
+                       start_heldout=state.init_heldout, clip_refined=clip_refined, anchor=anchor,
+                       anchor_from=anchor_from or None, anchor_words=anchor_words)

@@ -118,21 +118,26 @@ def test_anchor_is_the_init_words_embedding_kept_last(tiny_sd, concept_dir, tmp_
     assert recorded == "cat" and np.allclose(init, np.tile(word, (2, 1)))
     # a checkpoint of an anchored run is not resumed without it
     e0 = np.zeros((1, 32), np.float32)
-    assert (_settings_key(model, TrainSettings(anchor=True), latents, e0, "<c>")
-            != _settings_key(model, TrainSettings(anchor=False), latents, e0, "<c>"))
+    keys = {a: _settings_key(model, TrainSettings(anchor=a), latents, e0, "<c>") for a in (True, "word", "images", False)}
+    assert keys[True] == keys["word"]     # "word" is what True was: an anchored run of before still resumes
+    assert len({keys["word"], keys["images"], keys[False]}) == 3
 
 
 def test_anchor_bad_settings(tiny_sd, concept_dir, tmp_path):
-    for value in ("yes", 1, None):
-        with pytest.raises(EdgeTIError, match="anchor must be auto, true or false"):
+    for value in ("yes", "on", 1, None):
+        with pytest.raises(EdgeTIError, match="anchor must be auto, word, images or false"):
             check_settings(TrainSettings(anchor=value))
-    with pytest.raises(EdgeTIError, match="no room for the anchor"):
-        check_settings(TrainSettings(anchor=True, vectors=75))
+    for value in (True, "word", "images"):
+        with pytest.raises(EdgeTIError, match="no room for the anchor"):
+            check_settings(TrainSettings(anchor=value, vectors=75))
     model = edge_ti.open_model(tiny_sd[1])
     out = tmp_path / "o.safetensors"
-    with pytest.raises(EdgeTIError, match="anchor true needs an init word"):
-        train(model, [concept_dir], "<c>", str(out), init_embedding=np.zeros((1, 32), np.float32),
-              settings=TrainSettings(anchor=True, budget=8))
+    for value in (True, "word"):
+        with pytest.raises(EdgeTIError, match="anchor word needs an init word"):
+            train(model, [concept_dir], "<c>", str(out), init_embedding=np.zeros((1, 32), np.float32),
+                  settings=TrainSettings(anchor=value, budget=8))
+    with pytest.raises(EdgeTIError, match="no clip/ folder"):   # the images' CLIP init needs the model's CLIP
+        train(model, [concept_dir], "<c>", str(out), init_word="cat", settings=TrainSettings(anchor="images", budget=8))
     assert not out.exists()
 
 
@@ -224,6 +229,7 @@ def test_train_cli_without_torch(tiny_sd, concept_dir, tmp_path):
     (["--init-word", "cat", "--max-time", "soon", "IMAGES"], "--max-time"),
     (["--init-word", "cat", "--resolution", "33", "IMAGES"], "not a multiple of the VAE's scale factor 2"),
     (["--init-word", "cat", "--anchor", "yes", "IMAGES"], "'--anchor'"),
+    (["--init-word", "cat", "--anchor", "images", "IMAGES"], "no clip/ folder"),
 ])
 def test_train_bad_input(tiny_sd, concept_dir, tmp_path, args, message):
     (tmp_path / "empty").mkdir()
