@@ -618,6 +618,7 @@ def report(args):
                 f"{'yes' if h >= g else 'no'} |", "",
                 f"paired difference edge-ti@half - gradient: {mean(diffs):+.3f} ± {sem(diffs):.3f} (standard error, "
                 f"{len(diffs)} pairs); edge-ti@half better / equal / worse in {wins[0]} / {wins[1]} / {wins[2]}"]
+        out += heldout_reached([u for u, _ in paired])
     # per concept, every method
     present = sorted({m for groups in by_concept.values() for m in groups}, key=in_order)   # methods that ran
     out += ["", "### Per concept (accuracy, mean over seeds; held-out loss below it)", "",
@@ -650,6 +651,23 @@ def report(args):
     print(text)
     curves(units, args.curves)
     return text
+
+
+def heldout_reached(units):
+    """Issue 16's third target: in how many runs some edge-ti snapshot's held-out loss is at or below gradient
+    TI's final one, and at how many UNet samples (the first such snapshot; gradient TI's own count beside it)."""
+    reached, own = [], []
+    for unit in units:
+        edge, grad = unit["eval"]["edge-ti"], unit["eval"]["gradient"]
+        own.append(grad["samples"][-1])
+        first = next((i for i, h in enumerate(edge["heldout"]) if h <= grad["heldout"][-1]), None)
+        if first is not None:
+            reached.append((edge["samples"][first], edge["wall"][first]))
+    if not reached:
+        return ["", f"edge-ti reaches gradient TI's final held-out loss in none of {len(units)} runs"]
+    return ["", f"edge-ti reaches gradient TI's final held-out loss in {len(reached)} of {len(units)} runs, at its first "
+            f"snapshot there after a median of {np.median([n for n, _ in reached]):.0f} UNet samples "
+            f"({np.median([w for _, w in reached]):.1f} s); gradient TI's own: a median of {np.median(own):.0f}"]
 
 
 def ablation_vs_main(units):

@@ -6,7 +6,9 @@ ranking on many fresh samples, for several ways of drawing and scoring the sampl
     python benchmarks/signal_per_sample.py --concepts 6 --seed 1 --truth 1024 --pool 512 --ks 4 8 16 32 64
 
 For each population (P candidates e = c + W z, z ~ sigma N(0, I) in the pca subspace of dimension d
-around a centre c: the init word, or a token trained briefly with edge_ti.train) it computes the
+around a centre c: the init word, or a token trained briefly with edge_ti.train; `default` and
+`defaulttrained`: where the defaults' search starts and where it is after --train-budget evaluations, the
+candidates built as edge_ti.train builds them: norm-capped, with the anchor) it computes the
 squared error of every candidate on the same samples (latent x0, prompt, timestep t, noise eps), one
 UNet call per timestep with the whole population, as edge_ti.objective.population_loss does:
 
@@ -94,6 +96,19 @@ def concept_latents(model, fixed, rng, count=6):
     exclude = tuple(c for c in HELD_OUT if not all(fixed.get(k) == v for k, v in c.items()))
     images = [Image.fromarray(i) for i in concept_images(count, rng, exclude=exclude, **fixed)]
     return lat.encode_images(model, lat.load_images(images, model.resolution, flip=True)), images
+
+
+def default_centre(model, images, init_word, seed, budget=20):
+    """edge_ti.train with its defaults for BUDGET evaluations (20: one generation, i.e. where its search
+    starts): the searched vectors [1, D] of the result (20: e0 after the CLIP refinement, where the model's
+    clip/ can score tokens and the held-out loss agrees), the anchor [1, D] (the word's embedding, kept) or None,
+    whether the refinement was kept, and the held-out losses (at the start, best)."""
+    from edge_ti.train import TrainSettings, train
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(model, images, TOKEN, os.path.join(tmp, "c.safetensors"), init_word=init_word,
+                       settings=TrainSettings(budget=budget, seed=seed, patience=0), resume="restart")
+    searched = result.embedding[TOKEN][:-1] if result.anchor is not None else result.embedding[TOKEN]
+    return searched, result.anchor, result.clip_refined, (result.start_heldout, result.best_heldout)
 
 
 def trained_centre(model, images, init_word, dim, budget, seed):
@@ -410,7 +425,9 @@ def main():
     parser.add_argument("--concepts", type=int, default=4, help="concepts drawn by the seeded generator")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--populations", nargs="+", default=["init:16", "init:64", "trained:16"],
-                        help="CENTRE:DIM, centre init (the shape word) or trained (edge_ti.train, pca DIM)")
+                        help="CENTRE:DIM, centre init (the shape word), trained (edge_ti.train, pca DIM), default "
+                             "(where the defaults' search starts: CLIP-refined, anchored, norm-capped as train does) "
+                             "or defaulttrained (the defaults after --train-budget evaluations)")
     parser.add_argument("--popsize", "-P", type=int, default=20)
     parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--truth", type=int, default=512, help="fresh samples for the truth ranking")
@@ -455,7 +472,17 @@ def main():
             centre, dim = kind.split(":")
             dim = min(int(dim), table.shape[1])
             W = subspace.basis("pca", table, dim, args.sigma)           # (D, dim)
-            if centre == "trained":
+            anchor, max_norm, ids = None, None, prompt_ids
+            if centre in ("default", "defaulttrained"):
+                budget = 20 if centre == "default" else args.train_budget
+                c, anchor, refined, (h0, h1) = default_centre(model, images, fixed["shape"], args.seed, budget)
+                max_norm = subspace.max_row_norm(table)
+                ids = model.tokenize(templates, {TOKEN: subspace.with_anchor(c[None], anchor)[0]})
+                print(f"# {name} {kind}: the defaults after {budget} evaluations: CLIP refinement "
+                      f"{'kept' if refined else 'refused'}, "
+                      f"{'anchored to ' + repr(fixed['shape']) if anchor is not None else 'no anchor'}, "
+                      f"held-out loss {h0:.5f} -> {h1:.5f}, norm cap {max_norm:.3f}", flush=True)
+            elif centre == "trained":
                 if dim not in trained:
                     t0 = time.time()
                     trained[dim] = trained_centre(model, images, fixed["shape"], dim, args.train_budget, args.seed)
@@ -468,7 +495,8 @@ def main():
                 c = e0
             rng = np.random.default_rng([args.seed, ci, 1 + args.populations.index(kind)])
             z = rng.standard_normal((args.popsize, dim)) * args.sigma   # (P, dim)
-            hidden, _ = denoiser.encode_population(prompt_ids, subspace.embeddings_from_z(c, W, z))  # (P, K, 77, D)
+            candidates = subspace.embeddings_from_z(c, W, z, max_norm, anchor)                     # (P, n, D)
+            hidden, _ = denoiser.encode_population(ids, candidates)                                   # (P, K, 77, D)
             t0 = time.time()
             pools[kind, name] = measure_population(denoiser, hidden, latents, len(templates), T, rng,
                                                    args.truth, args.pool)

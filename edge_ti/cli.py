@@ -433,8 +433,8 @@ def _duration(text):
 @click.option("--anchor", type=click.Choice(["auto", "word", "images", "off", "on"]), default="auto", show_default=True,
               help="a last vector of the token, kept while the others are searched: word: the --init-word's embedding "
                    "(the token says \"a <learned> WORD\"; on: the same); images: the images' CLIP init (--init auto's, "
-                   "needs clip/); auto: word with --init-word and --template object, else images where there is a "
-                   "clip/; off: none")
+                   "needs clip/); auto: word with --init-word and --template object, images with --template style "
+                   "where there is a clip/; off: none")
 @click.option("--heldout-triples", type=click.IntRange(1), default=TrainSettings.heldout_triples, show_default=True)
 @click.option("--patience", type=click.IntRange(0), default=TrainSettings.patience, show_default=True,
               help="stop when the best held-out loss gained < 0.01%% over this many checks (0: never)")

@@ -99,8 +99,8 @@ class TrainSettings:
                                   # "word": the init word's embedding (the class noun of "a photo of [V] dog": the
                                   # token says "a <learned> cross"); "images": the images' CLIP init (init.from_images,
                                   # the paper's init; needs the model's clip/); "auto": the word with a word init and
-                                  # object prompts (quality.md, run 11), else the images where the model has a clip/
-                                  # (styles: run 12); False: none. True is "word"
+                                  # object prompts (quality.md, run 11), the images with style prompts where the
+                                  # model has a clip/ (run 12), else none; False: none. True is "word"
 
     def __post_init__(self):
         defaults = optimizer_defaults(self.optimizer)
@@ -370,7 +370,7 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
 
     # 2. e0 and the subspace e = e0 + W z
     init_words = []
-    if init == "auto" or settings.anchor in ("auto", "images"):
+    if init == "auto" or settings.anchor in ("auto", "images"):  # paths, as init.from_images reads them
         images = images if all(isinstance(i, Image.Image) for i in images) else lat.image_paths(images)
     if init == "auto":
         init_embedding, init_words = initialization.from_images(model, images, settings.vectors, top_k=init_top_k)
@@ -507,7 +507,8 @@ def _resolve_clip_refine(model, settings):
 def _resolve_anchor(model, settings, word):
     """SETTINGS with anchor "auto" (or True) made "word", "images" or False: the word where the init is a WORD
     (None: an embedding or --init auto) and the prompts are the object templates, whose token is a thing of that
-    word's class; else the images' CLIP init where the model has a clip/ to compute it; else none."""
+    word's class; the images' CLIP init with the style templates, where the model has a clip/ to compute it (an
+    object's images anchor measured no better than none: clip_score.md, round 4); else none."""
     if settings.anchor is True:
         return dataclasses.replace(settings, anchor="word")
     if settings.anchor != "auto":
@@ -516,13 +517,15 @@ def _resolve_anchor(model, settings, word):
         anchor = False
     elif word and settings.template == "object":
         anchor = "word"
+    elif settings.template == "style" and _has_clip(model):
+        anchor = "images"
     else:
-        anchor = "images" if _has_clip(model) else False
+        anchor = False
     log.info("the token's last vector is %s", {
         "word": f"{word!r}'s embedding, kept (--anchor off: none)",
         "images": "the images' CLIP init, kept (--anchor off: none)",
-        False: "not an anchor (auto: the word with --init-word and object prompts, else the images' CLIP init, "
-               "which needs the model's clip/)"}[anchor])
+        False: "not an anchor (auto: the word with --init-word and object prompts, the images' CLIP init with "
+               "style prompts and a clip/)"}[anchor])
     return dataclasses.replace(settings, anchor=anchor)
 
 
