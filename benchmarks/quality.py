@@ -886,6 +886,8 @@ def main():
     p.add_argument("--paired-with", default="edge-ti:control", metavar="METHOD",
                    help="the report's last table pairs every other variant with this one (default: edge-ti:control)")
     args = p.parse_args()
+    if args.concept_kind != "object" and args.concept_seed is None:
+        p.error("--concept-kind chooses what --concept-seed draws: give --concept-seed N with it")
     if args.concepts and args.concept_seed is not None:
         p.error("--concepts names some of the eight CONCEPTS; --concept-seed draws eight others: give one of them")
     args.concepts = args.concepts or ([c.name for c in CONCEPTS] if args.concept_seed is None
