@@ -370,8 +370,7 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
 
     # 2. e0 and the subspace e = e0 + W z
     init_words = []
-    if init == "auto" or settings.anchor in ("auto", "images"):  # paths, as init.from_images reads them
-        images = images if all(isinstance(i, Image.Image) for i in images) else lat.image_paths(images)
+    images = images if all(isinstance(i, Image.Image) for i in images) else lat.image_paths(images)  # for CLIP
     if init == "auto":
         init_embedding, init_words = initialization.from_images(model, images, settings.vectors, top_k=init_top_k)
         log.warning("init from images: %s", ", ".join(f"{w} {x:.3f}" for w, x in init_words))
@@ -396,8 +395,7 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
     key = _settings_key(model, settings, latents, e0, token)
     clip = None
     if settings.clip_refine:  # its checks now, before a scorer (maybe Ray) starts
-        clip = clip_score.ClipScore(model, images if all(isinstance(i, Image.Image) for i in images)
-                                    else lat.image_paths(images), model.tokenize(prompts[:clip_score.TEMPLATES],
+        clip = clip_score.ClipScore(model, images, model.tokenize(prompts[:clip_score.TEMPLATES],
                                                                                  {token: token_e}))
 
     # 3. prompts and the common random numbers
