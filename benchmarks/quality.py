@@ -23,6 +23,8 @@ fixed and the others random. On the same model, images and seed:
                     do it too, or shapes_train --text-encoder clip); edge-ti:no-clip: the defaults without it
     edge-ti:clip-10s-*, edge-ti:auto-*   one change each to the defaults at 10 s (clip_score.md); a variant
                     whose code was not kept is in benchmarks/results/patches/ (its units still report)
+    edge-ti:defaults-10s and its *-10s neighbours (ANCHORED)   the defaults of today at 10 s, and one change
+                    each to them (quality.md, run 12's held-out loss)
 
 Every training runs in its own subprocess (its peak RSS from os.wait4: the rusage of that child
 alone, which is getrusage(RUSAGE_CHILDREN) of a parent with one child), with the same thread count
@@ -200,12 +202,24 @@ METHODS = {
     # the anchor (the default since stop 33): the init word's embedding as the token's kept last vector
     "edge-ti:clip-10s-anchor": {"kind": "edge-ti", "settings": {"clip_refine": 2000, "max_time": 10, "anchor": True}},
     "edge-ti:no-anchor": {"kind": "edge-ti", "settings": {"anchor": False}},  # the defaults before the anchor
+    # stop 35, one change each to the defaults (anchored) at 10 s, where styles lose held-out loss (quality.md)
+    "edge-ti:defaults-10s": {"kind": "edge-ti", "settings": {"max_time": 10}},
+    "edge-ti:s025-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "sigma": 0.25}},
+    "edge-ti:s1-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "sigma": 1.0}},
+    "edge-ti:p10t8-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "popsize": 10, "triples": 8}},
+    "edge-ti:dim16-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "dim": 16}},
+    "edge-ti:dim32-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "dim": 32}},
+    "edge-ti:ho128-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "heldout_triples": 128}},
+    "edge-ti:gn-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "optimizer": "gauss-newton", "eval_every": 3}},
     "edge-ti:clip-only-500": {"kind": "edge-ti", "settings": {"clip_refine": 500, "budget": 20}},
     "edge-ti:clip-only-8k": {"kind": "edge-ti", "settings": {"clip_refine": 8000, "budget": 20}},
 }
-# every other variant was measured before the anchor became the default (stop 33): it stays what it measured
+# the methods with the anchor of the defaults (auto); every other variant was measured before the anchor became the
+# default (stop 33): it stays what it measured
+ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-10s", "edge-ti:s1-10s",
+            "edge-ti:p10t8-10s", "edge-ti:dim16-10s", "edge-ti:dim32-10s", "edge-ti:ho128-10s", "edge-ti:gn-10s")
 for _name, _method in METHODS.items():
-    if _method["kind"] == "edge-ti" and _name not in ("edge-ti", "edge-ti:control"):
+    if _method["kind"] == "edge-ti" and _name not in ANCHORED:
         _method["settings"].setdefault("anchor", False)
 MAIN = ["edge-ti", "gradient"]
 ABLATIONS = ["edge-ti:prior", "edge-ti:full", "edge-ti:3vec", "edge-ti:fixed"]
@@ -655,19 +669,28 @@ def report(args):
 
 def heldout_reached(units):
     """Issue 16's third target: in how many runs some edge-ti snapshot's held-out loss is at or below gradient
-    TI's final one, and at how many UNet samples (the first such snapshot; gradient TI's own count beside it)."""
-    reached, own = [], []
-    for unit in units:
-        edge, grad = unit["eval"]["edge-ti"], unit["eval"]["gradient"]
-        own.append(grad["samples"][-1])
-        first = next((i for i, h in enumerate(edge["heldout"]) if h <= grad["heldout"][-1]), None)
-        if first is not None:
-            reached.append((edge["samples"][first], edge["wall"][first]))
-    if not reached:
-        return ["", f"edge-ti reaches gradient TI's final held-out loss in none of {len(units)} runs"]
-    return ["", f"edge-ti reaches gradient TI's final held-out loss in {len(reached)} of {len(units)} runs, at its first "
-            f"snapshot there after a median of {np.median([n for n, _ in reached]):.0f} UNet samples "
-            f"({np.median([w for _, w in reached]):.1f} s); gradient TI's own: a median of {np.median(own):.0f}"]
+    TI's final one, and at how many UNet samples (the first such snapshot; gradient TI's own count beside it);
+    for all runs, then per kind of concept when there are both."""
+    kinds = sorted({unit["kind"] for unit in units})
+    lines = [""]
+    for kind in [None] + (kinds if len(kinds) > 1 else []):
+        reached, own = [], []
+        chosen = [unit for unit in units if kind is None or unit["kind"] == kind]
+        for unit in chosen:
+            edge, grad = unit["eval"]["edge-ti"], unit["eval"]["gradient"]
+            own.append(grad["samples"][-1])
+            first = next((i for i, h in enumerate(edge["heldout"]) if h <= grad["heldout"][-1]), None)
+            if first is not None:
+                reached.append((edge["samples"][first], edge["wall"][first]))
+        which = "" if kind is None else f" ({kind}s)"
+        if not reached:
+            lines.append(f"edge-ti reaches gradient TI's final held-out loss in none of {len(chosen)} runs{which}")
+            continue
+        lines.append(f"edge-ti reaches gradient TI's final held-out loss in {len(reached)} of {len(chosen)} runs{which}, "
+                     f"at its first snapshot there after a median of {np.median([n for n, _ in reached]):.0f} UNet "
+                     f"samples ({np.median([w for _, w in reached]):.1f} s); gradient TI's own: a median of "
+                     f"{np.median(own):.0f}")
+    return lines
 
 
 def ablation_vs_main(units):
