@@ -4,7 +4,9 @@
     python benchmarks/heldout_gap.py WORK --line     # also the loss along the line between the two tokens
 
 Three measurements per (concept, seed), each a table per concept kind (the held-out loss relative to the
-init word's, negative is better; forward passes only, a few seconds per unit on the shapes model):
+init word's, negative is better; forward passes only, ~8 s per unit on the shapes model, 2 cores). The loss is
+the model's own (`--weighting model`, as quality.py's held-out column: the v loss on a v-prediction model, which
+gradient TI minimizes) or in epsilon units (`--weighting eps`: what edge-ti's search minimizes by default):
 
 1. Fresh images (quality.py's own held-out set: its images and triples, checked against the recorded loss):
    gradient TI's final token as it is and shortened to the norm cap (e * min(1, cap / |e|), cap = the
@@ -34,12 +36,12 @@ LINE = np.linspace(0.0, 1.0, 6)
 class Unit:
     """One (concept, seed) of a quality.py work folder, with its held-out sets and a loss function."""
 
-    def __init__(self, model, settings, unit):
+    def __init__(self, model, settings, unit, weighting="model"):
         from PIL import Image
 
         from edge_ti import latents as lat
         from edge_ti.train import TEMPLATES
-        self.model, self.unit = model, unit
+        self.model, self.unit, self.weighting = model, unit, weighting
         concept = quality.concept_of({"concept": unit["concept"], "concept_seed": settings.get("concept_seed"),
                                       "concept_kind": settings.get("concept_kind", "object")})
         self.kind = concept.kind
@@ -56,9 +58,13 @@ class Unit:
 
     def _set(self, pixels, rng, count):
         from edge_ti import latents as lat, objective
+        from edge_ti.denoiser import Denoiser
         latents = lat.encode_images(self.model, pixels)
         T_train = int(self.model.scheduler_config.get("num_train_timesteps", 1000))
-        return latents, objective.draw_triples(rng, count, len(latents), len(self.prompts), T_train, latents.shape[1:])
+        triples = objective.draw_triples(rng, count, len(latents), len(self.prompts), T_train, latents.shape[1:])
+        if self.weighting == "eps":  # what edge-ti's search minimizes on a v model (TrainSettings.loss_weighting)
+            triples.weight = Denoiser(self.model).eps_weight(triples.timesteps)
+        return latents, triples
 
     def loss(self, embeddings, on):
         """[P, n, D] -> [P]: each token's loss on the fresh or training set ON."""
@@ -80,13 +86,16 @@ def measure(u, method, cap, line):
     edge = np.load(os.path.join(u.run, method + ".safetensors.npz"))["embeddings"]   # (snapshots, n, D)
     g = gradient["embeddings"][-1:]                                                   # (1, n, D)
     raw, short = u.loss(np.concatenate([g, capped(g, cap)]), u.fresh)
-    recorded = u.unit["eval"]["gradient"]["heldout"][-1]
-    if not np.isclose(raw, recorded, rtol=1e-4):  # the same set as quality.py's, or this measures something else
-        raise SystemExit(f"{u.run}: gradient TI's held-out loss {raw:.6f} is not the recorded {recorded:.6f}")
     ev = u.unit["eval"]
-    fresh_init = ev["init"]["heldout"][0]
+    if u.weighting == "model":
+        recorded = ev["gradient"]["heldout"][-1]
+        if not np.isclose(raw, recorded, rtol=1e-4):  # the same set as quality.py's, or this measures something else
+            raise SystemExit(f"{u.run}: gradient TI's held-out loss {raw:.6f} is not the recorded {recorded:.6f}")
+        fresh_init, fresh_edge = ev["init"]["heldout"][0], ev[method]["heldout"][-1]
+    else:
+        fresh_init, fresh_edge = (u.loss(e, u.fresh)[0] for e in (gradient["init"][None], edge[[-1]]))
     out = {"norm": float(np.linalg.norm(g, axis=-1).max() / cap), "fresh gradient": raw / fresh_init - 1,
-           "fresh gradient capped": short / fresh_init - 1, f"fresh {method}": ev[method]["heldout"][-1] / fresh_init - 1}
+           "fresh gradient capped": short / fresh_init - 1, f"fresh {method}": fresh_edge / fresh_init - 1}
     init = u.loss(gradient["init"][None], u.training)[0]
     first, last = u.loss(edge[[0]], u.training)[0], u.loss(edge[[-1]], u.training)[0]
     grad_training = u.loss(g, u.training)[0]
@@ -103,6 +112,9 @@ def main():
     p.add_argument("work", help="a benchmarks/quality.py work folder with finished main units")
     p.add_argument("--method", default="edge-ti", help="the edge-ti method to compare (a main method)")
     p.add_argument("--line", action="store_true", help="also the training-image loss along the line between the tokens")
+    p.add_argument("--weighting", choices=["model", "eps"], default="model",
+                   help="model: the model's own loss, quality.py's held-out column (v loss on a v model); eps: in "
+                        "epsilon units, what edge-ti's search minimizes (--loss-weighting eps, its default)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     import edge_ti
@@ -117,7 +129,7 @@ def main():
             unit = json.load(f)
         if args.method not in unit["eval"] or "gradient" not in unit["eval"]:
             continue
-        u = Unit(model, settings, unit)
+        u = Unit(model, settings, unit, args.weighting)
         row = {"kind": u.kind, **measure(u, args.method, cap, args.line)}
         rows.append(row)
         print(f"{unit['concept']:28s} {unit['seed']}  " + "  ".join(

@@ -211,13 +211,15 @@ METHODS = {
     "edge-ti:dim32-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "dim": 32}},
     "edge-ti:ho128-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "heldout_triples": 128}},
     "edge-ti:gn-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "optimizer": "gauss-newton", "eval_every": 3}},
+    "edge-ti:vloss-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "loss_weighting": "model"}},
     "edge-ti:clip-only-500": {"kind": "edge-ti", "settings": {"clip_refine": 500, "budget": 20}},
     "edge-ti:clip-only-8k": {"kind": "edge-ti", "settings": {"clip_refine": 8000, "budget": 20}},
 }
 # the methods with the anchor of the defaults (auto); every other variant was measured before the anchor became the
 # default (stop 33): it stays what it measured
 ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-10s", "edge-ti:s1-10s",
-            "edge-ti:p10t8-10s", "edge-ti:dim16-10s", "edge-ti:dim32-10s", "edge-ti:ho128-10s", "edge-ti:gn-10s")
+            "edge-ti:p10t8-10s", "edge-ti:dim16-10s", "edge-ti:dim32-10s", "edge-ti:ho128-10s", "edge-ti:gn-10s",
+            "edge-ti:vloss-10s")
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in ANCHORED:
         _method["settings"].setdefault("anchor", False)
@@ -736,11 +738,13 @@ def ablation_vs_main(units):
 
 def ablation_vs_control(units, control="edge-ti:control"):
     """Each variant against CONTROL (edge-ti:control: the defaults, run in the same period; --paired-with names
-    another), paired by (concept, seed): accuracy difference and held-out loss change from the init, in percent."""
+    another), paired by (concept, seed): accuracy difference, held-out loss change from the init and from the
+    control's, in percent; over all pairs, then per kind of concept where a variant ran on both."""
     runs = {}                                                  # (concept, seed) -> {method: row}
-    init = {}                                                  # (concept, seed) -> the init's held-out loss
+    init, kind = {}, {}                                        # (concept, seed) -> the init's held-out loss, kind
     for unit in units:
         key = (unit["concept"], unit["seed"])
+        kind[key] = unit["kind"]
         if unit["group"] == "main":
             init[key] = unit["eval"]["init"]["heldout"][0]
             continue
@@ -754,19 +758,24 @@ def ablation_vs_control(units, control="edge-ti:control"):
         return []
     out = ["", f"### Variants against {control}, paired by concept and seed", "",
            "| method | pairs | accuracy | control accuracy | difference | better / equal / worse | held-out vs init "
-           "| control held-out vs init | evaluations | control evaluations |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "| control held-out vs init | held-out vs control | evaluations | control evaluations |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method in methods:
-        pairs = [(r[method], r[control], init[k]) for k, r in runs.items() if method in r and control in r and k in init]
-        if not pairs:
-            continue
-        diff = [a["acc"] - c["acc"] for a, c, _ in pairs]
-        gain = [100 * (a["heldout"] / i - 1) for a, _, i in pairs]
-        control_gain = [100 * (c["heldout"] / i - 1) for _, c, i in pairs]
-        out.append(f"| {method} | {len(pairs)} | {mean([a['acc'] for a, _, _ in pairs]):.3f} "
-                   f"| {mean([c['acc'] for _, c, _ in pairs]):.3f} | {mean(diff):+.3f} ± {sem(diff):.3f} "
-                   f"| {sum(x > 0 for x in diff)} / {sum(x == 0 for x in diff)} / {sum(x < 0 for x in diff)} "
-                   f"| {mean(gain):+.2f}% ± {sem(gain):.2f} | {mean(control_gain):+.2f}% ± {sem(control_gain):.2f} "
-                   f"| {mean([a['samples'] for a, _, _ in pairs]):.0f} | {mean([c['samples'] for _, c, _ in pairs]):.0f} |")
+        keys = [k for k, r in runs.items() if method in r and control in r and k in init]
+        kinds = sorted({kind[k] for k in keys})
+        for which in [None] + (kinds if len(kinds) > 1 else []):
+            pairs = [(runs[k][method], runs[k][control], init[k]) for k in keys if which in (None, kind[k])]
+            diff = [a["acc"] - c["acc"] for a, c, _ in pairs]
+            gain = [100 * (a["heldout"] / i - 1) for a, _, i in pairs]
+            control_gain = [100 * (c["heldout"] / i - 1) for _, c, i in pairs]
+            relative = [100 * (a["heldout"] / c["heldout"] - 1) for a, c, _ in pairs]
+            name = method if which is None else f"{method} ({which}s)"
+            out.append(f"| {name} | {len(pairs)} | {mean([a['acc'] for a, _, _ in pairs]):.3f} "
+                       f"| {mean([c['acc'] for _, c, _ in pairs]):.3f} | {mean(diff):+.3f} ± {sem(diff):.3f} "
+                       f"| {sum(x > 0 for x in diff)} / {sum(x == 0 for x in diff)} / {sum(x < 0 for x in diff)} "
+                       f"| {mean(gain):+.2f}% ± {sem(gain):.2f} | {mean(control_gain):+.2f}% ± {sem(control_gain):.2f} "
+                       f"| {mean(relative):+.2f}% ± {sem(relative):.2f} "
+                       f"| {mean([a['samples'] for a, _, _ in pairs]):.0f} | {mean([c['samples'] for _, c, _ in pairs]):.0f} |")
     out.append("")
     out.append("(evaluations: UNet samples, forward only; accuracy differences ± standard error over the pairs)")
     return out
