@@ -212,6 +212,7 @@ METHODS = {
     "edge-ti:ho128-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "heldout_triples": 128}},
     "edge-ti:gn-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "optimizer": "gauss-newton", "eval_every": 3}},
     "edge-ti:vloss-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "loss_weighting": "model"}},
+    "edge-ti:vloss-defaults": {"kind": "edge-ti", "settings": {"loss_weighting": "model"}},   # at --time
     "edge-ti:clip-only-500": {"kind": "edge-ti", "settings": {"clip_refine": 500, "budget": 20}},
     "edge-ti:clip-only-8k": {"kind": "edge-ti", "settings": {"clip_refine": 8000, "budget": 20}},
 }
@@ -219,7 +220,7 @@ METHODS = {
 # default (stop 33): it stays what it measured
 ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-10s", "edge-ti:s1-10s",
             "edge-ti:p10t8-10s", "edge-ti:dim16-10s", "edge-ti:dim32-10s", "edge-ti:ho128-10s", "edge-ti:gn-10s",
-            "edge-ti:vloss-10s")
+            "edge-ti:vloss-10s", "edge-ti:vloss-defaults")
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in ANCHORED:
         _method["settings"].setdefault("anchor", False)
