@@ -37,34 +37,29 @@ class Unit:
     """One (concept, seed) of a quality.py work folder, with its held-out sets and a loss function."""
 
     def __init__(self, model, settings, unit, weighting="model"):
-        from PIL import Image
-
-        from edge_ti import latents as lat
-        from edge_ti.train import TEMPLATES
-        self.model, self.unit, self.weighting = model, unit, weighting
+        from edge_ti import latents as lat, objective
+        self.model, self.unit = model, unit
         concept = quality.concept_of({"concept": unit["concept"], "concept_seed": settings.get("concept_seed"),
                                       "concept_kind": settings.get("concept_kind", "object")})
         self.kind = concept.kind
-        self.prompts = [t.format(quality.TOKEN) for t in TEMPLATES["object" if concept.kind == "object" else "style"]]
         self.run = os.path.join(settings["work"], "runs", f"{unit['concept']}-{unit['seed']}")
-        # quality.child_eval's held-out set: fresh images, fixed triples
-        fresh = quality.draw_concept(concept, unit["seed"], settings["heldout_images"], salt=1)
-        self.fresh = self._set(lat.load_images([Image.fromarray(im) for im in fresh], model.resolution),
-                               np.random.default_rng([unit["seed"], concept.index, 2]), settings["heldout_triples"])
+        latents, self.prompts, triples = quality.heldout_set(model, concept, unit["seed"], settings["heldout_images"],
+                                                             settings["heldout_triples"])
+        self.fresh = (latents, self._weighted(triples, weighting))
         folder = os.path.join(self.run, "images")
-        self.training = self._set(lat.load_images([os.path.join(folder, f) for f in sorted(os.listdir(folder))],
-                                                  model.resolution, flip=True),
-                                  np.random.default_rng([unit["seed"], concept.index, 3]), TRAINING_TRIPLES)
+        latents = lat.encode_images(model, lat.load_images([os.path.join(folder, f) for f in sorted(os.listdir(folder))],
+                                                           model.resolution, flip=True))
+        T_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
+        triples = objective.draw_triples(np.random.default_rng([unit["seed"], concept.index, 3]), TRAINING_TRIPLES,
+                                         len(latents), len(self.prompts), T_train, latents.shape[1:])
+        self.training = (latents, self._weighted(triples, weighting))
+        self.weighting = weighting
 
-    def _set(self, pixels, rng, count):
-        from edge_ti import latents as lat, objective
+    def _weighted(self, triples, weighting):
         from edge_ti.denoiser import Denoiser
-        latents = lat.encode_images(self.model, pixels)
-        T_train = int(self.model.scheduler_config.get("num_train_timesteps", 1000))
-        triples = objective.draw_triples(rng, count, len(latents), len(self.prompts), T_train, latents.shape[1:])
-        if self.weighting == "eps":  # what edge-ti's search minimizes on a v model (TrainSettings.loss_weighting)
+        if weighting == "eps":  # what edge-ti's search minimizes on a v model (TrainSettings.loss_weighting)
             triples.weight = Denoiser(self.model).eps_weight(triples.timesteps)
-        return latents, triples
+        return triples
 
     def loss(self, embeddings, on):
         """[P, n, D] -> [P]: each token's loss on the fresh or training set ON."""
@@ -119,8 +114,11 @@ def main():
     args = p.parse_args()
     import edge_ti
     from edge_ti import subspace
-    with open(os.path.join(args.work, "settings.json")) as f:
-        settings = {**json.load(f), "work": args.work}
+    try:
+        with open(os.path.join(args.work, "settings.json")) as f:
+            settings = {**json.load(f), "work": args.work}
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{args.work}: not a benchmarks/quality.py work folder ({err})") from None
     model = edge_ti.open_model(settings["onnx"], threads=args.threads)
     cap = subspace.max_row_norm(model.token_embeddings)
     rows = []

@@ -355,26 +355,33 @@ def child_train(spec):
                    "load_before": load0, "load_after": os.getloadavg()[0], **extra}, f)
 
 
+def heldout_set(model, concept, seed, images, triples):
+    """The held-out set of a (concept, seed): latents of IMAGES fresh images of the concept (not the training
+    images), the training's prompts with TOKEN, and TRIPLES fixed triples (the same for every method)."""
+    from PIL import Image
+
+    from edge_ti import latents as lat, objective
+    from edge_ti.train import TEMPLATES
+    drawn = draw_concept(concept, seed, images, salt=1)
+    latents = lat.encode_images(model, lat.load_images([Image.fromarray(im) for im in drawn], model.resolution))
+    prompts = [t.format(TOKEN) for t in TEMPLATES["object" if concept.kind == "object" else "style"]]
+    T_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
+    fixed = objective.draw_triples(np.random.default_rng([seed, concept.index, 2]), triples, len(latents),
+                                   len(prompts), T_train, latents.shape[1:])
+    return latents, prompts, fixed                                                # (K, C, h, w), [str], Triples
+
+
 def child_eval(spec):
     """Accuracy and held-out loss of every snapshot of every method of one (concept, seed)."""
     import edge_ti
-    from edge_ti import latents as lat, objective
+    from edge_ti import objective
     from edge_ti.denoiser import Denoiser
     from edge_ti.generate import generate
     from edge_ti.shapes.analyzer import analyze
-    from edge_ti.train import TEMPLATES
     concept = concept_of(spec)
     model = edge_ti.open_model(spec["onnx"], threads=spec["threads"])
-    # held-out: fresh images of the concept, a fixed set of triples (the same for every method)
-    images = draw_concept(concept, spec["seed"], spec["heldout_images"], salt=1)
-    from PIL import Image
-    pixels = lat.load_images([Image.fromarray(im) for im in images], model.resolution)
-    latents = lat.encode_images(model, pixels)                                   # (K, C, h, w)
-    templates = TEMPLATES["object" if concept.kind == "object" else "style"]
-    prompts = [t.format(TOKEN) for t in templates]
-    T_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
-    triples = objective.draw_triples(np.random.default_rng([spec["seed"], concept.index, 2]),
-                                     spec["heldout_triples"], len(latents), len(prompts), T_train, latents.shape[1:])
+    latents, prompts, triples = heldout_set(model, concept, spec["seed"], spec["heldout_images"],
+                                            spec["heldout_triples"])
 
     def heldout(embeddings):                                                     # [P, n, D] -> [P]
         ids = model.tokenize(prompts, {TOKEN: embeddings[0]})
