@@ -38,26 +38,25 @@ class Unit:
 
     def __init__(self, model, settings, unit, weighting="model"):
         from edge_ti import latents as lat, objective
-        self.model, self.unit = model, unit
+        self.model, self.unit, self.weighting = model, unit, weighting
         concept = quality.concept_of({"concept": unit["concept"], "concept_seed": settings.get("concept_seed"),
                                       "concept_kind": settings.get("concept_kind", "object")})
         self.kind = concept.kind
         self.run = os.path.join(settings["work"], "runs", f"{unit['concept']}-{unit['seed']}")
         latents, self.prompts, triples = quality.heldout_set(model, concept, unit["seed"], settings["heldout_images"],
                                                              settings["heldout_triples"])
-        self.fresh = (latents, self._weighted(triples, weighting))
+        self.fresh = (latents, self._weighted(triples))
         folder = os.path.join(self.run, "images")
         latents = lat.encode_images(model, lat.load_images([os.path.join(folder, f) for f in sorted(os.listdir(folder))],
                                                            model.resolution, flip=True))
         T_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
         triples = objective.draw_triples(np.random.default_rng([unit["seed"], concept.index, 3]), TRAINING_TRIPLES,
                                          len(latents), len(self.prompts), T_train, latents.shape[1:])
-        self.training = (latents, self._weighted(triples, weighting))
-        self.weighting = weighting
+        self.training = (latents, self._weighted(triples))
 
-    def _weighted(self, triples, weighting):
+    def _weighted(self, triples):
         from edge_ti.denoiser import Denoiser
-        if weighting == "eps":  # what edge-ti's search minimizes on a v model (TrainSettings.loss_weighting)
+        if self.weighting == "eps":  # what edge-ti's search minimizes on a v model (TrainSettings.loss_weighting)
             triples.weight = Denoiser(self.model).eps_weight(triples.timesteps)
         return triples
 
