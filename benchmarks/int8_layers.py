@@ -78,7 +78,7 @@ def generations(model, count, seed):
     from edge_ti.train import OBJECT_TEMPLATES
     rng = np.random.default_rng(seed)
     out = []
-    shapes = ["star", "hexagon", "triangle", "cross"]
+    shapes = ["star", "diamond", "triangle", "cross"]
     for g in range(count):
         shape = shapes[g % len(shapes)]
         images = [Image.fromarray(i) for i in concept_images(6, rng, shape=shape, pattern="dotted")]

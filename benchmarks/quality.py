@@ -76,8 +76,8 @@ CONCEPTS = [
     Concept("dotted-blue-star", "object", {"shape": "star", "color": "blue", "pattern": "dotted"}, "star"),
     Concept("big-yellow-circle-gray", "object",
             {"shape": "circle", "color": "yellow", "size": "big", "background": "gray"}, "circle"),
-    Concept("striped-red-hexagon-left", "object",
-            {"shape": "hexagon", "color": "red", "pattern": "striped", "position": "left"}, "hexagon"),
+    Concept("striped-red-diamond-left", "object",  # striped-red-hexagon-left before the diamond (2026-12-02)
+            {"shape": "diamond", "color": "red", "pattern": "striped", "position": "left"}, "diamond"),
     # a trained (shape, color) pair, 4 attributes: the control
     Concept("big-dotted-pink-cross", "object",
             {"shape": "cross", "color": "pink", "size": "big", "pattern": "dotted"}, "cross"),

@@ -23,7 +23,8 @@ CONCEPT = {"shape": "star", "color": "blue", "pattern": "striped"}
 INIT_WORD = "star"
 TOKEN = "<concept>"
 # candidate evaluations: on a v-prediction shapes model 1000 never reached the blue (0-19% of generations,
-# 3 seeds) and 3000 did in every seed; on the shipped one 3000 reaches the stripes (models.md). ~1.5 min
+# 3 seeds) and 3000 did in every seed; on the shipped one 3000 reach the stripes, and the blue in one seed
+# of 3 (models.md). 30-60 s on 2 cores
 BUDGET = 3000
 # prompt templates in the world's caption style ("a small striped red star on the left, black
 # background"): the token stands where the pattern, color and shape words would be

@@ -94,12 +94,15 @@ def _template_geometry(shape):
     return area / r ** 2, (offset[0] / r, offset[1] / r)
 
 
-def _fit_shape(silhouette):
-    """The best template for a soft silhouette [32, 32]: (iou, shape, cx, cy, r, angle)."""
+def shape_fits(silhouette):
+    """Each shape's best template for a soft silhouette [32, 32]: {shape: (iou, cx, cy, r, angle)}.
+
+    How far the true shape's iou stands above the others' is how confusable the shapes are (a test keeps it).
+    """
     area = silhouette.sum()
     y, x = np.mgrid[0:world.SIZE, 0:world.SIZE] + 0.5
     mx, my = (silhouette * x).sum() / area, (silhouette * y).sum() / area      # silhouette centroid
-    best = None
+    fits = {}
     for shape in world.SHAPES:
         unit_area, (ox, oy) = _template_geometry(shape)
         r = math.sqrt(area / unit_area)
@@ -107,10 +110,16 @@ def _fit_shape(silhouette):
             c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
             cx, cy = mx - r * (ox * c - oy * s), my - r * (ox * s + oy * c)  # the centroid offset, rotated
             template = world.soft_mask(shape, cx, cy, r, angle)              # [32, 32]
-            iou = np.minimum(template, silhouette).sum() / np.maximum(template, silhouette).sum()
-            if best is None or iou > best[0]:
-                best = (float(iou), shape, cx, cy, r, angle)
-    return best
+            iou = float(np.minimum(template, silhouette).sum() / np.maximum(template, silhouette).sum())
+            if shape not in fits or iou > fits[shape][0]:
+                fits[shape] = (iou, cx, cy, r, angle)
+    return fits
+
+
+def _fit_shape(silhouette):
+    """The best template for a soft silhouette [32, 32]: (iou, shape, cx, cy, r, angle)."""
+    shape, (iou, cx, cy, r, angle) = max(shape_fits(silhouette).items(), key=lambda item: item[1][0])
+    return iou, shape, cx, cy, r, angle
 
 
 def _soft_iou(a, b):
