@@ -115,7 +115,7 @@ def _outline(shape, cx, cy, r, angle):
     elif shape == "diamond":  # a rhombus on its point, 1.1 tall, 0.9 wide. It replaced a hexagon, which at
         # 13 px differs from a circle by a few edge pixels: the analyzer's template-fit margin between the
         # two was 0.03, the diamond's from every other shape is 0.12 (mean, small; the square's 0.12), and
-        # the models trained on it drew circle for hexagon and back. Narrower diamonds leave too little
+        # the model trained on that world drew circle for hexagon and back. Narrower diamonds leave too little
         # room for dots in a small one (0.72 wide: pattern read back from VAE reconstructions 0.81, 0.9: 0.95)
         local = [(0.0, -1.1), (0.9, 0.0), (0.0, 1.1), (-0.9, 0.0)]
     elif shape == "cross":  # a plus sign: arms 0.4 half-wide (room for a dot in a small one's), 0.95 long
