@@ -25,6 +25,8 @@ fixed and the others random. On the same model, images and seed:
                     whose code was not kept is in benchmarks/results/patches/ (its units still report)
     edge-ti:defaults-10s and its *-10s neighbours (ANCHORED)   the defaults of today at 10 s, and one change
                     each to them (quality.md, run 12's held-out loss)
+    edge-ti:noclip-defaults   the defaults without the CLIP refinement (quality.md, run 13); `--paired-with edge-ti`
+                    pairs a variant with the main units' edge-ti
 
 Every training runs in its own subprocess (its peak RSS from os.wait4: the rusage of that child
 alone, which is getrusage(RUSAGE_CHILDREN) of a parent with one child), with the same thread count
@@ -213,6 +215,8 @@ METHODS = {
     "edge-ti:gn-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "optimizer": "gauss-newton", "eval_every": 3}},
     "edge-ti:vloss-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "loss_weighting": "model"}},
     "edge-ti:vloss-defaults": {"kind": "edge-ti", "settings": {"loss_weighting": "model"}},   # at --time
+    # stop 36, on the fourth model: the defaults without the CLIP refinement (anchored), paired with run 13's edge-ti
+    "edge-ti:noclip-defaults": {"kind": "edge-ti", "settings": {"clip_refine": 0}},   # at --time
     "edge-ti:clip-only-500": {"kind": "edge-ti", "settings": {"clip_refine": 500, "budget": 20}},
     "edge-ti:clip-only-8k": {"kind": "edge-ti", "settings": {"clip_refine": 8000, "budget": 20}},
 }
@@ -220,7 +224,7 @@ METHODS = {
 # default (stop 33): it stays what it measured
 ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-10s", "edge-ti:s1-10s",
             "edge-ti:p10t8-10s", "edge-ti:dim16-10s", "edge-ti:dim32-10s", "edge-ti:ho128-10s", "edge-ti:gn-10s",
-            "edge-ti:vloss-10s", "edge-ti:vloss-defaults")
+            "edge-ti:vloss-10s", "edge-ti:vloss-defaults", "edge-ti:noclip-defaults")
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in ANCHORED:
         _method["settings"].setdefault("anchor", False)
@@ -746,8 +750,9 @@ def ablation_vs_main(units):
 
 def ablation_vs_control(units, control="edge-ti:control"):
     """Each variant against CONTROL (edge-ti:control: the defaults, run in the same period; --paired-with names
-    another), paired by (concept, seed): accuracy difference, held-out loss change from the init and from the
-    control's, in percent; over all pairs, then per kind of concept where a variant ran on both."""
+    another, or a main method such as edge-ti: its main units' runs), paired by (concept, seed): accuracy difference,
+    held-out loss change from the init and from the control's, in percent; over all pairs, then per kind of concept
+    where a variant ran on both."""
     runs = {}                                                  # (concept, seed) -> {method: row}
     init, kind = {}, {}                                        # (concept, seed) -> the init's held-out loss, kind
     for unit in units:
@@ -755,6 +760,8 @@ def ablation_vs_control(units, control="edge-ti:control"):
         kind[key] = unit["kind"]
         if unit["group"] == "main":
             init[key] = unit["eval"]["init"]["heldout"][0]
+            if control in MAIN and control in unit_rows(unit):  # a main method as the control: its main run
+                runs.setdefault(key, {})[control] = unit_rows(unit)[control]
             continue
         for method, row in unit_rows(unit).items():
             if method not in ("init", "oracle"):
