@@ -760,8 +760,9 @@ def ablation_vs_control(units, control="edge-ti:control"):
         kind[key] = unit["kind"]
         if unit["group"] == "main":
             init[key] = unit["eval"]["init"]["heldout"][0]
-            if control in MAIN and control in unit_rows(unit):  # a main method as the control: its main run
-                runs.setdefault(key, {})[control] = unit_rows(unit)[control]
+            main_rows = unit_rows(unit)
+            if control in MAIN and control in main_rows:  # a main method as the control: its main run
+                runs.setdefault(key, {})[control] = main_rows[control]
             continue
         for method, row in unit_rows(unit).items():
             if method not in ("init", "oracle"):
