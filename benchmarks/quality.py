@@ -14,7 +14,8 @@ fixed and the others random. On the same model, images and seed:
                     1 searched vector + the init word's, kept: the anchor, since stop 33; styles: + the images'
                     CLIP init, kept, since stop 34)
     gradient        export/gradient_ti.py: diffusers' textual-inversion recipe (AdamW on the token rows);
-                    gradient:anchor: the same with edge-ti's anchor (a 2nd vector, the init word's, kept)
+                    gradient:anchor: the same with edge-ti's anchor (a 2nd vector, the init word's, kept);
+                    gradient:capped: its rows kept within the vocabulary's longest row (edge-ti's norm cap)
     init            the init word's embedding alone (what both methods start from)
     oracle          the concept's caption words' own token embeddings as a multi-vector token
     edge-ti:prior, edge-ti:full, edge-ti:3vec, edge-ti:fixed   (ablations; maybe on fewer seeds)
@@ -149,6 +150,9 @@ METHODS = {
     "gradient": {"kind": "gradient", "settings": {}},
     # gradient TI with edge-ti's anchor (the init word's embedding as a 2nd vector, kept): what the anchor gives it
     "gradient:anchor": {"kind": "gradient", "settings": {"anchor": True}},
+    # gradient TI kept within the vocabulary's longest row after every step (edge-ti's norm cap): what the cap costs
+    # it; `--paired-with gradient` pairs it with the main units' gradient TI
+    "gradient:capped": {"kind": "gradient", "settings": {"norm_cap": True}},
     "edge-ti:prior": {"kind": "edge-ti", "settings": {"subspace": "prior"}},
     "edge-ti:full": {"kind": "edge-ti", "settings": {"subspace": "full"}},
     "edge-ti:3vec": {"kind": "edge-ti", "settings": {"vectors": 3}},

@@ -53,6 +53,8 @@ class GradientSettings:
     flip: bool = True             # random horizontal flip, p = 0.5 (the script's --flip_p 0.5)
     threads: int = 1              # torch threads: the benchmark gives onnxruntime the same number
     anchor: bool = False          # one more vector after the learned ones, the init word's, kept (not trained)
+    norm_cap: bool = False        # after each step, shorten a token row longer than the vocabulary's longest row to
+                                  # it (projected gradient descent): edge-ti's cap, to measure what it costs
 
 
 @dataclass
@@ -185,6 +187,7 @@ def train(diffusers_dir, images, token, init_word=None, init_embedding=None, set
     if settings.anchor:  # the anchor row is restored with the vocabulary's: it stays the init word's
         keep[ids[-1]] = True
     init = original[ids].numpy().copy()                                   # (n, D)
+    max_norm = float(original[:min(ids)].norm(dim=1).max())               # the vocabulary's longest row
 
     # 2. freeze all but the token-embedding table; AdamW on it
     vae.requires_grad_(False)
@@ -229,6 +232,9 @@ def train(diffusers_dir, images, token, init_word=None, init_embedding=None, set
         optimizer.zero_grad()
         with torch.no_grad():  # 4. every row but the placeholders' back to the original
             table[keep] = original[keep]
+            if settings.norm_cap:  # the learned rows back onto the ball edge-ti's search stays in
+                norms = table[ids].norm(dim=1, keepdim=True)
+                table[ids] = table[ids] * torch.clamp(max_norm / norms, max=1.0)
         step += 1
         elapsed = time.perf_counter() - start
         losses.append(float(loss.detach()))

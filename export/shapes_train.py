@@ -12,6 +12,9 @@ The recipe is the one of diffusers' train_text_to_image.py shrunk to 32 px:
 1. draw a fixed training set with edge_ti.shapes.draw (the HELD_OUT combinations never appear);
 2. the VAE (AutoencoderKL, 32 -> 8x8x4) on reconstruction + a small KL term; its
    scaling_factor makes the scaled latents of the training set unit-variance (as SD's 0.18215);
+   with --vae-decoder-steps N, N more steps of the decoder alone (the encoder frozen, so the latents,
+   and a UNet trained on them, stay valid: as SD's ft-MSE VAE); with --vae DIR the VAE of an earlier run
+   (the shipped model's decoder: --vae OLD --init-from OLD_DIFFUSERS --unet-steps 0 --vae-decoder-steps 1500);
 3. the CLIP BPE tokenizer: the 256 byte symbols, every caption word and a few hundred common
    English words fully merged (so `--init-word` and a PCA over the vocabulary mean something);
 4. the text encoder (CLIPTextModel) and the UNet (UNet2DConditionModel with cross-attention)
@@ -92,6 +95,8 @@ class TrainConfig:
     vae_lr: float = 2e-3           # constant after a 50-step warmup (the stopping step is not known ahead)
     vae_fg_weight: float = 3.0     # loss weight of shape pixels against background ones
     vae_kl: float = 1e-6           # small: a near-deterministic autoencoder; scaling_factor fixes the scale
+    vae_decoder_steps: int = 0     # then the decoder alone, the encoder frozen (finetune_decoder): the latents stay
+    vae_decoder_lr: float = 5e-4   # cosine from this, 50 steps of warmup
     # text encoder: CLIPTextModel, hidden 64, 3 layers
     text_hidden: int = 64
     text_layers: int = 3
@@ -265,6 +270,24 @@ def lr_at(step, total, base, warmup):
 
 
 # ---------------------------------------------------------------- training stages
+def pixel_weights(x_all, fg_weight):
+    """[N, 3, H, W] in [-1, 1] -> [N, 1, H, W] loss weights: pixels of the shape and around it (its pattern's holes
+    included) weigh FG_WEIGHT: a shape covers 5-30% of an image, and a plain loss learns the background long before
+    the shapes."""
+    border = torch.cat([x_all[:, :, 0], x_all[:, :, -1], x_all[:, :, :, 0], x_all[:, :, :, -1]], dim=2)  # [N, 3, 128]
+    bg = border.median(dim=2).values[..., None, None]                           # [N, 3, 1, 1]
+    shape_px = ((x_all - bg).abs().amax(dim=1, keepdim=True) > 0.1).float()     # [N, 1, 32, 32]
+    near = F.max_pool2d(shape_px, kernel_size=5, stride=1, padding=2)           # 2 px around: holes too
+    return 1 + (fg_weight - 1) * near
+
+
+def vae_check_set(seed):
+    """(attributes, uint8 images [200, 32, 32, 3]) of the whole world, held-out pairs included: the VAE's checks."""
+    rng = np.random.default_rng(seed + 1)
+    attributes = [world.sample_attributes(rng, exclude=()) for _ in range(200)]
+    return attributes, np.stack([world.draw(a, rng) for a in attributes])
+
+
 def train_vae(cfg, images, gen):
     """AutoencoderKL on weighted L1 + MSE + cfg.vae_kl * KL, until the analyzer reads its reconstructions.
 
@@ -281,16 +304,8 @@ def train_vae(cfg, images, gen):
     vae.to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     x_all = to_tensor(images)                                                   # [N, 3, 32, 32]
-    # pixels of the shape and around it (its pattern's holes included) weigh cfg.vae_fg_weight: a
-    # shape covers 5-30% of an image, and a plain loss learns the background long before the shapes
-    border = torch.cat([x_all[:, :, 0], x_all[:, :, -1], x_all[:, :, :, 0], x_all[:, :, :, -1]], dim=2)  # [N, 3, 128]
-    bg = border.median(dim=2).values[..., None, None]                           # [N, 3, 1, 1]
-    shape_px = ((x_all - bg).abs().amax(dim=1, keepdim=True) > 0.1).float()     # [N, 1, 32, 32]
-    near = F.max_pool2d(shape_px, kernel_size=5, stride=1, padding=2)           # 2 px around: holes too
-    w_all = 1 + (cfg.vae_fg_weight - 1) * near                                  # [N, 1, 32, 32]
-    rng = np.random.default_rng(cfg.seed + 1)
-    check_attributes = [world.sample_attributes(rng, exclude=()) for _ in range(200)]
-    check_images = np.stack([world.draw(a, rng) for a in check_attributes])   # [200, 32, 32, 3]
+    w_all = pixel_weights(x_all, cfg.vae_fg_weight)                            # [N, 1, 32, 32]
+    check_attributes, check_images = vae_check_set(cfg.seed)
     t0 = time.time()
     for step in range(cfg.vae_max_steps):
         for group in opt.param_groups:
@@ -315,6 +330,44 @@ def train_vae(cfg, images, gen):
             if accuracy["all"] >= cfg.vae_target:
                 break
     return vae.eval()
+
+
+def finetune_decoder(cfg, vae, images, gen):
+    """cfg.vae_decoder_steps more steps of train_vae's loss on the decoder alone, the encoder frozen: the latents
+    (what the UNet learns to draw) stay exactly as they were, only how they are drawn in pixels improves (as SD's
+    ft-MSE VAE, whose decoder alone was fine-tuned to stay a drop-in replacement). Cosine from cfg.vae_decoder_lr."""
+    device = torch.device(cfg.device)
+    vae.to(device).eval()
+    vae.requires_grad_(False)
+    decoder = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    for p in decoder:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(decoder, lr=cfg.vae_decoder_lr, weight_decay=0.0)
+    x_all = to_tensor(images)                                                   # [N, 3, 32, 32]
+    w_all = pixel_weights(x_all, cfg.vae_fg_weight)
+    check_attributes, check_images = vae_check_set(cfg.seed)
+    vae.decoder.train()
+    t0 = time.time()
+    for step in range(cfg.vae_decoder_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.vae_decoder_steps, cfg.vae_decoder_lr, 50)
+        index = torch.randint(len(x_all), (cfg.vae_batch,), generator=gen)
+        x, weight = x_all[index].to(device), w_all[index].to(device)            # [B, 3, 32, 32], [B, 1, 32, 32]
+        with torch.no_grad():
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
+        error = vae.decode(z).sample - x
+        loss = (weight * (error.abs() + error ** 2)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            log.info("vae decoder step %d loss %.4f (%.0f s)", step + 1, loss.item(), time.time() - t0)
+    vae.eval().requires_grad_(False)
+    accuracy = analyzer.accuracy(reconstruct(vae, check_images), check_attributes)
+    log.info("vae decoder: %d steps; analyzer on reconstructions %s", cfg.vae_decoder_steps,
+             {k: round(v, 3) for k, v in accuracy.items()})
+    return vae
 
 
 @torch.no_grad()
@@ -608,6 +661,8 @@ def train(out, cfg, vae_dir=None, init_from=None):
         log.info("vae: loaded from %s", vae_dir)
     else:
         vae = train_vae(cfg, images, *_stage_random(cfg.seed)[:1])
+    if cfg.vae_decoder_steps:  # the encoder is frozen: the latents below are the same with or without it
+        vae = finetune_decoder(cfg, vae, images, _stage_random(cfg.seed + 3)[0])
     means, stds = encode_all(vae, images)                                       # [N, 4, 8, 8] each
     scaling_factor = float(1 / means.std())
     vae.register_to_config(scaling_factor=scaling_factor)
@@ -680,6 +735,8 @@ def recipe_problem(cfg, init_from=None):
         return "--clip-text locked trains a CLIP: it needs --clip-steps > 0"
     if init_from and cfg.text_encoder == "clip":
         return "--init-from continues a run that trained its own text encoder: not with --text-encoder clip"
+    if cfg.vae_decoder_steps < 0 or not cfg.vae_decoder_lr > 0:
+        return "--vae-decoder-steps must be >= 0 (0: none) and --vae-decoder-lr > 0"
     if cfg.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda: torch sees no CUDA device here"
     return start_problem(init_from, cfg) if init_from else None

@@ -67,3 +67,20 @@ def test_anchor_keeps_the_init_words_row(tiny_sd, concept_dir):
     assert learned.shape[0] == 2
     np.testing.assert_array_equal(learned[1], result.init[1])     # the anchor: the word's row, untouched
     assert not np.allclose(learned[0], result.init[0])           # the searched row moved
+
+
+def test_norm_cap_keeps_the_token_within_the_vocabularys_longest_row(tiny_sd, concept_dir):
+    """GradientSettings(norm_cap=True): a step that would leave the vocabulary's norms is projected back; without it
+    the same steps leave them (so the test can fail)."""
+    source, _ = tiny_sd
+    lengths = {}
+    for cap in (False, True):
+        components = gradient_ti.load_components(source)
+        table = components["text_encoder"].get_input_embeddings().weight.detach()
+        longest = float(table.norm(dim=1).max())
+        settings = gradient_ti.GradientSettings(vectors=2, batch=2, max_steps=3, lr=5.0, seed=0, norm_cap=cap)
+        result = gradient_ti.train(source, [concept_dir], "<t>", init_word="cat", settings=settings,
+                                   components=components)
+        lengths[cap] = np.linalg.norm(result.embedding["<t>"], axis=1) / longest
+    assert lengths[False].max() > 1.01
+    assert lengths[True].max() <= 1 + 1e-5 and lengths[True].max() > 0.99

@@ -194,6 +194,10 @@ def test_shapes_train_reads_unet_channels():
     ("--clip-text", "frozen", "invalid choice: 'frozen'"),
     ("--text-encoder clip --clip-text", "locked", "--clip-text locked gives the CLIP the model's own text encoder"),
     ("--clip-text locked --clip-steps", "0", "--clip-text locked trains a CLIP: it needs --clip-steps > 0"),
+    ("--vae-decoder-steps", "-1", "--vae-decoder-steps must be >= 0 (0: none) and --vae-decoder-lr > 0"),
+    ("--vae-decoder-lr", "0", "--vae-decoder-steps must be >= 0 (0: none) and --vae-decoder-lr > 0"),
+    ("--vae-decoder-lr", "nan", "--vae-decoder-steps must be >= 0 (0: none) and --vae-decoder-lr > 0"),
+    ("--vae-decoder-steps", "many", "invalid int value"),
 ])
 def test_shapes_train_refuses_bad_recipe_flags_before_any_work(flag, value, message, tmp_path, capsys, monkeypatch):
     import torch
@@ -246,6 +250,25 @@ def test_shapes_train_continues_an_earlier_run(tmp_path):
     assert all(torch.isfinite(v).all() for v in after.values())
     with open(tmp_path / "second" / "train.json") as f:
         assert json.load(f)["init_from"] == first
+
+
+def test_decoder_fine_tuning_keeps_the_encoder(tmp_path):
+    """--vae-decoder-steps: the decoder moves, the encoder (and so every latent a UNet learned) stays bit-equal."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from edge_ti_export import shapes_train
+    vae = os.path.join(SHIPPED_DIFFUSERS, "vae")
+    cfg = shapes_train.TrainConfig(n_images=100, unet_steps=0, clip_steps=0, eval_prompts=0, vae_batch=8,
+                                   vae_decoder_steps=2, vae_decoder_lr=1e-3)
+    shapes_train.train(str(tmp_path / "run"), cfg, vae_dir=vae)
+    before = AutoencoderKL.from_pretrained(vae).state_dict()
+    after = AutoencoderKL.from_pretrained(str(tmp_path / "run" / "diffusers" / "vae")).state_dict()
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and decoder and len(encoder) + len(decoder) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in encoder)
+    assert sum(float((after[k] - before[k]).abs().sum()) for k in decoder) > 0
 
 
 def test_locked_clip_text_tower_is_the_text_encoder(tmp_path):
