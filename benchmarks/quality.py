@@ -26,6 +26,7 @@ fixed and the others random. On the same model, images and seed:
                     whose code was not kept is in benchmarks/results/patches/ (its units still report)
     edge-ti:defaults-10s and its *-10s neighbours (ANCHORED)   the defaults of today at 10 s, and one change
                     each to them (quality.md, run 12's held-out loss)
+    edge-ti:t64-g30   the defaults with 64 triples per generation for 30 generations (quality.md, run 14)
     edge-ti:noclip-defaults   the defaults without the CLIP refinement (quality.md, run 13); `--paired-with edge-ti`
                     pairs a variant with the main units' edge-ti
 
@@ -221,6 +222,9 @@ METHODS = {
     "edge-ti:vloss-defaults": {"kind": "edge-ti", "settings": {"loss_weighting": "model"}},   # at --time
     # stop 36, on the fourth model: the defaults without the CLIP refinement (anchored), paired with run 13's edge-ti
     "edge-ti:noclip-defaults": {"kind": "edge-ti", "settings": {"clip_refine": 0}},   # at --time
+    # stop 37: the defaults with a ranking close to exact (64 triples per generation, 16x the samples) for 30
+    # generations, whatever the time: how far the search gets when noise is not what limits it (an upper bound)
+    "edge-ti:t64-g30": {"kind": "edge-ti", "settings": {"triples": 64, "budget": 600, "max_time": 1800}},
     "edge-ti:clip-only-500": {"kind": "edge-ti", "settings": {"clip_refine": 500, "budget": 20}},
     "edge-ti:clip-only-8k": {"kind": "edge-ti", "settings": {"clip_refine": 8000, "budget": 20}},
 }
@@ -228,7 +232,7 @@ METHODS = {
 # default (stop 33): it stays what it measured
 ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-10s", "edge-ti:s1-10s",
             "edge-ti:p10t8-10s", "edge-ti:dim16-10s", "edge-ti:dim32-10s", "edge-ti:ho128-10s", "edge-ti:gn-10s",
-            "edge-ti:vloss-10s", "edge-ti:vloss-defaults", "edge-ti:noclip-defaults")
+            "edge-ti:vloss-10s", "edge-ti:vloss-defaults", "edge-ti:noclip-defaults", "edge-ti:t64-g30")
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in ANCHORED:
         _method["settings"].setdefault("anchor", False)
