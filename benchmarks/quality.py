@@ -29,6 +29,8 @@ fixed and the others random. On the same model, images and seed:
     edge-ti:t64-g30   the defaults with 64 triples per generation for 30 generations (quality.md, run 14)
     edge-ti:noclip-defaults   the defaults without the CLIP refinement (quality.md, run 13); `--paired-with edge-ti`
                     pairs a variant with the main units' edge-ti
+    edge-ti:t2-10s, t1-10s, p10t2-10s, p6t2-10s, p10t1-10s   fewer candidates (pN) and samples (tN) per generation
+                    at 10 s, the held-out check every 400 UNet samples (quality.md, run 15: p10t2 became the defaults)
 
 Every training runs in its own subprocess (its peak RSS from os.wait4: the rusage of that child
 alone, which is getrusage(RUSAGE_CHILDREN) of a parent with one child), with the same thread count
@@ -225,6 +227,17 @@ METHODS = {
     # stop 37: the defaults with a ranking close to exact (64 triples per generation, 16x the samples) for 30
     # generations, whatever the time: how far the search gets when noise is not what limits it (an upper bound)
     "edge-ti:t64-g30": {"kind": "edge-ti", "settings": {"triples": 64, "budget": 600, "max_time": 1800}},
+    # stop 38: if a generation's progress, not its ranking's noise, is what limits the search (t64-g30), fewer
+    # samples per generation buy more generations in the same time; the held-out checks kept at the same share of
+    # the samples (every 400: 5 generations of 20 x 4)
+    "edge-ti:t2-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "triples": 2, "eval_every": 10}},
+    "edge-ti:t1-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "triples": 1, "eval_every": 20}},
+    "edge-ti:p10t2-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "popsize": 10, "triples": 2,
+                                                          "eval_every": 20}},
+    "edge-ti:p6t2-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "popsize": 6, "triples": 2,
+                                                         "eval_every": 33}},
+    "edge-ti:p10t1-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "popsize": 10, "triples": 1,
+                                                          "eval_every": 40}},
     "edge-ti:clip-only-500": {"kind": "edge-ti", "settings": {"clip_refine": 500, "budget": 20}},
     "edge-ti:clip-only-8k": {"kind": "edge-ti", "settings": {"clip_refine": 8000, "budget": 20}},
 }
@@ -232,10 +245,20 @@ METHODS = {
 # default (stop 33): it stays what it measured
 ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-10s", "edge-ti:s1-10s",
             "edge-ti:p10t8-10s", "edge-ti:dim16-10s", "edge-ti:dim32-10s", "edge-ti:ho128-10s", "edge-ti:gn-10s",
-            "edge-ti:vloss-10s", "edge-ti:vloss-defaults", "edge-ti:noclip-defaults", "edge-ti:t64-g30")
+            "edge-ti:vloss-10s", "edge-ti:vloss-defaults", "edge-ti:noclip-defaults", "edge-ti:t64-g30",
+            "edge-ti:t2-10s", "edge-ti:t1-10s", "edge-ti:p10t2-10s", "edge-ti:p6t2-10s", "edge-ti:p10t1-10s")
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in ANCHORED:
         _method["settings"].setdefault("anchor", False)
+# the defaults of today, and the variants of stop 38 that set their own generations; every other CMA-ES variant was
+# measured with the generations of before (20 candidates x 4 samples, a check every 5): it stays what it measured
+TODAYS_GENERATIONS = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:t2-10s", "edge-ti:t1-10s",
+                      "edge-ti:p10t2-10s", "edge-ti:p6t2-10s", "edge-ti:p10t1-10s")
+for _name, _method in METHODS.items():
+    if (_method["kind"] == "edge-ti" and _name not in TODAYS_GENERATIONS
+            and _method["settings"].get("optimizer", "cma") == "cma"):
+        for _key, _value in (("popsize", 20), ("triples", 4), ("eval_every", 5)):
+            _method["settings"].setdefault(_key, _value)
 MAIN = ["edge-ti", "gradient"]
 ABLATIONS = ["edge-ti:prior", "edge-ti:full", "edge-ti:3vec", "edge-ti:fixed"]
 

@@ -410,7 +410,7 @@ def _duration(text):
               show_default=True, help="cma: CMA-ES ranks each generation's losses; gauss-newton: probes around one "
               "point, every generation's predictions summed into one quadratic model")
 @click.option("--popsize", type=click.IntRange(2), default=None,
-              help="candidates per generation [cma 20; gauss-newton 9: the point and 8 probes]")
+              help="candidates per generation [cma 10; gauss-newton 9: the point and 8 probes]")
 @click.option("--sigma", type=POSITIVE, default=None,
               help="CMA-ES step size [0.5 in z; 0.5*std(table) for full]; gauss-newton's probe distance [0.25]")
 @click.option("--prior", type=POSITIVE, default=TrainSettings.prior, show_default=True,
@@ -420,7 +420,8 @@ def _duration(text):
               help="candidate evaluations; 0: no limit (then --max-time or --patience stops the run)")
 @click.option("--max-time", default=None, help="wall-time limit, e.g. 30m")
 @click.option("--triples", type=click.IntRange(1), default=None,
-              help="(latent, prompt, timestep, noise) samples per generation, shared by all candidates [4]")
+              help="(latent, prompt, timestep, noise) samples per generation, shared by all candidates [cma 2; "
+                   "gauss-newton 4]")
 @click.option("--crn", type=click.Choice(["redraw", "fixed"]), default=TrainSettings.crn, show_default=True,
               help="common random numbers: new each generation, or fixed for the run")
 @click.option("--loss-weighting", type=click.Choice(["eps", "model"]), default=TrainSettings.loss_weighting,
@@ -436,6 +437,9 @@ def _duration(text):
                    "needs clip/); auto: word with --init-word and --template object, images with --template style "
                    "where there is a clip/; off: none")
 @click.option("--heldout-triples", type=click.IntRange(1), default=TrainSettings.heldout_triples, show_default=True)
+@click.option("--eval-every", type=click.IntRange(1), default=None,
+              help="generations between held-out checks [cma 20; gauss-newton 5; a run started before stop 38, "
+                   "whose checkpoint this version would not continue, used 5 with --popsize 20 --triples 4]")
 @click.option("--patience", type=click.IntRange(0), default=TrainSettings.patience, show_default=True,
               help="stop when the best held-out loss gained < 0.01%% over this many checks (0: never)")
 @click.option("--max-batch", type=click.IntRange(1), default=TrainSettings.max_batch,
@@ -462,7 +466,7 @@ def _duration(text):
 @click.option("--out", required=True, type=click.Path(), help="the embedding file to write (.safetensors)")
 def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, template, subspace, dim, optimizer,
           popsize, sigma, prior, budget, max_time, triples, crn, loss_weighting, clip_refine, anchor, heldout_triples,
-          patience, max_batch,
+          eval_every, patience, max_batch,
           resolution, no_flip, seed, threads, device, precision, workers, ray_address, worker_device, resume, restart,
           allow_vocabulary_token, out):
     """Learn TOKEN from IMAGES (files or folders) with forward passes only; write OUT."""
@@ -481,7 +485,8 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
         template = _read_lines(template, "prompt templates")
     settings = TrainSettings(vectors=vectors, template=template, subspace=subspace, dim=dim, optimizer=optimizer,
                              popsize=popsize, sigma=sigma, prior=prior, budget=budget, max_time=_duration(max_time),
-                             seed=seed, triples=triples, crn=crn, heldout_triples=heldout_triples, patience=patience,
+                             seed=seed, triples=triples, crn=crn, heldout_triples=heldout_triples,
+                             eval_every=eval_every, patience=patience,
                              max_batch=max_batch, resolution=resolution, flip=not no_flip,
                              loss_weighting=loss_weighting, clip_refine=clip_refine,
                              anchor={"on": "word", "off": False}.get(anchor, anchor))

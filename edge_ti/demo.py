@@ -23,9 +23,9 @@ CONCEPT = {"shape": "star", "color": "blue", "pattern": "striped"}
 INIT_WORD = "star"
 TOKEN = "<concept>"
 # candidate evaluations: on a v-prediction shapes model 1000 never reached the blue (0-19% of generations,
-# 3 seeds) and 3000 did in every seed; on the shipped one 3000 reach the stripes, and the blue in one seed
-# of 3 (models.md). 30-60 s on 2 cores
-BUDGET = 3000
+# 3 seeds) and 3000 did in every seed, in generations of 20 candidates x 4 samples; since stop 38 the search's
+# generations are 10 x 2, and 6000 of its evaluations are the same 12,000 UNet samples (models.md). ~1 min on 2 cores
+BUDGET = 6000
 # prompt templates in the world's caption style ("a small striped red star on the left, black
 # background"): the token stands where the pattern, color and shape words would be
 TEMPLATES = ["a {}", "a small {}", "a big {}", "a {} on the left", "a {} in the center", "a {} on the right",
@@ -94,7 +94,7 @@ def run(out_dir, budget=BUDGET, seed=0, n=16, steps=25, guidance=4.0, images=6, 
         save_png(image, os.path.join(out_dir, "concept", f"{i:02d}.png"))
     # the templates are object prompts (in the world's caption style), so the token keeps "star" as its anchor,
     # as --anchor auto does for --template object
-    settings = TrainSettings(template=TEMPLATES, budget=budget, seed=seed, popsize=20, anchor=True)
+    settings = TrainSettings(template=TEMPLATES, budget=budget, seed=seed, anchor=True)
     result = train(model, [Image.fromarray(x) for x in drawn], TOKEN, os.path.join(out_dir, "concept.safetensors"),
                    init_word=INIT_WORD, settings=settings, on_generation=on_generation,
                    resume="restart")  # the demo's folder is its own: a rerun learns again

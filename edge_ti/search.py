@@ -6,8 +6,8 @@
 The optimizer is CMA-ES (`cma`), zo-adam (edge_ti.zo_adam) or gauss-newton (edge_ti.gauss_newton,
 which is told each population's Gram matrix, population_gram_of_z, instead of its losses).
 
-The state is data: numbers, lists and arrays, written after every generation as a safetensors
-file (arrays) with a JSON header (the rest); nothing in it is code, and reading it back never
+The state is data: numbers, lists and arrays, written after a generation (every few seconds at most) as a
+safetensors file (arrays) with a JSON header (the rest); nothing in it is code, and reading it back never
 unpickles. The optimizer itself is not stored: it is a pure function of its seed and of the
 losses (gauss-newton: Gram matrices) it was told, so loading a checkpoint makes a new optimizer
 and tells it every recorded generation's losses again (a second or two per thousand generations).
@@ -19,7 +19,8 @@ its own numpy generator (its `randn` option), never numpy's global one.
 Early stop: every `eval_every` generations the optimizer's mean and the generation's best
 (gauss-newton: its point alone) are re-scored on the fixed held-out triples; the run stops when the
 best held-out loss is no more than `min_improvement` (relative) below what it was `patience`
-checks earlier.
+checks earlier. When a limit (budget, time) stops the search between two checks, the optimizer's mean is
+scored once more (`last_check`): the written token may be it, but the state, and so a resumed run, never is.
 """
 import hashlib
 import json
@@ -75,6 +76,9 @@ class SearchState:
     grams: list = field(default_factory=list)          # gauss-newton: each generation's Gram matrix as told (P, P)
     asked_digest: str = ""            # sha256 chain over the populations cma asked
     stop_reason: str = ""
+    # not saved: the optimizer's mean and its held-out loss, scored after the last generation when that was not a
+    # check (a run of a few generations would otherwise write its start); a resumed run goes on from the state above
+    last_check: tuple = None          # (z [dim], held-out loss) or None
 
     def __post_init__(self):
         if self.best_z is None:
@@ -177,21 +181,41 @@ def finished(state, es, limits):
 
 
 def run(state, population_loss_of_z, heldout_loss_of_z, limits, eval_every=5, checkpoint=None,
-        on_generation=None, population_gram_of_z=None):
-    """Search until a limit stops it; after every generation save the checkpoint and call
-    on_generation(record, state). Returns STATE with its stop_reason (resumed states continue).
+        on_generation=None, population_gram_of_z=None, checkpoint_every=0.0):
+    """Search until a limit stops it; after every generation call on_generation(record, state) and save the
+    checkpoint, at most every checkpoint_every seconds and after the last generation (a checkpoint holds the
+    whole history, so writing it after each of thousands of small generations costs O(generations^2); a kill
+    loses at most those seconds, and a resume from any checkpoint ends where the uninterrupted run does).
+    Returns STATE with its stop_reason (resumed states continue).
     population_gram_of_z(zs, generation) -> [P, P] scores the populations of gauss-newton."""
     es = replay(state, source=checkpoint or "checkpoint")
     if tells_gram(es) and population_gram_of_z is None:
         raise EdgeTIError(f"the {state.optimizer} search needs population_gram_of_z")
-    while not (reason := finished(state, es, limits)):
-        record = step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every, population_gram_of_z)
-        if checkpoint:
+    saved_at, saved = time.monotonic(), True
+    try:
+        while not (reason := finished(state, es, limits)):
+            record = step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every, population_gram_of_z)
+            saved = False
+            if checkpoint and time.monotonic() - saved_at >= checkpoint_every:
+                save_checkpoint(checkpoint, state)
+                saved_at, saved = time.monotonic(), True
+            if on_generation:
+                on_generation(record, state)
+    finally:  # the last generations too, on Ctrl-C or an error (STATE is whole between generations)
+        if checkpoint and not saved:
             save_checkpoint(checkpoint, state)
-        if on_generation:
-            on_generation(record, state)
     state.stop_reason = reason
+    if state.generation % eval_every:  # the generations since the last check would be lost to the result
+        z = np.array(es.result.xfavorite, np.float64)                    # (dim,): cma's mean, gauss-newton's point
+        state.last_check = (z, float(heldout_loss_of_z(z[None])[0]))
     return state
+
+
+def written_z(state):
+    """(z, held-out loss) of the token to write: the best checked candidate, or the last check's mean if better."""
+    if state.last_check is not None and state.last_check[1] < state.best_heldout:
+        return state.last_check
+    return state.best_z, state.best_heldout
 
 
 # ---- the checkpoint file: safetensors arrays + the rest as JSON in its metadata ----
@@ -201,7 +225,7 @@ _OPTIONAL_ARRAYS = ("grams",)       # written when not empty (gauss-newton)
 
 def save_checkpoint(path, state):
     """Atomic: a temp file renamed over the old checkpoint, so a kill never leaves half a file."""
-    fields_ = {k: v for k, v in asdict(state).items() if k not in _ARRAYS + _OPTIONAL_ARRAYS}
+    fields_ = {k: v for k, v in asdict(state).items() if k not in _ARRAYS + _OPTIONAL_ARRAYS + ("last_check",)}
     losses = (np.stack(state.losses) if state.losses else np.zeros((0, state.popsize))).astype(np.float64)
     arrays = {"best_z": np.ascontiguousarray(state.best_z, np.float64), "losses": losses}
     if state.grams:

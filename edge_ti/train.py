@@ -64,7 +64,7 @@ class TrainSettings:
     template: object = "object"   # "object", "style", or a list of templates with one {}
     subspace: str = "pca"         # pca | prior | full (see subspace.py)
     dim: int = 256                # intrinsic dimension per vector: the paper's 256 (capped at D)
-    popsize: int = None           # None: the optimizer's (OPTIMIZER_DEFAULTS; cma: the paper's 20)
+    popsize: int = None           # None: the optimizer's (OPTIMIZER_DEFAULTS; cma: 10, the paper's was 20)
     sigma: float = None           # CMA-ES step size in z; None: 0.5 for pca/prior, 0.5*std(table) for full
                                   # (gauss-newton: its probes' distance, 0.25)
     optimizer: str = "cma"        # cma | zo-adam: gradient estimates from antithetic pairs + Adam (zo_adam.py);
@@ -82,10 +82,11 @@ class TrainSettings:
     max_time: float = None        # seconds; None for no limit
     seed: int = 0
     triples: int = None           # (latent, prompt, timestep, noise) per generation, shared by all candidates;
-                                  # None: the optimizer's (cma: 4)
+                                  # None: the optimizer's (cma: 2)
     crn: str = "redraw"           # redraw the common random numbers each generation, or keep them fixed
     heldout_triples: int = 32     # the fixed held-out set that picks the result and decides early stop
-    eval_every: int = 5           # generations between held-out checks
+    eval_every: int = None        # generations between held-out checks; None: the optimizer's (cma: 20, a check
+                                  # every 400 UNet samples)
     patience: int = 10            # stop when 10 held-out checks gained less than min_improvement; 0 never
     min_improvement: float = 1e-4  # relative: the denoising loss is mostly irreducible noise, gains are small
     flip: bool = True             # add mirror images of the concept images (diffusers flips at random)
@@ -106,13 +107,15 @@ class TrainSettings:
         defaults = optimizer_defaults(self.optimizer)
         self.popsize = defaults["popsize"] if self.popsize is None else self.popsize
         self.triples = defaults["triples"] if self.triples is None else self.triples
+        self.eval_every = defaults["eval_every"] if self.eval_every is None else self.eval_every
 
 
-# what popsize, triples and sigma default to for each optimizer (benchmarks/results/optimizers.md)
+# what popsize, triples, sigma and eval_every default to for each optimizer (benchmarks/results/optimizers.md;
+# cma's popsize and triples: quality.md, run 15: half the candidates on half the triples, twice the generations)
 OPTIMIZER_DEFAULTS = {
-    "cma": {"popsize": 20, "triples": 4, "sigma": 0.5},
-    "zo-adam": {"popsize": 20, "triples": 4, "sigma": 0.5},
-    "gauss-newton": {"popsize": 9, "triples": 4, "sigma": 0.25},   # the point + 8 probes, each on 4 triples
+    "cma": {"popsize": 10, "triples": 2, "sigma": 0.5, "eval_every": 20},
+    "zo-adam": {"popsize": 20, "triples": 4, "sigma": 0.5, "eval_every": 5},
+    "gauss-newton": {"popsize": 9, "triples": 4, "sigma": 0.25, "eval_every": 5},  # the point + 8 probes, 4 triples
 }
 
 
@@ -268,8 +271,18 @@ def _write_log(path, history):
         f.writelines(json.dumps(r) + "\n" for r in history)
 
 
+def _append_log(path, record):
+    """One generation's line added to the log _write_log wrote (rewriting it all each time costs O(generations^2));
+    anything but the regular file it wrote is left alone, and the whole log is written again at the end."""
+    if os.path.isfile(path) and not os.path.islink(path):
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 RESUME_MODES = ("auto", "require", "restart")
 CURVE_EVERY = 30.0  # seconds between redraws of the loss curve during a run
+CHECKPOINT_EVERY = 5.0  # seconds between checkpoint writes during a run (and after its last generation; Ctrl-C
+                        # writes one too): a kill loses at most this much of the search
 
 
 def train(model, images, token, out, init_word=None, init_embedding=None, settings=None, resume="auto",
@@ -451,7 +464,7 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
     state, curve_written = None, [time.monotonic()]
 
     def after_generation(record, state):
-        _write_log(paths["log"], state.history)
+        _append_log(paths["log"], record)
         if time.monotonic() - curve_written[0] >= CURVE_EVERY:
             loss_curve(state.history, paths["curve"])
             curve_written[0] = time.monotonic()
@@ -470,8 +483,9 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
             fresh.heldout_evaluations += 1
             search.save_checkpoint(paths["checkpoint"], fresh)
             state = fresh
+        _write_log(paths["log"], state.history)  # a resumed run's generations so far; each new one is appended
         search.run(state, population_loss_of_z, heldout_loss_of_z, limits, settings.eval_every,
-                   checkpoint=paths["checkpoint"], on_generation=after_generation,
+                   checkpoint=paths["checkpoint"], on_generation=after_generation, checkpoint_every=CHECKPOINT_EVERY,
                    population_gram_of_z=population_gram_of_z)
     except KeyboardInterrupt:
         if state is None:
@@ -561,19 +575,21 @@ def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, 
     curve. init_e: the initial embedding; init_heldout: its held-out loss, None when the search started at it;
     anchor: the token's kept last vector, or None; anchor_from: "word", "images" or False; anchor_words: an
     images anchor's words."""
-    embedding = {token: subspace.embeddings_from_z(e0, W, state.best_z[None], max_norm, anchor)[0]}
+    best_z, best_heldout = search.written_z(state)    # the best checked candidate, or the last check's mean
+    embedding = {token: subspace.embeddings_from_z(e0, W, best_z[None], max_norm, anchor)[0]}
     clip_refined = not np.array_equal(e0, init_e)
     init_e = subspace.with_anchor(init_e[None], anchor)[0]                       # the whole token at the init
     init_heldout = state.init_heldout if init_heldout is None else init_heldout
     save_embedding(paths["embedding"], {token: model.file_parts(embedding[token])}, metadata={
         "edge_ti.init": json.dumps(init_e.tolist()), "edge_ti.init_word": init_word or "",
-        "edge_ti.heldout_loss": f"{state.best_heldout:.6g}", "edge_ti.init_heldout_loss": f"{init_heldout:.6g}"})
+        "edge_ti.heldout_loss": f"{best_heldout:.6g}", "edge_ti.init_heldout_loss": f"{init_heldout:.6g}"})
     _write_log(paths["log"], state.history)
     loss_curve(state.history, paths["curve"])
     search.save_checkpoint(paths["checkpoint"], state)
-    return TrainResult(embedding=embedding, init_heldout=init_heldout, best_heldout=state.best_heldout,
+    return TrainResult(embedding=embedding, init_heldout=init_heldout, best_heldout=best_heldout,
                        generations=state.generation, evaluations=state.evaluations,
-                       heldout_evaluations=state.heldout_evaluations, elapsed=state.elapsed,
+                       heldout_evaluations=state.heldout_evaluations + (state.last_check is not None),
+                       elapsed=state.elapsed,
                        stop_reason=state.stop_reason, paths=paths, init_words=init_words, start=e0,
                        start_heldout=state.init_heldout, clip_refined=clip_refined, anchor=anchor,
                        anchor_from=anchor_from or None, anchor_words=anchor_words)

@@ -157,9 +157,10 @@ def test_more_probes_than_dimensions_is_refused_by_the_optimizer_itself():
 def test_defaults_follow_the_optimizer_and_cma_runs_keep_their_checkpoint_key(tiny_sd):
     import edge_ti
     from edge_ti.train import _settings_key
-    assert (TrainSettings().popsize, TrainSettings().triples) == (20, 4)
+    assert (TrainSettings().popsize, TrainSettings().triples, TrainSettings().eval_every) == (10, 2, 20)
     gn = TrainSettings(optimizer="gauss-newton")
-    assert (gn.popsize, gn.triples) == (9, 4) and TrainSettings(optimizer="gauss-newton", popsize=5).popsize == 5
+    assert (gn.popsize, gn.triples, gn.eval_every) == (9, 4, 5)
+    assert TrainSettings(optimizer="gauss-newton", popsize=5).popsize == 5
     model = edge_ti.open_model(tiny_sd[1])
     latents, e0 = np.zeros((1, 4, 4, 4), np.float32), np.zeros((1, 32), np.float32)
     key = lambda s: _settings_key(model, s, latents, e0, "<c>")  # noqa: E731
