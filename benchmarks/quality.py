@@ -238,6 +238,8 @@ METHODS = {
                                                          "eval_every": 33}},
     "edge-ti:p10t1-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "popsize": 10, "triples": 1,
                                                           "eval_every": 40}},
+    # the generations of before stop 38 (20 x 4, a check every 5) at --time, paired with edge-ti:control (today's)
+    "edge-ti:p20t4": {"kind": "edge-ti", "settings": {"popsize": 20, "triples": 4, "eval_every": 5}},
     "edge-ti:clip-only-500": {"kind": "edge-ti", "settings": {"clip_refine": 500, "budget": 20}},
     "edge-ti:clip-only-8k": {"kind": "edge-ti", "settings": {"clip_refine": 8000, "budget": 20}},
 }
@@ -246,7 +248,8 @@ METHODS = {
 ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-10s", "edge-ti:s1-10s",
             "edge-ti:p10t8-10s", "edge-ti:dim16-10s", "edge-ti:dim32-10s", "edge-ti:ho128-10s", "edge-ti:gn-10s",
             "edge-ti:vloss-10s", "edge-ti:vloss-defaults", "edge-ti:noclip-defaults", "edge-ti:t64-g30",
-            "edge-ti:t2-10s", "edge-ti:t1-10s", "edge-ti:p10t2-10s", "edge-ti:p6t2-10s", "edge-ti:p10t1-10s")
+            "edge-ti:t2-10s", "edge-ti:t1-10s", "edge-ti:p10t2-10s", "edge-ti:p6t2-10s", "edge-ti:p10t1-10s",
+            "edge-ti:p20t4")
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in ANCHORED:
         _method["settings"].setdefault("anchor", False)
