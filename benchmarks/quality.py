@@ -253,10 +253,9 @@ ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in ANCHORED:
         _method["settings"].setdefault("anchor", False)
-# the defaults of today, and the variants of stop 38 that set their own generations; every other CMA-ES variant was
-# measured with the generations of before (20 candidates x 4 samples, a check every 5): it stays what it measured
-TODAYS_GENERATIONS = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:t2-10s", "edge-ti:t1-10s",
-                      "edge-ti:p10t2-10s", "edge-ti:p6t2-10s", "edge-ti:p10t1-10s")
+# the defaults of the day they run; every other CMA-ES variant was measured with the generations of before stop 38
+# (20 candidates x 4 samples, a check every 5) where it does not set its own: it stays what it measured
+TODAYS_GENERATIONS = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s")
 for _name, _method in METHODS.items():
     if (_method["kind"] == "edge-ti" and _name not in TODAYS_GENERATIONS
             and _method["settings"].get("optimizer", "cma") == "cma"):

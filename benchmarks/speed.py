@@ -19,7 +19,8 @@ that process: loading, optimizing and running). The rows:
                      openvino[-f32][-X]: the folder of variant X with --device openvino (-f32: --precision f32), run by
                      --openvino-python (onnxruntime-openvino cannot share a Python with onnxruntime)
     generation       population_loss with 20 candidates x 4 triples: one training generation
-                     as `edge-ti train` runs it (TrainSettings defaults); its losses feed the
+                     as `edge-ti train` ran it until stop 38 (today's are 10 x 2: the same cost per
+                     UNet sample, which speed.md reports); its losses feed the
                      Spearman check, fp32 vs int8
 
 A candidate evaluation is one candidate on one triple: one text-encoder prompt + one UNet sample,
@@ -715,7 +716,7 @@ def main():
 
     generations = {k: r for k, r in results.items() if k[0] == "generation"}
     if generations:
-        print("\n# one training generation: 20 candidates x 4 triples (TrainSettings defaults), "
+        print("\n# one training generation: 20 candidates x 4 triples (the defaults until stop 38; since then 10 x 2), "
               "a training evaluation = one candidate on 4 triples")
         print("| variant | latent | s / generation | s / training evaluation | UNet samples | peak RSS GB "
               "| GFLOP/s | est. `edge-ti train` (5000 evaluations + held-out) | other procs (cores) |")
