@@ -35,3 +35,41 @@ def test_a_variant_pairs_with_a_main_method_as_its_control():
     # a control nobody ran is said, not silently empty
     missing = quality.ablation_vs_control(units, "edge-ti:nothing")
     assert missing[-1] == "(--paired-with edge-ti:nothing: no ablation units of it)"
+
+
+def test_a_main_unit_trains_gradient_first_and_gives_edge_ti_half_its_wall_time(tmp_path, monkeypatch):
+    """edge-ti@half is judged at <= 0.5x gradient TI's wall time, so edge-ti's child must be told that time:
+    gradient TI trains first, and edge-ti's spec carries half of its wall time (child_train keeps the state of
+    the last generation that ended by then)."""
+    import argparse
+    import json
+
+    import numpy as np
+    quality = _quality()
+    calls = []
+
+    def fake_child(kind, spec, log_path):
+        calls.append((kind, spec))
+        if kind == "train":
+            with open(spec["out"] + ".json", "w") as f:
+                json.dump({"wall": 30.0 if spec["method"] == "gradient" else 22.0}, f)
+        else:
+            with open(spec["out"], "w") as f:
+                json.dump({"edge-ti": {}, "gradient": {}}, f)
+        return 0, 1.0, 100.0
+
+    monkeypatch.setattr(quality, "run_child", fake_child)
+    monkeypatch.setattr(quality, "draw_concept", lambda concept, seed, k, salt: [np.zeros((8, 8, 3), np.uint8)] * k)
+    args = argparse.Namespace(work=str(tmp_path), images=2, concept_seed=None, concept_kind="object", onnx="o",
+                              diffusers="d", threads=1, time=20.0, fractions=[0.5], batch=4, lr=0.002, max_batch=20,
+                              edge_settings="{}", heldout_images=2, heldout_triples=4, eval_images=2, eval_steps=2,
+                              guidance=4.0)
+    concept = quality.CONCEPTS[0]
+    quality.run_unit(args, concept, 0, ["edge-ti", "gradient"], "main")
+    trains = [spec for kind, spec in calls if kind == "train"]
+    assert [spec["method"] for spec in trains] == ["gradient", "edge-ti"]
+    assert trains[1]["half_mark"] == 15.0 and "half_mark" not in trains[0]
+    # a variant trained alone gets no mark
+    calls.clear()
+    quality.run_unit(args, concept, 1, ["edge-ti:control"], "g")
+    assert "half_mark" not in next(spec for kind, spec in calls if kind == "train")
