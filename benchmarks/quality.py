@@ -31,6 +31,8 @@ fixed and the others random. On the same model, images and seed:
                     pairs a variant with the main units' edge-ti
     edge-ti:t2-10s, t1-10s, p10t2-10s, p6t2-10s, p10t1-10s   fewer candidates (pN) and samples (tN) per generation
                     at 10 s, the held-out check every 400 UNet samples (quality.md, run 15: p10t2 became the defaults)
+    edge-ti:line5-10s   the held-out loss at 5 points of the line from the init to the CLIP-refined token chooses
+                    where the search starts (quality.md, run 16: the default since stop 39)
 
 Every training runs in its own subprocess (its peak RSS from os.wait4: the rusage of that child
 alone, which is getrusage(RUSAGE_CHILDREN) of a parent with one child), with the same thread count
@@ -243,6 +245,10 @@ METHODS = {
                                                           "eval_every": 40}},
     # the generations of before stop 38 (20 x 4, a check every 5) at --time, paired with edge-ti:control (today's)
     "edge-ti:p20t4": {"kind": "edge-ti", "settings": {"popsize": 20, "triples": 4, "eval_every": 5}},
+    # stop 39: held-out losses at CLIP_LINE points of the line from the init to the refined token choose where the
+    # search starts (the guard of the defaults: its two ends); today's generations, pinned
+    "edge-ti:line5-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 5, "popsize": 10, "triples": 2,
+                                                          "eval_every": 20}},
     "edge-ti:clip-only-500": {"kind": "edge-ti", "settings": {"clip_refine": 500, "budget": 20}},
     "edge-ti:clip-only-8k": {"kind": "edge-ti", "settings": {"clip_refine": 8000, "budget": 20}},
 }
@@ -252,7 +258,7 @@ ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-
             "edge-ti:p10t8-10s", "edge-ti:dim16-10s", "edge-ti:dim32-10s", "edge-ti:ho128-10s", "edge-ti:gn-10s",
             "edge-ti:vloss-10s", "edge-ti:vloss-defaults", "edge-ti:noclip-defaults", "edge-ti:t64-g30",
             "edge-ti:t2-10s", "edge-ti:t1-10s", "edge-ti:p10t2-10s", "edge-ti:p6t2-10s", "edge-ti:p10t1-10s",
-            "edge-ti:p20t4")
+            "edge-ti:p20t4", "edge-ti:line5-10s")
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in ANCHORED:
         _method["settings"].setdefault("anchor", False)
@@ -264,6 +270,10 @@ for _name, _method in METHODS.items():
             and _method["settings"].get("optimizer", "cma") == "cma"):
         for _key, _value in (("popsize", 20), ("triples", 4), ("eval_every", 5)):
             _method["settings"].setdefault(_key, _value)
+# and with the refinement's two-point guard of before stop 39 (the init or the refined token), where it does not set it
+for _name, _method in METHODS.items():
+    if _method["kind"] == "edge-ti" and _name not in TODAYS_GENERATIONS:
+        _method["settings"].setdefault("clip_line", 2)
 MAIN = ["edge-ti", "gradient"]
 ABLATIONS = ["edge-ti:prior", "edge-ti:full", "edge-ti:3vec", "edge-ti:fixed"]
 
@@ -823,13 +833,14 @@ def ablation_vs_control(units, control="edge-ti:control"):
            "| control held-out vs init | held-out vs control | evaluations | control evaluations |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method in methods:
-        keys = [k for k, r in runs.items() if method in r and control in r and k in init]
+        keys = [k for k, r in runs.items() if method in r and control in r]
         kinds = sorted({kind[k] for k in keys})
         for which in [None] + (kinds if len(kinds) > 1 else []):
-            pairs = [(runs[k][method], runs[k][control], init[k]) for k in keys if which in (None, kind[k])]
+            # the init's held-out loss comes with a main unit; a folder of ablation units alone leaves it out
+            pairs = [(runs[k][method], runs[k][control], init.get(k)) for k in keys if which in (None, kind[k])]
             diff = [a["acc"] - c["acc"] for a, c, _ in pairs]
-            gain = [100 * (a["heldout"] / i - 1) for a, _, i in pairs]
-            control_gain = [100 * (c["heldout"] / i - 1) for _, c, i in pairs]
+            gain = [100 * (a["heldout"] / i - 1) if i else None for a, _, i in pairs]
+            control_gain = [100 * (c["heldout"] / i - 1) if i else None for _, c, i in pairs]
             relative = [100 * (a["heldout"] / c["heldout"] - 1) for a, c, _ in pairs]
             name = method if which is None else f"{method} ({which}s)"
             out.append(f"| {name} | {len(pairs)} | {mean([a['acc'] for a, _, _ in pairs]):.3f} "
@@ -949,7 +960,8 @@ def main():
                    help="instead of the eight CONCEPTS, eight object concepts drawn by N (a shape and two attributes)")
     p.add_argument("--concept-kind", choices=["object", "style"], default="object",
                    help="--concept-seed draws object concepts, or styles (a pattern, a background, maybe a colour)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4],
+                   help="seeds of the main units (edge-ti and gradient TI); none: only the ablation units")
     p.add_argument("--main-methods", nargs="+", default=MAIN, choices=MAIN, help=argparse.SUPPRESS)  # tuning
     p.add_argument("--ablation-methods", nargs="*", default=ABLATIONS, choices=[m for m in METHODS if m not in MAIN],
                    help="edge-ti variants run on --ablation-seeds (none: no ablations)")

@@ -431,6 +431,10 @@ def _duration(text):
               help="CLIP-score evaluations before the search: start it where the token's prompts match the images best "
                    "in CLIP, if the held-out loss agrees (needs a clip/ whose text tower is the model's text encoder; "
                    f"auto: {REFINE_AUTO} where there is one, else none; 0: none)")
+@click.option("--clip-line", type=click.IntRange(2), default=TrainSettings.clip_line, show_default=True,
+              help="points on the line from the init to the CLIP-refined token, both ends included, whose held-out "
+                   "losses choose where the search starts (2: one end or the other; a run started before stop 39, "
+                   "whose checkpoint this version would not continue, used 2)")
 @click.option("--anchor", type=click.Choice(["auto", "word", "images", "off", "on"]), default="auto", show_default=True,
               help="a last vector of the token, kept while the others are searched: word: the --init-word's embedding "
                    "(the token says \"a <learned> WORD\"; on: the same); images: the images' CLIP init (--init auto's, "
@@ -465,7 +469,8 @@ def _duration(text):
               help="allow a --token that is already a word of the vocabulary (it takes over that word in prompts)")
 @click.option("--out", required=True, type=click.Path(), help="the embedding file to write (.safetensors)")
 def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, template, subspace, dim, optimizer,
-          popsize, sigma, prior, budget, max_time, triples, crn, loss_weighting, clip_refine, anchor, heldout_triples,
+          popsize, sigma, prior, budget, max_time, triples, crn, loss_weighting, clip_refine, clip_line, anchor,
+          heldout_triples,
           eval_every, patience, max_batch,
           resolution, no_flip, seed, threads, device, precision, workers, ray_address, worker_device, resume, restart,
           allow_vocabulary_token, out):
@@ -488,7 +493,7 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
                              seed=seed, triples=triples, crn=crn, heldout_triples=heldout_triples,
                              eval_every=eval_every, patience=patience,
                              max_batch=max_batch, resolution=resolution, flip=not no_flip,
-                             loss_weighting=loss_weighting, clip_refine=clip_refine,
+                             loss_weighting=loss_weighting, clip_refine=clip_refine, clip_line=clip_line,
                              anchor={"on": "word", "off": False}.get(anchor, anchor))
     check_settings(settings)  # before the model folder is opened; train() checks the rest before any work
     model = _open(model_dir, device, precision if device == "openvino" else "auto", threads)

@@ -96,6 +96,9 @@ class TrainSettings:
     clip_refine: object = "auto"  # CLIP-score evaluations before the search (clip_score.refine; needs a clip/
                                   # whose text tower is the text encoder); 0: none; "auto": clip_score.REFINE_AUTO
                                   # where the model's clip/ can score its tokens, else none
+    clip_line: int = 5            # points on the line from the init to the CLIP-refined token (both ends included)
+                                  # whose held-out losses choose where the search starts: 0, 1/4, .., 1 (quality.md,
+                                  # run 16); 2: one end or the other, as before stop 39
     anchor: object = "auto"       # one more, last vector of the token, kept as it is while the others are searched:
                                   # "word": the init word's embedding (the class noun of "a photo of [V] dog": the
                                   # token says "a <learned> cross"); "images": the images' CLIP init (init.from_images,
@@ -186,6 +189,8 @@ def check_settings(settings):
     refine = settings.clip_refine
     if refine != "auto" and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
         raise EdgeTIError(f"clip_refine must be auto, 0 (none) or more evaluations, got {refine!r}")
+    if isinstance(settings.clip_line, bool) or not isinstance(settings.clip_line, int) or settings.clip_line < 2:
+        raise EdgeTIError(f"clip_line must be 2 or more points, got {settings.clip_line!r}")
     if settings.anchor not in ANCHORS or not isinstance(settings.anchor, (str, bool)):
         raise EdgeTIError(f"anchor must be auto, word, images or false, got {settings.anchor!r}")
     if settings.anchor not in ("auto", False) and settings.vectors >= MAX_VECTORS:
@@ -251,6 +256,8 @@ def _settings_key(model, settings, latents, e0, token):
         del fields["optimizer"]
     if not settings.clip_refine:  # likewise
         del fields["clip_refine"]
+    if settings.clip_line == 2 or not settings.clip_refine:  # likewise
+        del fields["clip_line"]
     if not settings.anchor:  # likewise
         del fields["anchor"]
     elif settings.anchor == "word":  # as it was written when the word was the only anchor: those checkpoints match
@@ -557,16 +564,20 @@ def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout, anch
                 settings.clip_refine)  # about a minute on SD 1.5 on 2 cores: say so before it starts
     z, record = clip_score.refine(score, e0, W, max_norm, settings.clip_refine, sigma=sigma, seed=settings.seed,
                                   anchor=anchor)
-    refined = subspace.embeddings_from_z(e0, W, z[None], max_norm)[0]
-    before, after = scorer.population_loss(subspace.with_anchor(np.stack([e0, refined]), anchor), heldout)
-    if after > before:
+    fractions = np.linspace(0.0, 1.0, settings.clip_line)                   # 0: the init, 1: the refined token
+    points = subspace.embeddings_from_z(e0, W, fractions[:, None] * z[None], max_norm)
+    losses = scorer.population_loss(subspace.with_anchor(points, anchor), heldout)
+    best = len(losses) - 1 - int(np.argmin(losses[::-1]))                  # a tie goes to the farther point
+    before, after = losses[0], losses[best]
+    if best == 0:
         log.warning("CLIP refinement: score %.4f -> %.4f, but the held-out loss rose %.5f -> %.5f: the search "
-                    "starts from the init", record["clip_score_init"], record["clip_score"], before, after)
+                    "starts from the init", record["clip_score_init"], record["clip_score"], before, min(losses[1:]))
         return e0, record["clip_seconds"], float(before)
-    log.warning("CLIP refinement: score %.4f -> %.4f in %d evaluations (%.1f s); held-out loss %.5f -> %.5f",
+    log.warning("CLIP refinement: score %.4f -> %.4f in %d evaluations (%.1f s); held-out loss %.5f -> %.5f%s",
                 record["clip_score_init"], record["clip_score"], record["clip_evaluations"], record["clip_seconds"],
-                before, after)
-    return refined, record["clip_seconds"], float(before)
+                before, after, "" if best == len(fractions) - 1 else
+                f" at {fractions[best]:.2f} of the way to the refined token")
+    return points[best], record["clip_seconds"], float(before)
 
 
 def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout, anchor,

@@ -182,6 +182,33 @@ def test_a_refinement_the_denoising_loss_disagrees_with_is_dropped(clip_conditio
     assert "but the held-out loss rose" in caplog.text
 
 
+def test_the_held_out_loss_along_the_line_chooses_the_start(clip_conditioned, tmp_path, monkeypatch, caplog):
+    """clip_line=5: of the init, the refined token and the three points between, the one with the lowest held-out
+    loss is where the search starts; bad point counts are refused before anything runs."""
+    model = edge_ti.open_model(clip_conditioned[1])
+    settings = TrainSettings(clip_refine=20, budget=20, heldout_triples=4, clip_line=5)
+    _, _, W, max_norm = search_space(model.token_embeddings, settings)
+    z = np.full(W.shape[1], 2.0)
+    monkeypatch.setattr(clip_score, "refine", lambda score, e0, W, max_norm, evaluations, sigma, seed, anchor: (
+        z, {"clip_score_init": 0.1, "clip_score": 0.9, "clip_evaluations": 20, "clip_seconds": 0.0}))
+    word = model.token_embeddings[model.tokenizer.token_ids("star")].mean(axis=0)[None]
+    quarter = subspace.embeddings_from_z(word, W, 0.25 * z[None], max_norm)[0]      # (1, D)
+
+    class QuarterIsBest(InProcess):  # the UNet of a two-step fixture barely reads the text: make the loss say where
+        def population_loss(self, candidates, triples):
+            return super().population_loss(candidates, triples) + 10 * np.linalg.norm(candidates[:, :1] - quarter,
+                                                                                      axis=(1, 2))
+    result = train(model, _images(), "<t>", str(tmp_path / "t.safetensors"), init_word="star", settings=settings,
+                   make_scorer=QuarterIsBest)
+    np.testing.assert_allclose(result.start, quarter, rtol=1e-6)
+    assert result.clip_refined and "at 0.25 of the way to the refined token" in caplog.text
+    for bad in (1, 0, -3, True, 2.5, "3"):
+        with pytest.raises(EdgeTIError, match="clip_line must be 2 or more points, got "):
+            train(model, _images(), "<t>", str(tmp_path / "bad.safetensors"), init_word="star",
+                  settings=TrainSettings(clip_line=bad))
+    assert not os.path.exists(tmp_path / "bad.safetensors")
+
+
 def test_the_init_is_reported_as_the_init_when_the_refinement_is_kept(clip_conditioned, tmp_path, monkeypatch):
     """With the refined token kept, the result and the file's metadata still give the init's held-out loss and
     embedding (not the refined token's, where the search started); when it is dropped the two are the same."""
