@@ -11,8 +11,9 @@ clipping; the objective PEZ optimizes hard prompts for, Wen et al. 2023). Unlike
 is deterministic: no timestep, no noise, so a search can rank candidates on it without sampling error.
 
 `refine` uses it before the denoising search: CMA-ES over z in the search's own subspace (e0 + W z,
-the same norm cap), maximizing the score, from the init; the denoising search then starts where it
-ended, if the held-out denoising loss agrees that the refined token is better (edge_ti.train). It
+the same norm cap), maximizing the score, from the init; the denoising search then starts at the point
+of the line from the init to where it ended whose held-out denoising loss is lowest (edge_ti.train,
+TrainSettings.clip_line: the CLIP optimum is often past what the UNet reads as the concept). It
 needs a clip/ whose text tower is the model's text encoder (same token table), which `ClipScore` checks.
 """
 import os

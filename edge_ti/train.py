@@ -558,8 +558,9 @@ def _has_clip(model):
 
 
 def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout, anchor):
-    """(e0 moved by clip_score.refine, seconds, e0's held-out loss): kept only where the held-out denoising loss
-    agrees that the refined token is better than e0 (a CLIP score can rise on tokens the UNet reads otherwise)."""
+    """(the start, seconds, e0's held-out loss): of settings.clip_line points of the line from e0 to where
+    clip_score.refine moved it, the one with the lowest held-out denoising loss (a CLIP score can rise on tokens
+    the UNet reads otherwise, and its optimum is often past what the UNet reads as the concept: quality.md, run 16)."""
     log.warning("CLIP refinement: %d CLIP-score evaluations (text passes only) before the search...",
                 settings.clip_refine)  # about a minute on SD 1.5 on 2 cores: say so before it starts
     z, record = clip_score.refine(score, e0, W, max_norm, settings.clip_refine, sigma=sigma, seed=settings.seed,
