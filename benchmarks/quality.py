@@ -246,7 +246,7 @@ METHODS = {
     # the generations of before stop 38 (20 x 4, a check every 5) at --time, paired with edge-ti:control (today's)
     "edge-ti:p20t4": {"kind": "edge-ti", "settings": {"popsize": 20, "triples": 4, "eval_every": 5}},
     # stop 39: held-out losses at CLIP_LINE points of the line from the init to the refined token choose where the
-    # search starts (the guard of the defaults: its two ends); today's generations, pinned
+    # search starts (the guard of then: its two ends; the default since); stop 38's generations, pinned
     "edge-ti:line5-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 5, "popsize": 10, "triples": 2,
                                                           "eval_every": 20}},
     "edge-ti:clip-only-500": {"kind": "edge-ti", "settings": {"clip_refine": 500, "budget": 20}},

@@ -429,7 +429,7 @@ def _duration(text):
               "or by the model's own loss (model: a v-prediction model's v loss, as diffusers trains)")
 @click.option("--clip-refine", type=AutoOrCount(), default=TrainSettings.clip_refine, show_default=True,
               help="CLIP-score evaluations before the search: start it where the token's prompts match the images best "
-                   "in CLIP, if the held-out loss agrees (needs a clip/ whose text tower is the model's text encoder; "
+                   "in CLIP, or on the way there where the held-out loss says so (--clip-line; needs a clip/ whose text tower is the model's text encoder; "
                    f"auto: {REFINE_AUTO} where there is one, else none; 0: none)")
 @click.option("--clip-line", type=click.IntRange(2), default=TrainSettings.clip_line, show_default=True,
               help="points on the line from the init to the CLIP-refined token, both ends included, whose held-out "
