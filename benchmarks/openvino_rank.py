@@ -5,7 +5,8 @@
 OpenVINO's `auto` precision is bf16 on a CPU with AVX512-BF16 or AMX (edge_ti.runtime.openvino_provider),
 f32 elsewhere. On the trained shapes-world model: int8_layers.py's generations (20 candidates around the
 init word, 4 triples each, every loss in the trainer's epsilon units), scored by the CPU provider in fp32
-(the reference) and by OpenVINO at f32 and at bf16 (bf16 only where the CPU computes it natively);
+(the reference) and by OpenVINO at f32, bf16 and f16 (bf16 and f16 only where the CPU computes them
+natively: AVX512-BF16/AMX, AVX512-FP16);
 Spearman's rho with the reference, mean and min over the generations, and the largest relative change of
 a loss.
 
@@ -64,13 +65,14 @@ def main():
         rhos = [spearman(a, b) for a, b in zip(truth, got)]
         return f" {np.mean(rhos):.3f}, {np.min(rhos):.3f} |"
     print(f"# {' '.join(sys.argv)}\n# {base}: {args.generations} generations x 20 candidates x 4 triples; "
-          f"CPU bf16: {runtime.cpu_has_bf16()}" + (f"; truth: {args.truth} other triples, CPU fp32" if truth else ""))
+          f"CPU bf16: {runtime.cpu_has_bf16()}, fp16: {runtime.cpu_has_fp16()}" + (f"; truth: {args.truth} other triples, CPU fp32" if truth else ""))
     truth_head = (" rho vs the truth (mean, min) |", "---|") if truth else ("", "")
     print(f"| scorer | rho vs CPU fp32 (mean, min) | largest relative loss change |{truth_head[0]}\n"
           f"|---|---|---|{truth_head[1]}")
     if truth:
         print(f"| CPU fp32 | 1.000, 1.000 | 0 |{vs_truth(reference)}", flush=True)
-    for precision in ("f32", "bf16") if runtime.cpu_has_bf16() else ("f32",):
+    precisions = ["f32"] + ["bf16"] * runtime.cpu_has_bf16() + ["f16"] * runtime.cpu_has_fp16()
+    for precision in precisions:
         model = edge_ti.open_model(base, device="openvino", threads=2,
                                    session_settings=SessionSettings(cache=False, precision=precision))
         got = losses(model)

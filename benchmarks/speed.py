@@ -16,7 +16,8 @@ that process: loading, optimizing and running). The rows:
                      UNet's weights in bfloat16, as the script's --mixed_precision bf16)
     ort <variant>    edge_ti.objective.population_loss with B candidates and 1 triple:
                      B candidate evaluations (text encoder for B prompts, UNet batch B);
-                     openvino[-f32][-X]: the folder of variant X with --device openvino (-f32: --precision f32), run by
+                     openvino[-P][-X]: the folder of variant X with --device openvino (-P: --precision P, f32,
+                     bf16 or f16; none: auto), run by
                      --openvino-python (onnxruntime-openvino cannot share a Python with onnxruntime)
     generation       population_loss with 20 candidates x 4 triples: one training generation
                      as `edge-ti train` ran it until stop 38 (today's are 10 x 2: the same cost per
@@ -427,6 +428,7 @@ def child(spec):
 QUIET = {"threshold": 0.3, "max_wait": 600, "tries": 3, "max_memory_gb": 18.0}
 
 
+OPENVINO_HINTS = ("f32", "bf16", "f16")  # --precision values a variant may name (edge_ti.runtime.OPENVINO_PRECISIONS)
 PYTHONS = {}  # device -> the Python whose onnxruntime build has it (--openvino-python); default this one
 REUSE = {}  # json of a row's args -> results logged by earlier runs (--log): rows are not rerun
 
@@ -492,13 +494,21 @@ def _run_row_once(args, log, quiet=True):
 
 
 def variant_device(variant):
-    """openvino[-f32][-X] -> ("openvino", X or fp32): the folder of variant X through OpenVINO (-f32: at
-    --precision f32, else auto); others run on the CPU."""
+    """openvino[-P][-X] -> ("openvino", X or fp32): the folder of variant X through OpenVINO (-P: at
+    --precision P, f32, bf16 or f16; else auto); others run on the CPU."""
     if variant.startswith("openvino"):
         rest = variant.partition("-")[2]
-        rest = rest[len("f32"):].lstrip("-") if rest.startswith("f32") else rest
-        return "openvino", rest or "fp32"
+        precision, _, folder = rest.partition("-")
+        if precision not in OPENVINO_HINTS:
+            precision, folder = "", rest
+        return "openvino", folder or "fp32"
     return "cpu", variant
+
+
+def openvino_precision(variant):
+    """openvino-P[-X] -> P (f32, bf16, f16); plain openvino[-X] -> None (auto)."""
+    precision = variant.partition("-")[2].partition("-")[0]
+    return precision if variant.startswith("openvino") and precision in OPENVINO_HINTS else None
 
 
 def ensure_variants(base, variants):
@@ -531,7 +541,7 @@ def device_of(variant):
     device, _ = variant_device(variant)
     if device == "cpu":
         return {}
-    precision = {"precision": "f32"} if variant.startswith("openvino-f32") else {}
+    precision = {"precision": openvino_precision(variant)} if openvino_precision(variant) else {}
     return {"device": device, **({"session": precision} if precision else {})}
 
 
@@ -551,7 +561,7 @@ def main():
                              "int8-pc (per channel), int8-conv (Conv too, dynamic), "
                              "int8-static (Conv calibrated, per channel), "
                              "int8-weights (Conv weights int8, float arithmetic: quantize's default since 2026-12-01), "
-                             "fp16; openvino[-f32][-X]: the folder of X "
+                             "fp16; openvino[-P][-X]: the folder of X (P: f32, bf16, f16) "
                              "through --device openvino (needs --openvino-python)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())

@@ -26,7 +26,7 @@ INSTALL_HINT = ("pip install 'edge-ti[cpu]' (or [cuda] for an NVIDIA GPU, [direc
                 "[openvino] for OpenVINO on the CPU)")
 
 # OpenVINO's inference precision hints edge-ti asks for (SessionSettings.precision)
-OPENVINO_PRECISIONS = ("auto", "f32", "bf16")
+OPENVINO_PRECISIONS = ("auto", "f32", "bf16", "f16")
 
 
 def installed_builds():
@@ -76,15 +76,25 @@ def providers_for(device):
     return [wanted] if device == "cpu" else [wanted, "CPUExecutionProvider"]
 
 
+def cpu_flags():
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return set(next((line for line in f if line.startswith("flags")), ":").split(":", 1)[1].split())
+    except OSError:
+        return set()
+
+
 def cpu_has_bf16():
     """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX): OpenVINO's bf16 hint is only
     faster there (elsewhere OpenVINO ignores it and runs f32)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), ":").split(":", 1)[1].split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_fp16():
+    """Whether this CPU computes in float16 natively (AVX512-FP16, from Sapphire Rapids on; AMX-FP16):
+    OpenVINO's f16 hint runs in f16 there and in f32 elsewhere."""
+    return bool(cpu_flags() & {"avx512_fp16", "amx_fp16"})
 
 
 def openvino_provider(precision="auto", threads=None):

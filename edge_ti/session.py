@@ -38,7 +38,7 @@ class SessionSettings:
     spinning: bool = False        # idle threads spin-wait between ops: measured no faster here, and burns a shared CPU
     arena: bool = True            # the CPU memory arena: reuses activation buffers across runs
     prepacking: bool = True       # pre-packed MatMul/Conv weights: faster GEMMs
-    precision: str = "auto"       # --device openvino only: OpenVINO's inference precision hint, auto | f32 | bf16
+    precision: str = "auto"       # --device openvino only: OpenVINO's inference precision hint, auto | f32 | bf16 | f16
                                   # (auto: bf16 where the CPU has it natively; edge_ti.runtime.openvino_provider)
 
 
