@@ -493,22 +493,16 @@ def _run_row_once(args, log, quiet=True):
     return result
 
 
-def variant_device(variant):
-    """openvino[-P][-X] -> ("openvino", X or fp32): the folder of variant X through OpenVINO (-P: at
-    --precision P, f32, bf16 or f16; else auto); others run on the CPU."""
-    if variant.startswith("openvino"):
-        rest = variant.partition("-")[2]
-        precision, _, folder = rest.partition("-")
-        if precision not in OPENVINO_HINTS:
-            precision, folder = "", rest
-        return "openvino", folder or "fp32"
-    return "cpu", variant
-
-
-def openvino_precision(variant):
-    """openvino-P[-X] -> P (f32, bf16, f16); plain openvino[-X] -> None (auto)."""
-    precision = variant.partition("-")[2].partition("-")[0]
-    return precision if variant.startswith("openvino") and precision in OPENVINO_HINTS else None
+def parse_variant(variant):
+    """openvino[-P][-X] -> ("openvino", P or None, X or "fp32"): the folder of variant X through OpenVINO at
+    --precision P (f32, bf16 or f16; None: auto); any other variant X -> ("cpu", None, X)."""
+    if not variant.startswith("openvino"):
+        return "cpu", None, variant
+    rest = variant.partition("-")[2]
+    precision, _, folder = rest.partition("-")
+    if precision not in OPENVINO_HINTS:
+        precision, folder = None, rest
+    return "openvino", precision, folder or "fp32"
 
 
 def ensure_variants(base, variants):
@@ -516,7 +510,7 @@ def ensure_variants(base, variants):
     so a driver that had grown to quantizing's ~10 GB would hand that peak to every row after it."""
     paths = {"fp32": base}
     for v in variants:
-        _, folder = variant_device(v)
+        _, _, folder = parse_variant(v)
         if folder == "fp32":
             paths[v] = base
             continue
@@ -538,11 +532,10 @@ def ensure_variants(base, variants):
 
 def device_of(variant):
     """A row's device argument: none for the CPU provider (so rows logged before the option still match)."""
-    device, _ = variant_device(variant)
+    device, precision, _ = parse_variant(variant)
     if device == "cpu":
         return {}
-    precision = {"precision": openvino_precision(variant)} if openvino_precision(variant) else {}
-    return {"device": device, **({"session": precision} if precision else {})}
+    return {"device": device, **({"session": {"precision": precision}} if precision else {})}
 
 
 def folder_gb(path):

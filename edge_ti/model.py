@@ -304,9 +304,11 @@ class Model:
             hint = ""
             if (self.device == "openvino" and self.session_settings.precision != "f32"
                     and os.path.isfile(os.path.join(self.path, QUANTIZATION_RECORD))):
-                # measured (onnxruntime-openvino 1.24, Zen 4): int8 MatMuls do not compile in bf16
-                hint = ("; OpenVINO compiles int8 folders only with --precision f32: give it the float folder "
-                        "instead, which it computes in bf16 itself where the CPU has it")
+                # measured (onnxruntime-openvino 1.24, Zen 4 and Sapphire Rapids): SD 1.5's int8 MatMuls do
+                # not compile in bf16 (they do in f32, and in f16 on Sapphire Rapids)
+                hint = (f"; OpenVINO could not compile this int8 folder at --precision "
+                        f"{self.session_settings.precision}: use --precision f32, or give it the float folder, "
+                        "which it computes in bf16 itself where the CPU has it")
             raise EdgeTIError(f"{path}: onnxruntime cannot load it ({str(err).splitlines()[0]}){hint}") from None
 
     @functools.cached_property

@@ -15,6 +15,7 @@ The recipe is the one of diffusers' train_text_to_image.py shrunk to 32 px:
    with --vae-decoder-steps N, N more steps of the decoder alone (the encoder frozen, so the latents,
    and a UNet trained on them, stay valid: as SD's ft-MSE VAE); with --vae DIR the VAE of an earlier run
    (the shipped model's decoder: --vae OLD --init-from OLD_DIFFUSERS --unet-steps 0 --vae-decoder-steps 1500);
+   with --vae-precision bf16 both VAE stages run under bfloat16 autocast (faster on AVX512-BF16 / AMX CPUs);
 3. the CLIP BPE tokenizer: the 256 byte symbols, every caption word and a few hundred common
    English words fully merged (so `--init-word` and a PCA over the vocabulary mean something);
 4. the text encoder (CLIPTextModel) and the UNet (UNet2DConditionModel with cross-attention)
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edge_ti.runtime import cpu_has_bf16
 from edge_ti.shapes import analyzer
 from edge_ti.shapes import draw as world
 
@@ -97,6 +99,10 @@ class TrainConfig:
     vae_kl: float = 1e-6           # small: a near-deterministic autoencoder; scaling_factor fixes the scale
     vae_decoder_steps: int = 0     # then the decoder alone, the encoder frozen (finetune_decoder): the latents stay
     vae_decoder_lr: float = 5e-4   # cosine from this, 50 steps of warmup
+    # "bf16": both VAE stages under torch.autocast(bfloat16) (the loss and the weights stay float32): 1.3x
+    # faster per step on a Sapphire Rapids-class Xeon with AMX (0.69 against 0.89 s per step of 64, 2
+    # threads; its GroupNorms stay float32 and take a third of a step); emulated and slower without
+    vae_precision: str = "fp32"
     # text encoder: CLIPTextModel, hidden 64, 3 layers
     text_hidden: int = 64
     text_layers: int = 3
@@ -288,6 +294,12 @@ def vae_check_set(seed):
     return attributes, np.stack([world.draw(a, rng) for a in attributes])
 
 
+def vae_autocast(cfg):
+    """The VAE stages' forward passes in bfloat16 where cfg.vae_precision says so (weights, Adam and the loss
+    stay float32: torch's mixed precision); a no-op context otherwise."""
+    return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.vae_precision == "bf16")
+
+
 def train_vae(cfg, images, gen):
     """AutoencoderKL on weighted L1 + MSE + cfg.vae_kl * KL, until the analyzer reads its reconstructions.
 
@@ -301,6 +313,8 @@ def train_vae(cfg, images, gen):
     with torch.no_grad():
         vae.quant_conv.bias[4:].fill_(-6.0)
     log.info("vae: %.2fM parameters", n_params(vae) / 1e6)
+    if cfg.vae_precision == "bf16" and cfg.device == "cpu" and not cpu_has_bf16():
+        log.warning("vae: --vae-precision bf16 on a CPU without AVX512-BF16 / AMX runs emulated, slower than fp32")
     vae.to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     x_all = to_tensor(images)                                                   # [N, 3, 32, 32]
@@ -312,11 +326,12 @@ def train_vae(cfg, images, gen):
             group["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 50)
         index = torch.randint(len(x_all), (cfg.vae_batch,), generator=gen)
         x, weight = x_all[index].to(device), w_all[index].to(device)            # [B, 3, 32, 32], [B, 1, 32, 32]
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
-        recon = vae.decode(z).sample                                            # [B, 3, 32, 32]
-        error = recon - x
-        loss = (weight * (error.abs() + error ** 2)).mean() + cfg.vae_kl * posterior.kl().mean()
+        with vae_autocast(cfg):
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
+            recon = vae.decode(z).sample                                        # [B, 3, 32, 32]
+        error = recon.float() - x
+        loss = (weight * (error.abs() + error ** 2)).mean() + cfg.vae_kl * posterior.kl().float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -353,10 +368,12 @@ def finetune_decoder(cfg, vae, images, gen):
             group["lr"] = lr_at(step, cfg.vae_decoder_steps, cfg.vae_decoder_lr, 50)
         index = torch.randint(len(x_all), (cfg.vae_batch,), generator=gen)
         x, weight = x_all[index].to(device), w_all[index].to(device)            # [B, 3, 32, 32], [B, 1, 32, 32]
-        with torch.no_grad():
+        with torch.no_grad(), vae_autocast(cfg):
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
-        error = vae.decode(z).sample - x
+        with vae_autocast(cfg):
+            recon = vae.decode(z).sample                                        # [B, 3, 32, 32]
+        error = recon.float() - x
         loss = (weight * (error.abs() + error ** 2)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -718,7 +735,7 @@ def _channels(text):
 
 
 _CHOICES = {"prediction_type": ("epsilon", "v_prediction"), "device": ("cpu", "cuda"), "text_encoder": ("own", "clip"),
-            "clip_text": ("own", "locked")}
+            "clip_text": ("own", "locked"), "vae_precision": ("fp32", "bf16")}
 
 
 def recipe_problem(cfg, init_from=None):

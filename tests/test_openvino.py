@@ -180,7 +180,8 @@ def test_an_int8_folder_openvino_cannot_compile_names_the_fix(tiny_sd, tmp_path,
         raise RuntimeError("[OpenVINO-EP] Exception while Loading Network\nException from src/plugin.cpp")
     monkeypatch.setattr(model_module, "create_session", failing)
     with pytest.raises(EdgeTIError, match=r"model.onnx: onnxruntime cannot load it \(\[OpenVINO-EP\] Exception while "
-                                          r"Loading Network\); OpenVINO compiles int8 folders only with --precision f32"):
+                                          r"Loading Network\); OpenVINO could not compile this int8 folder at --precision "
+                                          r"auto: use --precision f32, or give it the float folder"):
         model.open_session(model.part_path("unet"))
     model.session_settings.precision = "f32"
     with pytest.raises(EdgeTIError, match=r"Loading Network\)$"):

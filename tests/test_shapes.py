@@ -198,6 +198,7 @@ def test_shapes_train_reads_unet_channels():
     ("--vae-decoder-lr", "0", "--vae-decoder-steps must be >= 0 (0: none) and --vae-decoder-lr > 0"),
     ("--vae-decoder-lr", "nan", "--vae-decoder-steps must be >= 0 (0: none) and --vae-decoder-lr > 0"),
     ("--vae-decoder-steps", "many", "invalid int value"),
+    ("--vae-precision", "fp16", "invalid choice: 'fp16'"),
 ])
 def test_shapes_train_refuses_bad_recipe_flags_before_any_work(flag, value, message, tmp_path, capsys, monkeypatch):
     import torch
@@ -252,7 +253,8 @@ def test_shapes_train_continues_an_earlier_run(tmp_path):
         assert json.load(f)["init_from"] == first
 
 
-def test_decoder_fine_tuning_keeps_the_encoder(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_decoder_fine_tuning_keeps_the_encoder(precision, tmp_path):
     """--vae-decoder-steps: the decoder moves, the encoder (and so every latent a UNet learned) stays bit-equal."""
     import torch
     from diffusers import AutoencoderKL
@@ -260,7 +262,7 @@ def test_decoder_fine_tuning_keeps_the_encoder(tmp_path):
     from edge_ti_export import shapes_train
     vae = os.path.join(SHIPPED_DIFFUSERS, "vae")
     cfg = shapes_train.TrainConfig(n_images=100, unet_steps=0, clip_steps=0, eval_prompts=0, vae_batch=8,
-                                   vae_decoder_steps=2, vae_decoder_lr=1e-3)
+                                   vae_decoder_steps=2, vae_decoder_lr=1e-3, vae_precision=precision)
     shapes_train.train(str(tmp_path / "run"), cfg, vae_dir=vae)
     before = AutoencoderKL.from_pretrained(vae).state_dict()
     after = AutoencoderKL.from_pretrained(str(tmp_path / "run" / "diffusers" / "vae")).state_dict()
@@ -269,6 +271,31 @@ def test_decoder_fine_tuning_keeps_the_encoder(tmp_path):
     assert encoder and decoder and len(encoder) + len(decoder) == len(before)
     assert all(torch.equal(before[k], after[k]) for k in encoder)
     assert sum(float((after[k] - before[k]).abs().sum()) for k in decoder) > 0
+
+
+@pytest.mark.parametrize("precision, computed_in", [("fp32", "torch.float32"), ("bf16", "torch.bfloat16")])
+def test_vae_precision_sets_what_the_vae_computes_in(precision, computed_in, monkeypatch):
+    """--vae-precision bf16: the VAE's convolutions compute in bfloat16 (torch.autocast) while its weights stay
+    float32 and train; fp32 leaves everything in float32."""
+    import torch
+
+    from edge_ti_export import shapes_train
+    seen, make_vae = set(), shapes_train.make_vae
+
+    def watched_vae():
+        vae = make_vae()
+        for conv in (vae.encoder.conv_in, vae.decoder.conv_out):
+            conv.register_forward_hook(lambda module, args, out: seen.add(str(out.dtype)))
+        return vae
+    monkeypatch.setattr(shapes_train, "make_vae", watched_vae)
+    images, _ = shapes_train.make_dataset(16, 0, 0.2)
+    cfg = shapes_train.TrainConfig(vae_max_steps=2, vae_batch=8, vae_check_every=1000, vae_precision=precision)
+    torch.manual_seed(0)
+    start = make_vae().state_dict()
+    trained = shapes_train.train_vae(cfg, images, shapes_train._stage_random(0)[0]).state_dict()
+    assert seen == {computed_in}
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in trained.values())
+    assert float((trained["decoder.conv_out.weight"] - start["decoder.conv_out.weight"]).abs().max()) > 0
 
 
 def test_locked_clip_text_tower_is_the_text_encoder(tmp_path):
