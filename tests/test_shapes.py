@@ -2,6 +2,7 @@
 out of training samples, and the shipped model opens, tokenizes like transformers and draws colors."""
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -199,6 +200,7 @@ def test_shapes_train_reads_unet_channels():
     ("--vae-decoder-lr", "nan", "--vae-decoder-steps must be >= 0 (0: none) and --vae-decoder-lr > 0"),
     ("--vae-decoder-steps", "many", "invalid int value"),
     ("--vae-precision", "fp16", "invalid choice: 'fp16'"),
+    ("--vae-schedule", "linear", "invalid choice: 'linear'"),
 ])
 def test_shapes_train_refuses_bad_recipe_flags_before_any_work(flag, value, message, tmp_path, capsys, monkeypatch):
     import torch
@@ -296,6 +298,32 @@ def test_vae_precision_sets_what_the_vae_computes_in(precision, computed_in, mon
     assert seen == {computed_in}
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in trained.values())
     assert float((trained["decoder.conv_out.weight"] - start["decoder.conv_out.weight"]).abs().max()) > 0
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_vae_schedule_sets_the_joint_stage_learning_rate(schedule, monkeypatch):
+    """--vae-schedule: after the 50-step warmup the joint VAE stage's Adam steps at vae_lr (constant) or at a
+    cosine that ends at 10% of it on --vae-max-steps (cosine)."""
+    import torch
+
+    from edge_ti_export import shapes_train
+    used = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            used.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    images, _ = shapes_train.make_dataset(16, 0, 0.2)
+    cfg = shapes_train.TrainConfig(vae_max_steps=60, vae_batch=2, vae_check_every=1000, vae_schedule=schedule)
+    shapes_train.train_vae(cfg, images, shapes_train._stage_random(0)[0])
+    assert len(used) == 60
+    assert used[:50] == pytest.approx([cfg.vae_lr * (s + 1) / 50 for s in range(50)])   # the same warmup
+    if schedule == "constant":
+        assert used[50:] == pytest.approx([cfg.vae_lr] * 10)
+    else:
+        assert all(a > b for a, b in zip(used[50:], used[51:]))
+        assert used[-1] == pytest.approx(cfg.vae_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * 9 / 10))))
 
 
 def test_locked_clip_text_tower_is_the_text_encoder(tmp_path):
