@@ -251,6 +251,15 @@ METHODS = {
                                                           "eval_every": 20}},
     "edge-ti:clip-only-500": {"kind": "edge-ti", "settings": {"clip_refine": 500, "budget": 20}},
     "edge-ti:clip-only-8k": {"kind": "edge-ti", "settings": {"clip_refine": 8000, "budget": 20}},
+    # stop 42 (issue 17): the defaults on the same number of candidate evaluations, scored by the CPU provider in
+    # float32 or by OpenVINO at a precision ("device"/"precision": edge_ti.open_model's; run quality.py with a
+    # Python that has onnxruntime-openvino). Equal evaluations, not equal time: what bf16's reordering of a
+    # generation (rho 0.80 against fp32, speed.md) costs the token; the evaluation children score in CPU fp32
+    "edge-ti:b400": {"kind": "edge-ti", "settings": {"budget": 400, "max_time": 600}},
+    "edge-ti:openvino-f32-b400": {"kind": "edge-ti", "device": "openvino", "precision": "f32",
+                                  "settings": {"budget": 400, "max_time": 600}},
+    "edge-ti:openvino-bf16-b400": {"kind": "edge-ti", "device": "openvino", "precision": "bf16",
+                                   "settings": {"budget": 400, "max_time": 600}},
 }
 # the methods with the anchor of the defaults (auto); every other variant was measured before the anchor became the
 # default (stop 33): it stays what it measured
@@ -258,13 +267,15 @@ ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-
             "edge-ti:p10t8-10s", "edge-ti:dim16-10s", "edge-ti:dim32-10s", "edge-ti:ho128-10s", "edge-ti:gn-10s",
             "edge-ti:vloss-10s", "edge-ti:vloss-defaults", "edge-ti:noclip-defaults", "edge-ti:t64-g30",
             "edge-ti:t2-10s", "edge-ti:t1-10s", "edge-ti:p10t2-10s", "edge-ti:p6t2-10s", "edge-ti:p10t1-10s",
-            "edge-ti:p20t4", "edge-ti:line5-10s")
+            "edge-ti:p20t4", "edge-ti:line5-10s", "edge-ti:b400", "edge-ti:openvino-f32-b400",
+            "edge-ti:openvino-bf16-b400")
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in ANCHORED:
         _method["settings"].setdefault("anchor", False)
 # the defaults of the day they run; every other CMA-ES variant was measured with the generations of before stop 38
 # (20 candidates x 4 samples, a check every 5) where it does not set its own: it stays what it measured
-TODAYS_GENERATIONS = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s")
+TODAYS_GENERATIONS = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:b400", "edge-ti:openvino-f32-b400",
+                      "edge-ti:openvino-bf16-b400")
 for _name, _method in METHODS.items():
     if (_method["kind"] == "edge-ti" and _name not in TODAYS_GENERATIONS
             and _method["settings"].get("optimizer", "cma") == "cma"):
@@ -348,7 +359,11 @@ def child_train(spec):
         import edge_ti
         from edge_ti import init as initialization, subspace
         from edge_ti.train import TrainSettings, search_space, train
-        model = edge_ti.open_model(spec["onnx"], threads=spec["threads"])
+        from edge_ti.session import SessionSettings
+        on_openvino = method.get("device") == "openvino"
+        model = edge_ti.open_model(spec["onnx"], threads=spec["threads"], device=method.get("device", "cpu"),
+                                   session_settings=SessionSettings(threads=spec["threads"], precision=method["precision"])
+                                   if on_openvino else None)
         settings = TrainSettings(template=template, seed=spec["seed"],   # a method may set its own max_time
                                  **{"max_time": budget, **spec.get("edge_settings", {}), **method["settings"]})
         # e0 and W as edge_ti.train builds them, to turn a snapshot's best z into its embedding

@@ -73,3 +73,14 @@ def test_a_main_unit_trains_gradient_first_and_gives_edge_ti_half_its_wall_time(
     calls.clear()
     quality.run_unit(args, concept, 1, ["edge-ti:control"], "g")
     assert "half_mark" not in next(spec for kind, spec in calls if kind == "train")
+
+
+def test_the_precision_variants_differ_from_their_control_only_in_where_they_run():
+    """edge-ti:openvino-*-b400 pair with edge-ti:b400: the same search settings (none pinned to an older
+    generation size or guard), only the device and precision differ, and each names its precision."""
+    methods = _quality().METHODS
+    control = methods["edge-ti:b400"]
+    for name, precision in (("edge-ti:openvino-f32-b400", "f32"), ("edge-ti:openvino-bf16-b400", "bf16")):
+        assert methods[name]["settings"] == control["settings"]
+        assert (methods[name]["device"], methods[name]["precision"]) == ("openvino", precision)
+    assert "device" not in control and control["settings"] == {"budget": 400, "max_time": 600}
