@@ -1,7 +1,7 @@
 """Which static-int8 Conv layers reorder a training generation's candidates (issue 17: accurate int8).
 
-    python benchmarks/int8_conv_layers.py                 # the trained shapes-world model, ~5 min on 2 cores
-    python benchmarks/int8_conv_layers.py --single        # also each Conv alone
+    python benchmarks/int8_conv_layers.py                 # the trained shapes-world model, ~1 min on 2 cores
+    python benchmarks/int8_conv_layers.py --single        # also each Conv alone (~3 min)
 
 int8_layers.py measured the MatMuls (dynamic int8); this does the same for the UNet's convolutions in
 static int8 (`--conv static`: activation ranges calibrated once, onnxruntime's QDQ -> QLinearConv), the
@@ -93,7 +93,7 @@ def main():
     independent = [c for c in convs if c not in token_dependent]
     last_up = "/" + max((c.split("/")[1] for c in convs if c.startswith("/up_blocks")), key=lambda b: int(b[10:]))
     default_feeds = unet_calibration_feeds(base, count=8)
-    # other generations than the measured ones (seed + 1): 2 of them, 4 UNet calls of 20 samples each
+    # other generations than the measured ones (seed + 1): 2 of them, 8 UNet calls of 20 samples each
     drawn_feeds = training_feeds(model, generations(model, 2, args.seed + 1))
     print(f"# {' '.join(sys.argv)}\n# {base}: {args.generations} generations x 20 candidates x 4 triples; "
           f"{len(convs)} Conv layers, {len(independent)} upstream of the prompt: {', '.join(independent)}")
