@@ -1,7 +1,7 @@
 """How much of a UNet forward runs before the prompt enters it? (issue 17)
 
     python benchmarks/prompt_free_prefix.py --unet export/shapes_diffusers/unet --latent 8
-    python benchmarks/prompt_free_prefix.py --unet /work/perf-models/sd15-diffusers/unet --latent 32
+    python benchmarks/prompt_free_prefix.py --unet export/sd_configs/sd15/unet --latent 32    # sd21, sdxl (64) too
 
 A candidate token reaches the UNet only through the cross-attention (attn2) of its transformer blocks.
 Everything the forward computes before the first attn2 (conv_in, the time embedding, the first
@@ -26,8 +26,10 @@ def prefix_share(unet, latent, text_len=77):
     sample = torch.randn(1, unet.config.in_channels, latent, latent)
     hidden = torch.randn(1, text_len, unet.config.cross_attention_dim)
     kwargs = {}
-    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text and time ids
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 1280), "time_ids": torch.randn(1, 6)}
+    c = unet.config
+    if c.addition_embed_type == "text_time":  # SDXL: pooled text and time ids
+        width = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, width), "time_ids": torch.randn(1, 6)}
     with torch.no_grad(), counter:
         unet(sample, 500, hidden, **kwargs)
     handle.remove()
