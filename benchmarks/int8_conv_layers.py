@@ -16,7 +16,6 @@ rounding flips differ between candidates. Rows by group, and (--single) one Conv
 on onnxruntime's default feeds (edge_ti.quantize.unet_calibration_feeds: Gaussian x0 at stratified
 timesteps) or on the generations' own UNet inputs (concept latents, their prompts: "as training draws").
 """
-import argparse
 import os
 import shutil
 import sys
@@ -74,16 +73,11 @@ def training_feeds(model, gens):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="an ONNX model folder [the shipped shapes model]")
-    parser.add_argument("--generations", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--single", action="store_true")
-    args = parser.parse_args()
+    from int8_layers import agreement, generations, layers_parser
+    args = layers_parser(__doc__).parse_args()
     import edge_ti
     from edge_ti.quantize import unet_calibration_feeds
     from edge_ti.shapes import model_dir
-    from int8_layers import agreement, generations
     base = args.model or model_dir()
     os.environ.setdefault("EDGE_TI_SESSION_CACHE", "0")
     model = edge_ti.open_model(base)

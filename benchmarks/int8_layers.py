@@ -107,12 +107,18 @@ def agreement(path, gens, reference=None):
     return losses, (float(np.mean(rhos)), float(np.min(rhos)))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def layers_parser(doc):
+    """The options this script and int8_conv_layers.py share: the model, its generations, one layer at a time."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", default=None, help="an ONNX model folder [the shipped shapes model]")
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--single", action="store_true")
+    return parser
+
+
+def main():
+    parser = layers_parser(__doc__)
     parser.add_argument("--per-channel", action="store_true", help="int8 weight scales per output column")
     args = parser.parse_args()
     import edge_ti
