@@ -22,7 +22,9 @@ The recipe is the one of diffusers' train_text_to_image.py shrunk to 32 px:
 4. the text encoder (CLIPTextModel) and the UNet (UNet2DConditionModel with cross-attention)
    jointly, v-prediction (as SD 2.x; epsilon is an option) under the DDPM scaled_linear schedule,
    10% empty captions for classifier-free guidance (Ho & Salimans 2022), and an EMA of the weights
-   that is saved; with --text-encoder clip, the UNet alone, conditioned on stage 5's CLIP text tower
+   that is saved; with --caption-template-p P a share P of the captions is set in textual inversion's
+   prompt templates ("a photo of a ...", "... in the style of ...": templated_caption), as SD's training
+   captions are phrased every which way, so that the words of edge-ti's prompts mean nothing to the image; with --text-encoder clip, the UNet alone, conditioned on stage 5's CLIP text tower
    (trained first, then frozen: SD 1.x conditions on CLIP ViT-L/14's), so that a candidate token
    has a CLIP score (edge_ti.clip_score);
 5. optionally a tiny CLIP (ViT 32 px / text) trained contrastively on images and captions
@@ -49,6 +51,7 @@ import torch.nn.functional as F
 from edge_ti.runtime import cpu_has_bf16
 from edge_ti.shapes import analyzer
 from edge_ti.shapes import draw as world
+from edge_ti.train import OBJECT_TEMPLATES, STYLE_TEMPLATES
 
 log = logging.getLogger("shapes_train")
 
@@ -90,6 +93,9 @@ class TrainConfig:
     threads: int = 1               # torch threads: on 2 shared cores one thread was faster than two
     n_images: int = 20000          # fixed training set: ~8 images per allowed attribute combination
     caption_drop_p: float = 0.2    # each attribute left out of a caption with this probability
+    # share of captions set in one of textual inversion's prompt templates (templated_caption): "a photo of
+    # a ...", "... in the style of dotted, black background"; 0 leaves every caption bare, as before
+    caption_template_p: float = 0.0
     # VAE: 3 blocks (32, 64, 64) -> 8x8x4, ~1M parameters
     vae_max_steps: int = 8000      # 1-2 s of one shared core per step (417 s on a GPU); training stops earlier when...
     vae_target: float = 0.98       # ...the analyzer reads all six attributes of this share of reconstructions
@@ -152,6 +158,45 @@ def make_dataset(n, seed, drop_p):
     attributes = [world.sample_attributes(rng) for _ in range(n)]
     images = np.stack([world.draw(a, rng) for a in attributes])               # [n, 32, 32, 3]
     return images, attributes
+
+
+# textual inversion's prompt templates (edge_ti.train), less those that name a size ("a photo of the small {}"):
+# sizes are caption words of this world, and such a template would contradict the image it captions
+_SIZE_WORDS = set(world.ATTRIBUTES["size"]) | {"large"}
+CAPTION_OBJECT_TEMPLATES = [t for t in OBJECT_TEMPLATES if not _SIZE_WORDS & set(t.split())]
+CAPTION_STYLE_TEMPLATES = [t for t in STYLE_TEMPLATES if not _SIZE_WORDS & set(t.split())]
+_STYLE_NOUNS = ("painting", "picture", "rendering", "rendition")  # the subject of each style template
+
+
+def templated_caption(attributes, rng, drop_p, template_p):
+    """world.caption(attributes, rng, drop_p), set with probability template_p in a template as SD's users and
+    textual inversion phrase prompts, so that the model reads "a photo of a ..." as a model trained on real
+    captions does, instead of meeting those words first in edge-ti's prompts. Two times in three an object
+    template around the caption ("a close-up photo of a small striped red star on the left, black background"),
+    else a style template whose style is the caption's pattern, background and (half the time) colour:
+    "a small red star on the left in the style of striped, black background", or with no subject but the
+    template's own ("a dark painting in the style of striped, black background") half the time.
+    template_p = 0 draws from rng exactly as world.caption does (earlier recipes' captions are unchanged)."""
+    if template_p <= 0:
+        return world.caption(attributes, rng, drop_p=drop_p)
+    keep = {name: value for name, value in attributes.items()        # world.caption's drop, the same draws
+            if value is not None and not (drop_p > 0 and rng.random() < drop_p)}
+    if rng.random() >= template_p:
+        return world.caption(keep)
+    style_names = ["pattern", "background"] + (["color"] if rng.random() < 0.5 else [])
+    style = {n: keep[n] for n in ("pattern", "color", "background") if n in keep and n in style_names}
+    if rng.random() < 2 / 3 or not style:
+        template = CAPTION_OBJECT_TEMPLATES[rng.integers(len(CAPTION_OBJECT_TEMPLATES))]
+        return template.format(world.caption(keep)[len("a "):])
+    template = CAPTION_STYLE_TEMPLATES[rng.integers(len(CAPTION_STYLE_TEMPLATES))]
+    words = " ".join(style[n] for n in ("pattern", "color") if n in style)
+    if "background" in style:
+        words = (words + ", " if words else "") + f"{style['background']} background"
+    if rng.random() < 0.5:  # the subject: the caption's other attributes ("small red star on the left")
+        subject = world.caption({n: v for n, v in keep.items() if n not in style})[len("a "):]
+        noun = next(n for n in _STYLE_NOUNS if n in template.split())
+        template = template.replace(noun, subject, 1)
+    return template.format(words)
 
 
 def to_tensor(images):
@@ -459,7 +504,8 @@ def train_unet(cfg, means, stds, scaling_factor, attributes, ids_of, tokenizer, 
         latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=gen)) * scaling_factor
         latents = latents.to(device)
         captions = ["" if rng.random() < cfg.uncond_p
-                    else world.caption(attributes[i], rng, drop_p=cfg.caption_drop_p) for i in index.tolist()]
+                    else templated_caption(attributes[i], rng, cfg.caption_drop_p, cfg.caption_template_p)
+                    for i in index.tolist()]
         noise = torch.randn(latents.shape, generator=gen).to(device)            # [B, 4, 8, 8]
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.unet_batch,),
                                   generator=gen).to(device)
@@ -517,7 +563,8 @@ def train_clip(cfg, images, attributes, tokenizer, gen, rng, locked_text=None):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.clip_steps, cfg.clip_lr, 50)
         index = torch.randperm(len(images), generator=gen)[:cfg.clip_batch]
-        captions = [world.caption(attributes[i], rng, drop_p=cfg.caption_drop_p) for i in index.tolist()]
+        captions = [templated_caption(attributes[i], rng, cfg.caption_drop_p, cfg.caption_template_p)
+                    for i in index.tolist()]
         out = clip(input_ids=ids_of(captions), pixel_values=pixels_all[index], return_loss=True)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -757,6 +804,8 @@ def recipe_problem(cfg, init_from=None):
         return "--clip-text locked trains a CLIP: it needs --clip-steps > 0"
     if init_from and cfg.text_encoder == "clip":
         return "--init-from continues a run that trained its own text encoder: not with --text-encoder clip"
+    if not 0 <= cfg.caption_template_p <= 1:
+        return "--caption-template-p is a probability: 0 <= p <= 1"
     if cfg.vae_decoder_steps < 0 or not cfg.vae_decoder_lr > 0:
         return "--vae-decoder-steps must be >= 0 (0: none) and --vae-decoder-lr > 0"
     if cfg.device == "cuda" and not torch.cuda.is_available():

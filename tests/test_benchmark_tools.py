@@ -1,4 +1,5 @@
-"""The helpers of benchmarks/int8_conv_layers.py and benchmarks/prompt_free_prefix.py, on the shipped shapes model."""
+"""The helpers of benchmarks/int8_conv_layers.py, prompt_free_prefix.py and oracle_breakdown.py, on the shipped shapes
+model."""
 import importlib.util
 import os
 
@@ -36,3 +37,24 @@ def test_the_onnx_graph_and_the_torch_forward_agree_on_what_runs_before_the_prom
         "down_blocks.0.attentions.0.proj_in"]
     assert len(convs) == len(set(called)) == 39
     assert 0.01 < prefix / total < 0.2
+
+
+def test_oracle_breakdown_reads_each_prompt_and_attribute_of_the_oracle(capsys):
+    import numpy as np
+    import pytest
+
+    import edge_ti
+    from edge_ti.shapes import model_dir
+    breakdown = _benchmark("oracle_breakdown")
+    quality = breakdown.quality
+    concept = quality.BY_NAME["striped-green-triangle"]
+    per_concept, per_attribute, per_prompt = breakdown.breakdown(edge_ti.open_model(model_dir()), [concept], images=2)
+    assert set(per_prompt) == {p.format("X") for p in quality.OBJECT_PROMPTS}
+    assert set(per_attribute) == {("object", name) for name in concept.attributes}
+    # every prompt draws the same number of images: the concept's accuracy is the mean of its prompts', and of its
+    # attributes' (each image is scored on every attribute)
+    assert per_concept[concept.name] == pytest.approx(np.mean(list(per_prompt.values())))
+    assert per_concept[concept.name] == pytest.approx(np.mean(list(per_attribute.values())))
+    with pytest.raises(SystemExit):
+        breakdown.main([model_dir(), "--images", "0"])
+    assert "--images must be >= 1" in capsys.readouterr().err

@@ -103,6 +103,25 @@ def test_caption():
     assert len(set(dropped)) > 10
 
 
+def test_templated_captions_never_contradict_their_image():
+    pytest.importorskip("torch")
+    from edge_ti_export.shapes_train import templated_caption
+    rng, same = np.random.default_rng(3), np.random.default_rng(3)
+    drawn = [world.sample_attributes(np.random.default_rng(i)) for i in range(400)]
+    # p = 0: the bare captions of earlier recipes, from the same draws
+    assert [templated_caption(a, rng, 0.2, 0.0) for a in drawn] == [world.caption(a, same, drop_p=0.2) for a in drawn]
+    values = {v for vs in world.ATTRIBUTES.values() for v in vs} | {"large"}
+    kinds = set()
+    for a in drawn:
+        text = templated_caption(a, rng, 0.2, 1.0)
+        named = set(text.replace(",", " ").split()) & values
+        assert named <= set(a.values()), (text, a)           # only the image's own attribute words
+        kinds.add("style" if " in the style of " in text else "object" if "photo" in text or "rend" in text else "?")
+        if a["background"] in named and "background" not in text:
+            assert a["background"] == a["color"], text       # a background word names the background
+    assert kinds == {"object", "style"}
+
+
 def test_world_and_analyzer_without_torch(tmp_path):
     script = tmp_path / "s.py"
     script.write_text("import numpy as np\nfrom edge_ti import shapes\n"
@@ -201,6 +220,10 @@ def test_shapes_train_reads_unet_channels():
     ("--vae-decoder-steps", "many", "invalid int value"),
     ("--vae-precision", "fp16", "invalid choice: 'fp16'"),
     ("--vae-schedule", "linear", "invalid choice: 'linear'"),
+    ("--caption-template-p", "1.5", "--caption-template-p is a probability: 0 <= p <= 1"),
+    ("--caption-template-p", "-0.1", "--caption-template-p is a probability: 0 <= p <= 1"),
+    ("--caption-template-p", "nan", "--caption-template-p is a probability: 0 <= p <= 1"),
+    ("--caption-template-p", "half", "invalid float value"),
 ])
 def test_shapes_train_refuses_bad_recipe_flags_before_any_work(flag, value, message, tmp_path, capsys, monkeypatch):
     import torch
