@@ -10,7 +10,7 @@ For each concept (CONCEPTS: attribute concepts built on held-out combinations, a
 must transfer to any shape) and seed, K concept images are drawn with the concept's attributes
 fixed and the others random. On the same model, images and seed:
 
-    edge-ti         edge_ti.train with its defaults (CLIP refinement, then CMA-ES in the pca subspace; objects:
+    edge-ti         edge_ti.train with its defaults (CLIP refinement and path, then CMA-ES in the pca subspace; objects:
                     1 searched vector + the init word's, kept: the anchor, since stop 33; styles: + the images'
                     CLIP init, kept, since stop 34)
     gradient        export/gradient_ti.py: diffusers' textual-inversion recipe (AdamW on the token rows);
@@ -33,6 +33,9 @@ fixed and the others random. On the same model, images and seed:
                     at 10 s, the held-out check every 400 UNet samples (quality.md, run 15: p10t2 became the defaults)
     edge-ti:line5-10s   the held-out loss at 5 points of the line from the init to the CLIP-refined token chooses
                     where the search starts (quality.md, run 16: the default since stop 39)
+    edge-ti:no-path   the defaults without the CLIP path (clip_score.path, the default since stop 46: quality.md,
+                    run 18); every variant above ran before it and stays pinned to clip_path 0
+    edge-ti:anchor-off   the defaults with no kept vector (run 18)
 
 Every training runs in its own subprocess (its peak RSS from os.wait4: the rusage of that child
 alone, which is getrusage(RUSAGE_CHILDREN) of a parent with one child), with the same thread count
@@ -260,6 +263,10 @@ METHODS = {
                                   "settings": {"budget": 400, "max_time": 600}},
     "edge-ti:openvino-bf16-b400": {"kind": "edge-ti", "device": "openvino", "precision": "bf16",
                                    "settings": {"budget": 400, "max_time": 600}},
+    # stop 46: the defaults without the CLIP path (clip_score.path, the default since), i.e. the defaults of stop 39
+    "edge-ti:no-path": {"kind": "edge-ti", "settings": {"clip_path": 0}},
+    # and the defaults with no kept vector (for styles: not the images' CLIP init, chosen on the third model, run 12)
+    "edge-ti:anchor-off": {"kind": "edge-ti", "settings": {"anchor": False}},
 }
 # the methods with the anchor of the defaults (auto); every other variant was measured before the anchor became the
 # default (stop 33): it stays what it measured
@@ -268,14 +275,14 @@ ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-
             "edge-ti:vloss-10s", "edge-ti:vloss-defaults", "edge-ti:noclip-defaults", "edge-ti:t64-g30",
             "edge-ti:t2-10s", "edge-ti:t1-10s", "edge-ti:p10t2-10s", "edge-ti:p6t2-10s", "edge-ti:p10t1-10s",
             "edge-ti:p20t4", "edge-ti:line5-10s", "edge-ti:b400", "edge-ti:openvino-f32-b400",
-            "edge-ti:openvino-bf16-b400")
+            "edge-ti:openvino-bf16-b400", "edge-ti:no-path", "edge-ti:anchor-off")
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in ANCHORED:
         _method["settings"].setdefault("anchor", False)
 # the defaults of the day they run; every other CMA-ES variant was measured with the generations of before stop 38
 # (20 candidates x 4 samples, a check every 5) where it does not set its own: it stays what it measured
 TODAYS_GENERATIONS = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:b400", "edge-ti:openvino-f32-b400",
-                      "edge-ti:openvino-bf16-b400")
+                      "edge-ti:openvino-bf16-b400", "edge-ti:no-path", "edge-ti:anchor-off")
 for _name, _method in METHODS.items():
     if (_method["kind"] == "edge-ti" and _name not in TODAYS_GENERATIONS
             and _method["settings"].get("optimizer", "cma") == "cma"):
@@ -285,6 +292,10 @@ for _name, _method in METHODS.items():
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in TODAYS_GENERATIONS:
         _method["settings"].setdefault("clip_line", 2)
+# and without the CLIP path of stop 46 (every variant but the defaults and their controls was measured before it)
+for _name, _method in METHODS.items():
+    if _method["kind"] == "edge-ti" and _name not in ("edge-ti", "edge-ti:control", "edge-ti:anchor-off"):
+        _method["settings"].setdefault("clip_path", 0)
 MAIN = ["edge-ti", "gradient"]
 ABLATIONS = ["edge-ti:prior", "edge-ti:full", "edge-ti:3vec", "edge-ti:fixed"]
 

@@ -436,6 +436,12 @@ def _duration(text):
               help="points on the line from the init to the CLIP-refined token, both ends included, whose held-out "
                    "losses choose where the search starts (2: one end or the other; a run started before stop 39, "
                    "whose checkpoint this version would not continue, used 2)")
+@click.option("--clip-path", type=click.IntRange(0), default=TrainSettings.clip_path, show_default=True,
+              help="stages of the CLIP path: the CLIP refinement again, held within 1/N, 2/N, .. 1 of 3.25 sqrt(dim) "
+                   "of the init (about where gradient TI's tokens end on the shapes model), as many evaluations again "
+                   "as --clip-refine; each stage's best token joins the line's points in the held-out choice of where "
+                   "the search starts (0: none; a run started before stop 46, whose checkpoint this version would not "
+                   "continue, used 0)")
 @click.option("--anchor", type=click.Choice(["auto", "word", "images", "off", "on"]), default="auto", show_default=True,
               help="a last vector of the token, kept while the others are searched: word: the --init-word's embedding "
                    "(the token says \"a <learned> WORD\"; on: the same); images: the images' CLIP init (--init auto's, "
@@ -470,7 +476,8 @@ def _duration(text):
               help="allow a --token that is already a word of the vocabulary (it takes over that word in prompts)")
 @click.option("--out", required=True, type=click.Path(), help="the embedding file to write (.safetensors)")
 def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, template, subspace, dim, optimizer,
-          popsize, sigma, prior, budget, max_time, triples, crn, loss_weighting, clip_refine, clip_line, anchor,
+          popsize, sigma, prior, budget, max_time, triples, crn, loss_weighting, clip_refine, clip_line, clip_path,
+          anchor,
           heldout_triples,
           eval_every, patience, max_batch,
           resolution, no_flip, seed, threads, device, precision, workers, ray_address, worker_device, resume, restart,
@@ -495,6 +502,7 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
                              eval_every=eval_every, patience=patience,
                              max_batch=max_batch, resolution=resolution, flip=not no_flip,
                              loss_weighting=loss_weighting, clip_refine=clip_refine, clip_line=clip_line,
+                             clip_path=clip_path,
                              anchor={"on": "word", "off": False}.get(anchor, anchor))
     check_settings(settings)  # before the model folder is opened; train() checks the rest before any work
     model = _open(model_dir, device, precision if device == "openvino" else "auto", threads)

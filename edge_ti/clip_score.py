@@ -13,7 +13,10 @@ is deterministic: no timestep, no noise, so a search can rank candidates on it w
 `refine` uses it before the denoising search: CMA-ES over z in the search's own subspace (e0 + W z,
 the same norm cap), maximizing the score, from the init; the denoising search then starts at the point
 of the line from the init to where it ended whose held-out denoising loss is lowest (edge_ti.train,
-TrainSettings.clip_line: the CLIP optimum is often past what the UNet reads as the concept). It
+TrainSettings.clip_line: the CLIP optimum is often past what the UNet reads as the concept). `path` is
+the same search held inside a ball around the init that grows in stages: the best token of each stage is
+the CLIP optimum at that distance, a path that bends where the straight line to the far optimum (|z| 60-104
+on the shapes model, where the score has saturated) passes through tokens the UNet reads otherwise. It
 needs a clip/ whose text tower is the model's text encoder (same token table), which `ClipScore` checks.
 """
 import os
@@ -30,6 +33,9 @@ TEMPLATES = 4  # the first prompt templates of the training's: each costs one te
 MATCH_TOLERANCE = 1e-4  # largest |difference| between the two token tables, relative to their largest entry
 
 
+PATH_REACH = 3.25  # the path's last ball, in units of sqrt(dim) (a vocabulary row's z has about that norm):
+                   # gradient TI's tokens end 2.8-3.7 sqrt(dim) from the init word on the shapes model (run 17's
+                   # objects; styles 1.8-3.2)
 REFINE_AUTO = 2000  # TrainSettings(clip_refine="auto") where the model's clip/ can score its tokens (clip_score.md)
 
 
@@ -108,3 +114,35 @@ def refine(score, e0, W, max_norm, evaluations, sigma=0.5, popsize=20, seed=0, a
     record = {"clip_score_init": start, "clip_score": best, "clip_evaluations": done,
               "clip_seconds": time.perf_counter() - began}
     return best_z, record
+
+
+def path_evaluations(evaluations, stages, popsize=20):
+    """What path(.., EVALUATIONS, STAGES) spends: whole generations of POPSIZE, the same number in every stage
+    (at least one)."""
+    return max(1, evaluations // (stages * popsize)) * stages * popsize
+
+
+def path(score, e0, W, max_norm, evaluations, stages, sigma=0.5, popsize=20, seed=0, anchor=None):
+    """zs [STAGES, dim]: the CLIP path, the best candidate of each stage of one CMA-ES run that maximizes
+    score(e0 + W z) with z held in a ball around the init whose radius grows stage by stage up to
+    PATH_REACH sqrt(dim) (a candidate outside is pulled onto the sphere, and CMA-ES told the score of the
+    point it became); -> (zs, record), as refine's."""
+    import cma
+    dim = e0.shape[0] * W.shape[1]
+    began = time.perf_counter()
+    es = cma.CMAEvolutionStrategy(np.zeros(dim), sigma, {"popsize": popsize, "seed": seed + 2, "verbose": -9})
+    generations = path_evaluations(evaluations, stages, popsize) // (stages * popsize)  # per stage
+    zs, done = [], 0
+    for radius in PATH_REACH * np.sqrt(dim) * np.arange(1, stages + 1) / stages:
+        best, best_z = -np.inf, None
+        for _ in range(generations):
+            asked = np.asarray(es.ask())                                        # (P, dim)
+            norms = np.linalg.norm(asked, axis=1, keepdims=True)
+            zs_in = asked * np.minimum(1.0, radius / np.maximum(norms, 1e-30))  # (P, dim), in the ball
+            scores = score(subspace.embeddings_from_z(e0, W, zs_in, max_norm, anchor))
+            es.tell(list(asked), (-scores).tolist())
+            done += len(asked)
+            if scores.max() > best:
+                best, best_z = float(scores.max()), zs_in[int(scores.argmax())].copy()
+        zs.append(best_z)
+    return np.stack(zs), {"clip_path_evaluations": done, "clip_path_seconds": time.perf_counter() - began}

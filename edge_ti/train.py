@@ -99,6 +99,9 @@ class TrainSettings:
     clip_line: int = 5            # points on the line from the init to the CLIP-refined token (both ends included)
                                   # whose held-out losses choose where the search starts: 0, 1/4, .., 1 (quality.md,
                                   # run 16); 2: one end or the other, as before stop 39
+    clip_path: int = 6            # stages of the CLIP path (clip_score.path: the CLIP optimum at 1..6 sixths of
+                                  # 3.25 sqrt(dim) from the init, as many evaluations again as clip_refine) whose
+                                  # points join the line's in that choice; 0: none, as before stop 46
     anchor: object = "auto"       # one more, last vector of the token, kept as it is while the others are searched:
                                   # "word": the init word's embedding (the class noun of "a photo of [V] dog": the
                                   # token says "a <learned> cross"); "images": the images' CLIP init (init.from_images,
@@ -191,6 +194,8 @@ def check_settings(settings):
         raise EdgeTIError(f"clip_refine must be auto, 0 (none) or more evaluations, got {refine!r}")
     if isinstance(settings.clip_line, bool) or not isinstance(settings.clip_line, int) or settings.clip_line < 2:
         raise EdgeTIError(f"clip_line must be 2 or more points, got {settings.clip_line!r}")
+    if isinstance(settings.clip_path, bool) or not isinstance(settings.clip_path, int) or settings.clip_path < 0:
+        raise EdgeTIError(f"clip_path must be 0 (none) or more stages, got {settings.clip_path!r}")
     if settings.anchor not in ANCHORS or not isinstance(settings.anchor, (str, bool)):
         raise EdgeTIError(f"anchor must be auto, word, images or false, got {settings.anchor!r}")
     if settings.anchor not in ("auto", False) and settings.vectors >= MAX_VECTORS:
@@ -258,6 +263,8 @@ def _settings_key(model, settings, latents, e0, token):
         del fields["clip_refine"]
     if settings.clip_line == 2 or not settings.clip_refine:  # likewise
         del fields["clip_line"]
+    if not settings.clip_path or not settings.clip_refine:  # likewise
+        del fields["clip_path"]
     if not settings.anchor:  # likewise
         del fields["anchor"]
     elif settings.anchor == "word":  # as it was written when the word was the only anchor: those checkpoints match
@@ -559,26 +566,38 @@ def _has_clip(model):
 
 def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout, anchor):
     """(the start, seconds, e0's held-out loss): of settings.clip_line points of the line from e0 to where
-    clip_score.refine moved it, the one with the lowest held-out denoising loss (a CLIP score can rise on tokens
-    the UNet reads otherwise, and its optimum is often past what the UNet reads as the concept: quality.md, run 16)."""
-    log.warning("CLIP refinement: %d CLIP-score evaluations (text passes only) before the search...",
-                settings.clip_refine)  # about a minute on SD 1.5 on 2 cores: say so before it starts
+    clip_score.refine moved it and the settings.clip_path points of the CLIP path (clip_score.path), the one with
+    the lowest held-out denoising loss (a CLIP score can rise on tokens the UNet reads otherwise, and its optimum
+    is often past what the UNet reads as the concept: quality.md, runs 16 and 18)."""
+    path_evaluations = settings.clip_path and clip_score.path_evaluations(settings.clip_refine, settings.clip_path)
+    log.warning("CLIP refinement: %d CLIP-score evaluations (text passes only) before the search%s...",
+                settings.clip_refine + path_evaluations,  # about a minute per 2000 on SD 1.5 on 2 cores: say so
+                f", {path_evaluations} of them on a path of {settings.clip_path} stages" if settings.clip_path else "")
     z, record = clip_score.refine(score, e0, W, max_norm, settings.clip_refine, sigma=sigma, seed=settings.seed,
                                   anchor=anchor)
     fractions = np.linspace(0.0, 1.0, settings.clip_line)                   # 0: the init, 1: the refined token
-    points = subspace.embeddings_from_z(e0, W, fractions[:, None] * z[None], max_norm)
+    zs = fractions[:, None] * z[None]                                       # (clip_line, dim)
+    names = ["the init"] + [f"{f:.2f} of the way to the refined token" for f in fractions[1:-1]] + ["the refined token"]
+    seconds, evaluations = record["clip_seconds"], record["clip_evaluations"]
+    if settings.clip_path:
+        path_zs, path_record = clip_score.path(score, e0, W, max_norm, settings.clip_refine, settings.clip_path,
+                                               sigma=sigma, seed=settings.seed, anchor=anchor)
+        zs = np.concatenate([zs, path_zs])
+        names += [f"stage {k + 1} of {settings.clip_path} of the CLIP path" for k in range(settings.clip_path)]
+        seconds += path_record["clip_path_seconds"]
+        evaluations += path_record["clip_path_evaluations"]
+    points = subspace.embeddings_from_z(e0, W, zs, max_norm)
     losses = scorer.population_loss(subspace.with_anchor(points, anchor), heldout)
-    best = len(losses) - 1 - int(np.argmin(losses[::-1]))                  # a tie goes to the farther point
+    best = len(losses) - 1 - int(np.argmin(losses[::-1]))                  # a tie goes to the later point
     before, after = losses[0], losses[best]
     if best == 0:
         log.warning("CLIP refinement: score %.4f -> %.4f, but the held-out loss rose %.5f -> %.5f: the search "
                     "starts from the init", record["clip_score_init"], record["clip_score"], before, min(losses[1:]))
-        return e0, record["clip_seconds"], float(before)
+        return e0, seconds, float(before)
     log.warning("CLIP refinement: score %.4f -> %.4f in %d evaluations (%.1f s); held-out loss %.5f -> %.5f%s",
-                record["clip_score_init"], record["clip_score"], record["clip_evaluations"], record["clip_seconds"],
-                before, after, "" if best == len(fractions) - 1 else
-                f" at {fractions[best]:.2f} of the way to the refined token")
-    return points[best], record["clip_seconds"], float(before)
+                record["clip_score_init"], record["clip_score"], evaluations, seconds, before, after,
+                "" if names[best] == "the refined token" else f" at {names[best]}")
+    return points[best], seconds, float(before)
 
 
 def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout, anchor,

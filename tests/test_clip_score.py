@@ -144,7 +144,10 @@ def test_auto_refines_where_the_clip_scores_the_tokens(clip_conditioned, tiny_sd
     result = train(model, _images(), "<t>", str(tmp_path / "a.safetensors"), init_word="star",
                    settings=TrainSettings(budget=20, heldout_triples=4))
     assert f"{clip_score.REFINE_AUTO} CLIP-score evaluations before the search" in caplog.text
-    assert f"in {clip_score.REFINE_AUTO} evaluations" in caplog.text or "the search starts from the init" in caplog.text
+    evaluations = clip_score.REFINE_AUTO + clip_score.path_evaluations(clip_score.REFINE_AUTO, 6)  # + the path's
+    assert evaluations == 2000 + 6 * 16 * 20
+    assert f"{evaluations} CLIP-score evaluations (text passes only) before the search" in caplog.text
+    assert f"in {evaluations} evaluations" in caplog.text or "the search starts from the init" in caplog.text
     explicit = train(model, _images(), "<t>", str(tmp_path / "b.safetensors"), init_word="star",
                      settings=TrainSettings(budget=20, heldout_triples=4, clip_refine=clip_score.REFINE_AUTO))
     np.testing.assert_array_equal(result.start, explicit.start)
@@ -186,7 +189,7 @@ def test_the_held_out_loss_along_the_line_chooses_the_start(clip_conditioned, tm
     """clip_line=5: of the init, the refined token and the three points between, the one with the lowest held-out
     loss is where the search starts; bad point counts are refused before anything runs."""
     model = edge_ti.open_model(clip_conditioned[1])
-    settings = TrainSettings(clip_refine=20, budget=20, heldout_triples=4, clip_line=5)
+    settings = TrainSettings(clip_refine=20, budget=20, heldout_triples=4, clip_line=5, clip_path=0)
     _, _, W, max_norm = search_space(model.token_embeddings, settings)
     z = np.full(W.shape[1], 2.0)
     monkeypatch.setattr(clip_score, "refine", lambda score, e0, W, max_norm, evaluations, sigma, seed, anchor: (
@@ -206,6 +209,67 @@ def test_the_held_out_loss_along_the_line_chooses_the_start(clip_conditioned, tm
         with pytest.raises(EdgeTIError, match="clip_line must be 2 or more points, got "):
             train(model, _images(), "<t>", str(tmp_path / "bad.safetensors"), init_word="star",
                   settings=TrainSettings(clip_line=bad))
+    assert not os.path.exists(tmp_path / "bad.safetensors")
+
+
+def test_the_clip_path_stays_in_its_growing_balls_and_climbs(clip_conditioned):
+    """clip_score.path: stage k's token lies within k/stages of PATH_REACH sqrt(dim) of the init, and the CLIP score
+    of the stages' tokens rises from the init's (the ball only grows, and one CMA-ES run goes on through it)."""
+    model = edge_ti.open_model(clip_conditioned[1])
+    images, settings = _images(), TrainSettings()
+    _, sigma, W, max_norm = search_space(model.token_embeddings, settings)
+    e0 = model.token_embeddings[model.tokenizer.token_ids("star")].mean(axis=0)[None]
+    score = clip_score.ClipScore(model, images, model.tokenize(["a photo of a <t>", "a rendering of a <t>"],
+                                                               {"<t>": e0}))
+    zs, record = clip_score.path(score, e0, W, max_norm, 700, 3, sigma=sigma, seed=0)
+    assert zs.shape == (3, W.shape[1]) and record["clip_path_evaluations"] == 660  # 11 generations of 20 per stage
+    assert clip_score.path_evaluations(700, 3) == 660 and clip_score.path_evaluations(20, 6) == 120
+    radii = clip_score.PATH_REACH * np.sqrt(W.shape[1]) * np.arange(1, 4) / 3
+    assert np.all(np.linalg.norm(zs, axis=1) <= radii * (1 + 1e-6))
+    scores = score(subspace.embeddings_from_z(e0, W, np.concatenate([np.zeros((1, W.shape[1])), zs]), max_norm))
+    assert scores[1] > scores[0] and scores[3] >= scores[1] - 0.02, scores  # each stage's best, not each generation's
+
+
+def test_the_held_out_loss_chooses_a_point_of_the_clip_path(clip_conditioned, tmp_path, monkeypatch, caplog):
+    """With the path (the default), its stages' tokens join the line's points, and the one with the lowest held-out
+    loss is where the search starts; clip_path=0 never runs it; bad stage counts are refused before any work."""
+    import logging
+    caplog.set_level(logging.WARNING, logger="edge_ti")
+    model = edge_ti.open_model(clip_conditioned[1])
+    settings = TrainSettings(clip_refine=20, budget=20, heldout_triples=4)
+    assert settings.clip_path == 6
+    _, _, W, max_norm = search_space(model.token_embeddings, settings)
+    z = np.full(W.shape[1], 2.0)
+    monkeypatch.setattr(clip_score, "refine", lambda score, e0, W, max_norm, evaluations, sigma, seed, anchor: (
+        z, {"clip_score_init": 0.1, "clip_score": 0.9, "clip_evaluations": 20, "clip_seconds": 0.0}))
+    stages = np.random.default_rng(0).standard_normal((6, W.shape[1]))
+    calls = []
+
+    def fake_path(score, e0, W, max_norm, evaluations, stages_asked, sigma, seed, anchor):
+        calls.append((evaluations, stages_asked))
+        return stages, {"clip_path_evaluations": 120, "clip_path_seconds": 0.0}
+    monkeypatch.setattr(clip_score, "path", fake_path)
+    word = model.token_embeddings[model.tokenizer.token_ids("star")].mean(axis=0)[None]
+    third = subspace.embeddings_from_z(word, W, stages[2:3], max_norm)[0]            # (1, D)
+
+    class ThirdStageIsBest(InProcess):  # the two-step fixture's UNet barely reads the text: make the loss say where
+        def population_loss(self, candidates, triples):
+            return super().population_loss(candidates, triples) + 10 * np.linalg.norm(candidates[:, :1] - third,
+                                                                                      axis=(1, 2))
+    result = train(model, _images(), "<t>", str(tmp_path / "t.safetensors"), init_word="star", settings=settings,
+                   make_scorer=ThirdStageIsBest)
+    assert calls == [(20, 6)]
+    np.testing.assert_allclose(result.start, third, rtol=1e-6)
+    assert result.clip_refined and "in 140 evaluations" in caplog.text and "at stage 3 of 6 of the CLIP path" in caplog.text
+
+    calls.clear()
+    train(model, _images(), "<t>", str(tmp_path / "u.safetensors"), init_word="star",
+          settings=TrainSettings(clip_refine=20, budget=20, heldout_triples=4, clip_path=0), make_scorer=ThirdStageIsBest)
+    assert calls == []
+    for bad in (-1, True, 2.5, "3", None):
+        with pytest.raises(EdgeTIError, match="clip_path must be 0 \\(none\\) or more stages, got "):
+            train(model, _images(), "<t>", str(tmp_path / "bad.safetensors"), init_word="star",
+                  settings=TrainSettings(clip_path=bad))
     assert not os.path.exists(tmp_path / "bad.safetensors")
 
 

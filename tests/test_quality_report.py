@@ -77,10 +77,11 @@ def test_a_main_unit_trains_gradient_first_and_gives_edge_ti_half_its_wall_time(
 
 def test_the_precision_variants_differ_from_their_control_only_in_where_they_run():
     """edge-ti:openvino-*-b400 pair with edge-ti:b400: the same search settings (none pinned to an older
-    generation size or guard), only the device and precision differ, and each names its precision."""
+    generation size or guard; all three to the start of their day, without the CLIP path of stop 46), only the
+    device and precision differ, and each names its precision."""
     methods = _quality().METHODS
     control = methods["edge-ti:b400"]
     for name, precision in (("edge-ti:openvino-f32-b400", "f32"), ("edge-ti:openvino-bf16-b400", "bf16")):
         assert methods[name]["settings"] == control["settings"]
         assert (methods[name]["device"], methods[name]["precision"]) == ("openvino", precision)
-    assert "device" not in control and control["settings"] == {"budget": 400, "max_time": 600}
+    assert "device" not in control and control["settings"] == {"budget": 400, "max_time": 600, "clip_path": 0}
