@@ -92,6 +92,23 @@ class ClipScore:
         return (f @ self.image_features.T).reshape(P, K, -1).mean(axis=(1, 2))   # (P,)
 
 
+def _climb(es, score, e0, W, max_norm, anchor, generations, best, best_z, radius=None):
+    """GENERATIONS of ES (pycma) maximizing score(e0 + W z), each z asked pulled into the ball of RADIUS around
+    the init first if one is given (ES is told the score of the point it became); -> (best, best_z, evaluations),
+    the best over BEST and every candidate scored."""
+    done = 0
+    for _ in range(generations):
+        zs = asked = np.asarray(es.ask())                                       # (P, dim)
+        if radius is not None:
+            zs = asked * np.minimum(1.0, radius / np.maximum(np.linalg.norm(asked, axis=1, keepdims=True), 1e-30))
+        scores = score(subspace.embeddings_from_z(e0, W, zs, max_norm, anchor))  # (P,)
+        es.tell(list(asked), (-scores).tolist())                                # cma minimizes
+        done += len(zs)
+        if scores.max() > best:
+            best, best_z = float(scores.max()), zs[int(scores.argmax())].copy()
+    return best, best_z, done
+
+
 def refine(score, e0, W, max_norm, evaluations, sigma=0.5, popsize=20, seed=0, anchor=None):
     """z* after EVALUATIONS candidates of CMA-ES maximizing score(e0 + W z) from z = 0; -> (z*, record):
     the score at e0 and at z*, the evaluations made and their seconds. anchor: the token's kept last
@@ -103,14 +120,7 @@ def refine(score, e0, W, max_norm, evaluations, sigma=0.5, popsize=20, seed=0, a
     began = time.perf_counter()
     start = float(score(subspace.embeddings_from_z(e0, W, np.zeros((1, dim)), max_norm, anchor))[0])
     es = cma.CMAEvolutionStrategy(np.zeros(dim), sigma, {"popsize": popsize, "seed": seed + 1, "verbose": -9})
-    best_z, best, done = np.zeros(dim), start, 0
-    while done < evaluations:
-        zs = np.asarray(es.ask())                                               # (P, dim)
-        scores = score(subspace.embeddings_from_z(e0, W, zs, max_norm, anchor))  # (P,)
-        es.tell(list(zs), (-scores).tolist())                                   # cma minimizes
-        done += len(zs)
-        if scores.max() > best:
-            best, best_z = float(scores.max()), zs[int(scores.argmax())].copy()
+    best, best_z, done = _climb(es, score, e0, W, max_norm, anchor, -(-evaluations // popsize), start, np.zeros(dim))
     record = {"clip_score_init": start, "clip_score": best, "clip_evaluations": done,
               "clip_seconds": time.perf_counter() - began}
     return best_z, record
@@ -134,15 +144,7 @@ def path(score, e0, W, max_norm, evaluations, stages, sigma=0.5, popsize=20, see
     generations = path_evaluations(evaluations, stages, popsize) // (stages * popsize)  # per stage
     zs, done = [], 0
     for radius in PATH_REACH * np.sqrt(dim) * np.arange(1, stages + 1) / stages:
-        best, best_z = -np.inf, None
-        for _ in range(generations):
-            asked = np.asarray(es.ask())                                        # (P, dim)
-            norms = np.linalg.norm(asked, axis=1, keepdims=True)
-            zs_in = asked * np.minimum(1.0, radius / np.maximum(norms, 1e-30))  # (P, dim), in the ball
-            scores = score(subspace.embeddings_from_z(e0, W, zs_in, max_norm, anchor))
-            es.tell(list(asked), (-scores).tolist())
-            done += len(asked)
-            if scores.max() > best:
-                best, best_z = float(scores.max()), zs_in[int(scores.argmax())].copy()
+        _, best_z, spent = _climb(es, score, e0, W, max_norm, anchor, generations, -np.inf, None, radius)
         zs.append(best_z)
+        done += spent
     return np.stack(zs), {"clip_path_evaluations": done, "clip_path_seconds": time.perf_counter() - began}
