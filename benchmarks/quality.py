@@ -35,7 +35,7 @@ fixed and the others random. On the same model, images and seed:
                     where the search starts (quality.md, run 16: the default since stop 39)
     edge-ti:no-path   the defaults without the CLIP path (clip_score.path, the default since stop 46: quality.md,
                     run 18); every variant above ran before it and stays pinned to clip_path 0
-    edge-ti:anchor-off   the defaults with no kept vector (run 18)
+    edge-ti:anchor-off, edge-ti:anchor-word   the defaults with no kept vector, or the init word's for styles too (run 18)
     edge-ti:path12, edge-ti:clip4k   the path in 12 stages; 4000 CLIP evaluations for the refinement and the path each
                     (run 18: both worse than the defaults)
 
@@ -269,6 +269,7 @@ METHODS = {
     "edge-ti:no-path": {"kind": "edge-ti", "settings": {"clip_path": 0}},
     # and the defaults with no kept vector (for styles: not the images' CLIP init, chosen on the third model, run 12)
     "edge-ti:anchor-off": {"kind": "edge-ti", "settings": {"anchor": False}},
+    "edge-ti:anchor-word": {"kind": "edge-ti", "settings": {"anchor": "word"}},  # styles: "in the style of <v> pattern"
     # and the path in 12 stages (the same evaluations), or the refinement and the path with 4000 evaluations each
     "edge-ti:path12": {"kind": "edge-ti", "settings": {"clip_path": 12}},
     "edge-ti:clip4k": {"kind": "edge-ti", "settings": {"clip_refine": 4000}},
@@ -281,7 +282,7 @@ ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-
             "edge-ti:t2-10s", "edge-ti:t1-10s", "edge-ti:p10t2-10s", "edge-ti:p6t2-10s", "edge-ti:p10t1-10s",
             "edge-ti:p20t4", "edge-ti:line5-10s", "edge-ti:b400", "edge-ti:openvino-f32-b400",
             "edge-ti:openvino-bf16-b400", "edge-ti:no-path", "edge-ti:anchor-off",
-                      "edge-ti:path12", "edge-ti:clip4k")
+                      "edge-ti:path12", "edge-ti:clip4k", "edge-ti:anchor-word")
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in ANCHORED:
         _method["settings"].setdefault("anchor", False)
@@ -289,7 +290,7 @@ for _name, _method in METHODS.items():
 # (20 candidates x 4 samples, a check every 5) where it does not set its own: it stays what it measured
 TODAYS_GENERATIONS = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:b400", "edge-ti:openvino-f32-b400",
                       "edge-ti:openvino-bf16-b400", "edge-ti:no-path", "edge-ti:anchor-off",
-                      "edge-ti:path12", "edge-ti:clip4k")
+                      "edge-ti:path12", "edge-ti:clip4k", "edge-ti:anchor-word")
 for _name, _method in METHODS.items():
     if (_method["kind"] == "edge-ti" and _name not in TODAYS_GENERATIONS
             and _method["settings"].get("optimizer", "cma") == "cma"):
@@ -302,7 +303,7 @@ for _name, _method in METHODS.items():
 # and without the CLIP path of stop 46 (every variant but the defaults and their controls was measured before it)
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in ("edge-ti", "edge-ti:control", "edge-ti:anchor-off",
-                                                              "edge-ti:path12", "edge-ti:clip4k"):
+                                                              "edge-ti:path12", "edge-ti:clip4k", "edge-ti:anchor-word"):
         _method["settings"].setdefault("clip_path", 0)
 MAIN = ["edge-ti", "gradient"]
 ABLATIONS = ["edge-ti:prior", "edge-ti:full", "edge-ti:3vec", "edge-ti:fixed"]
