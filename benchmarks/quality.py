@@ -273,6 +273,18 @@ METHODS = {
     # and the path in 12 stages (the same evaluations), or the refinement and the path with 4000 evaluations each
     "edge-ti:path12": {"kind": "edge-ti", "settings": {"clip_path": 12}},
     "edge-ti:clip4k": {"kind": "edge-ti", "settings": {"clip_refine": 4000}},
+    # stop 47: the path alone (no refinement run, no line: the line's points started 6 of run 18's 40 runs; the
+    # default since), and the defaults of stop 46 beside it, both stopped at 10 s (about half of gradient TI's
+    # wall time at the 20 s budget)
+    "edge-ti:control-10s": {"kind": "edge-ti", "settings": {"max_time": 10}},
+    "edge-ti:path-only-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0}},
+    "edge-ti:path-only": {"kind": "edge-ti", "settings": {"clip_line": 0}},
+    # and after today's start, zo-adam (edge-ti:zo's settings of optimizers.md, round 5) in place of CMA-ES: Adam's
+    # normalized steps keep moving down slopes too shallow for a ranking of 10 candidates on 2 samples to see
+    "edge-ti:zo-path": {"kind": "edge-ti", "settings": {"clip_line": 0, "optimizer": "zo-adam", "lr": 0.3,
+                                                        "sigma": 0.1, "popsize": 8, "eval_every": 12}},
+    # and the path on half the CLIP evaluations (960 instead of 1920), at 10 s beside the defaults (path-only-10s)
+    "edge-ti:path1k-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "clip_refine": 1000}},
 }
 # the methods with the anchor of the defaults (auto); every other variant was measured before the anchor became the
 # default (stop 33): it stays what it measured
@@ -282,7 +294,8 @@ ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-
             "edge-ti:t2-10s", "edge-ti:t1-10s", "edge-ti:p10t2-10s", "edge-ti:p6t2-10s", "edge-ti:p10t1-10s",
             "edge-ti:p20t4", "edge-ti:line5-10s", "edge-ti:b400", "edge-ti:openvino-f32-b400",
             "edge-ti:openvino-bf16-b400", "edge-ti:no-path", "edge-ti:anchor-off",
-                      "edge-ti:path12", "edge-ti:clip4k", "edge-ti:anchor-word")
+                      "edge-ti:path12", "edge-ti:clip4k", "edge-ti:anchor-word", "edge-ti:control-10s",
+                      "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:zo-path", "edge-ti:path1k-10s")
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in ANCHORED:
         _method["settings"].setdefault("anchor", False)
@@ -290,7 +303,8 @@ for _name, _method in METHODS.items():
 # (20 candidates x 4 samples, a check every 5) where it does not set its own: it stays what it measured
 TODAYS_GENERATIONS = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:b400", "edge-ti:openvino-f32-b400",
                       "edge-ti:openvino-bf16-b400", "edge-ti:no-path", "edge-ti:anchor-off",
-                      "edge-ti:path12", "edge-ti:clip4k", "edge-ti:anchor-word")
+                      "edge-ti:path12", "edge-ti:clip4k", "edge-ti:anchor-word", "edge-ti:control-10s",
+                      "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:path1k-10s")
 for _name, _method in METHODS.items():
     if (_method["kind"] == "edge-ti" and _name not in TODAYS_GENERATIONS
             and _method["settings"].get("optimizer", "cma") == "cma"):
@@ -303,8 +317,16 @@ for _name, _method in METHODS.items():
 # and without the CLIP path of stop 46 (every variant but the defaults and their controls was measured before it)
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in ("edge-ti", "edge-ti:control", "edge-ti:anchor-off",
-                                                              "edge-ti:path12", "edge-ti:clip4k", "edge-ti:anchor-word"):
+                                                              "edge-ti:path12", "edge-ti:clip4k", "edge-ti:anchor-word",
+                                                              "edge-ti:control-10s", "edge-ti:path-only-10s",
+                                                              "edge-ti:path-only", "edge-ti:zo-path",
+                                                              "edge-ti:path1k-10s"):
         _method["settings"].setdefault("clip_path", 0)
+# and with the line of stops 39-46 (5 points) where it does not set its own: every variant but the defaults was
+# measured before the line was dropped (stop 47)
+for _name, _method in METHODS.items():
+    if _method["kind"] == "edge-ti" and _name not in ("edge-ti", "edge-ti:control"):
+        _method["settings"].setdefault("clip_line", 5)
 MAIN = ["edge-ti", "gradient"]
 ABLATIONS = ["edge-ti:prior", "edge-ti:full", "edge-ti:3vec", "edge-ti:fixed"]
 

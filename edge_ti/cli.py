@@ -51,6 +51,17 @@ class _Float(click.FloatRange):
         return number
 
 
+class _NoneOrLine(click.IntRange):
+    """0 (no line) or a line of 2 or more points: one point would be the init alone."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number == 1:
+            self.fail("1 is not 0 (no line) or 2 or more points (a line of one point is the init alone)", param, ctx)
+        return number
+
+
+CLIP_LINE = _NoneOrLine(0)
 FINITE = _Float(-1e6, 1e6)
 POSITIVE = _Float(0, 1e6, min_open=True)
 
@@ -413,7 +424,8 @@ def _duration(text):
 @click.option("--popsize", type=click.IntRange(2), default=None,
               help="candidates per generation [cma 10; gauss-newton 9: the point and 8 probes]")
 @click.option("--sigma", type=POSITIVE, default=None,
-              help="CMA-ES step size [0.5 in z; 0.5*std(table) for full]; gauss-newton's probe distance [0.25]")
+              help="CMA-ES step size [0.5 in z; 0.5*std(table) for full]; gauss-newton's probe distance [0.25]; "
+                   "zo-adam's pair radius [0.5] (the search's only: the CLIP climbs before it keep CMA-ES's 0.5)")
 @click.option("--prior", type=POSITIVE, default=TrainSettings.prior, show_default=True,
               help="gauss-newton: how strongly the token is held near the init (30: as strongly as 30 "
                    "generations' evidence pull it away)")
@@ -429,19 +441,19 @@ def _duration(text):
               show_default=True, help="score candidates by the epsilon loss whatever the model predicts (eps), "
               "or by the model's own loss (model: a v-prediction model's v loss, as diffusers trains)")
 @click.option("--clip-refine", type=AutoOrCount(), default=TrainSettings.clip_refine, show_default=True,
-              help="CLIP-score evaluations before the search: start it where the token's prompts match the images best "
-                   "in CLIP, or on the way there where the held-out loss says so (--clip-line; needs a clip/ whose text tower is the model's text encoder; "
+              help="CLIP-score evaluations before the search (text passes only), on the CLIP path (--clip-path) and "
+                   "again on the line (--clip-line): the search starts where the held-out loss is lowest of the init "
+                   "and those points (needs a clip/ whose text tower is the model's text encoder; "
                    f"auto: {REFINE_AUTO} where there is one, else none; 0: none)")
-@click.option("--clip-line", type=click.IntRange(2), default=TrainSettings.clip_line, show_default=True,
-              help="points on the line from the init to the CLIP-refined token, both ends included, whose held-out "
-                   "losses choose where the search starts (2: one end or the other; a run started before stop 39, "
-                   "whose checkpoint this version would not continue, used 2)")
+@click.option("--clip-line", type=CLIP_LINE, default=TrainSettings.clip_line, show_default=True,
+              help="points on the line from the init to the CLIP-refined token, both ends included, that join the "
+                   "held-out choice of the start (0: no line and no refinement run; 5: the default of stops 39-46; "
+                   "2: one end or the other, as before stop 39; a checkpoint of those versions continues with it)")
 @click.option("--clip-path", type=click.IntRange(0), default=TrainSettings.clip_path, show_default=True,
-              help="stages of the CLIP path: the CLIP refinement again, held within 1/N, 2/N, .. 1 of 3.25 sqrt(dim) "
-                   "of the init (about where gradient TI's tokens end on the shapes model), as many evaluations again "
-                   "as --clip-refine; each stage's best token joins the line's points in the held-out choice of where "
-                   "the search starts (0: none; a run started before stop 46, whose checkpoint this version would not "
-                   "continue, used 0)")
+              help="stages of the CLIP path: CMA-ES on the CLIP score held within 1/N, 2/N, .. 1 of 3.25 sqrt(dim) "
+                   "of the init (about where gradient TI's tokens end on the shapes model); each stage's best token "
+                   "joins the held-out choice of where the search starts (0: none, as before stop 46, which needs "
+                   "--clip-line 2 or more; a checkpoint of those versions continues with --clip-path 0)")
 @click.option("--anchor", type=click.Choice(["auto", "word", "images", "off", "on"]), default="auto", show_default=True,
               help="a last vector of the token, kept while the others are searched: word: the --init-word's embedding "
                    "(the token says \"a <learned> WORD\"; on: the same); images: the images' CLIP init (--init auto's, "

@@ -10,14 +10,14 @@ says how well the token describes the concept images (CLIPScore, Hessel et al. 2
 clipping; the objective PEZ optimizes hard prompts for, Wen et al. 2023). Unlike the denoising loss it
 is deterministic: no timestep, no noise, so a search can rank candidates on it without sampling error.
 
-`refine` uses it before the denoising search: CMA-ES over z in the search's own subspace (e0 + W z,
-the same norm cap), maximizing the score, from the init; the denoising search then starts at the point
-of the line from the init to where it ended whose held-out denoising loss is lowest (edge_ti.train,
-TrainSettings.clip_line: the CLIP optimum is often past what the UNet reads as the concept). `path` is
-the same search held inside a ball around the init that grows in stages: the best token of each stage is
-the CLIP optimum at that distance, a path that bends where the straight line to the far optimum (|z| 60-104
-on the shapes model, where the score has saturated) passes through tokens the UNet reads otherwise. It
-needs a clip/ whose text tower is the model's text encoder (same token table), which `ClipScore` checks.
+`path` uses it before the denoising search: CMA-ES over z in the search's own subspace (e0 + W z, the
+same norm cap), maximizing the score, held inside a ball around the init that grows in stages: the best
+token of each stage is the CLIP optimum at that distance; the denoising search then starts at the init or
+the stage whose held-out denoising loss is lowest (edge_ti.train). `refine` is the same search without
+the ball: its optimum (|z| 60-104 on the shapes model, where the score has saturated) is often past what
+the UNet reads as the concept, and the straight line to it passes through tokens the UNet reads otherwise;
+points of that line (TrainSettings.clip_line) join the choice where asked (the default of stops 39-46).
+Both need a clip/ whose text tower is the model's text encoder (same token table), which `ClipScore` checks.
 """
 import os
 import time
@@ -136,15 +136,18 @@ def path(score, e0, W, max_norm, evaluations, stages, sigma=0.5, popsize=20, see
     """zs [STAGES, dim]: the CLIP path, the best candidate of each stage of one CMA-ES run that maximizes
     score(e0 + W z) with z held in a ball around the init whose radius grows stage by stage up to
     PATH_REACH sqrt(dim) (a candidate outside is pulled onto the sphere, and CMA-ES told the score of the
-    point it became); -> (zs, record), as refine's."""
+    point it became); -> (zs, record), as refine's (the init's score one evaluation more, not counted)."""
     import cma
     dim = e0.shape[0] * W.shape[1]
     began = time.perf_counter()
+    start = float(score(subspace.embeddings_from_z(e0, W, np.zeros((1, dim)), max_norm, anchor))[0])
     es = cma.CMAEvolutionStrategy(np.zeros(dim), sigma, {"popsize": popsize, "seed": seed + 2, "verbose": -9})
     generations = path_evaluations(evaluations, stages, popsize) // (stages * popsize)  # per stage
-    zs, done = [], 0
+    zs, done, top = [], 0, start
     for radius in PATH_REACH * np.sqrt(dim) * np.arange(1, stages + 1) / stages:
-        _, best_z, spent = _climb(es, score, e0, W, max_norm, anchor, generations, -np.inf, None, radius)
+        best, best_z, spent = _climb(es, score, e0, W, max_norm, anchor, generations, -np.inf, None, radius)
         zs.append(best_z)
         done += spent
-    return np.stack(zs), {"clip_path_evaluations": done, "clip_path_seconds": time.perf_counter() - began}
+        top = max(top, best)
+    return np.stack(zs), {"clip_path_evaluations": done, "clip_path_seconds": time.perf_counter() - began,
+                          "clip_score_init": start, "clip_score": top}

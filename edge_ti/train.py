@@ -65,7 +65,8 @@ class TrainSettings:
     subspace: str = "pca"         # pca | prior | full (see subspace.py)
     dim: int = 256                # intrinsic dimension per vector: the paper's 256 (capped at D)
     popsize: int = None           # None: the optimizer's (OPTIMIZER_DEFAULTS; cma: 10, the paper's was 20)
-    sigma: float = None           # CMA-ES step size in z; None: 0.5 for pca/prior, 0.5*std(table) for full
+    sigma: float = None           # CMA-ES step size in z; None: 0.5 for pca/prior, 0.5*std(table) for full (the
+                                  # search's only: the CLIP climbs before it take the cma default, _clip_sigma)
                                   # (gauss-newton: its probes' distance, 0.25)
     optimizer: str = "cma"        # cma | zo-adam: gradient estimates from antithetic pairs + Adam (zo_adam.py);
                                   # for zo-adam, sigma is the pairs' radius and popsize must be even
@@ -93,15 +94,17 @@ class TrainSettings:
     latent_sample: bool = False   # VAE latent: the distribution's mean (False) or a seeded sample
     max_batch: int = None         # UNet samples per call; None: the memory cap, edge_ti.denoiser.auto_max_batch
     resolution: int = None        # training images' size in pixels; None: the model's (SD 1.5: 512)
-    clip_refine: object = "auto"  # CLIP-score evaluations before the search (clip_score.refine; needs a clip/
-                                  # whose text tower is the text encoder); 0: none; "auto": clip_score.REFINE_AUTO
-                                  # where the model's clip/ can score its tokens, else none
-    clip_line: int = 5            # points on the line from the init to the CLIP-refined token (both ends included)
-                                  # whose held-out losses choose where the search starts: 0, 1/4, .., 1 (quality.md,
-                                  # run 16); 2: one end or the other, as before stop 39
+    clip_refine: object = "auto"  # CLIP-score evaluations before the search, on the CLIP path and on the line
+                                  # each (needs a clip/ whose text tower is the text encoder); 0: none; "auto":
+                                  # clip_score.REFINE_AUTO where the model's clip/ can score its tokens, else none
+    clip_line: int = 0            # points on the line from the init to the CLIP-refined token (clip_score.refine),
+                                  # both ends included, whose held-out losses join the choice of where the search
+                                  # starts: 0, 1/4, .., 1 at 5 (the default of stops 39-46); 2: one end or the
+                                  # other, as before stop 39; 0: no line and no refinement run (quality.md, run 19:
+                                  # the line's points started 6 of 40 runs and cost half the time before the search)
     clip_path: int = 6            # stages of the CLIP path (clip_score.path: the CLIP optimum at 1..6 sixths of
-                                  # 3.25 sqrt(dim) from the init, as many evaluations again as clip_refine) whose
-                                  # points join the line's in that choice; 0: none, as before stop 46
+                                  # 3.25 sqrt(dim) from the init) whose points and the init are the held-out loss's
+                                  # choice of the start; 0: none, as before stop 46 (then clip_line must be 2+)
     anchor: object = "auto"       # one more, last vector of the token, kept as it is while the others are searched:
                                   # "word": the init word's embedding (the class noun of "a photo of [V] dog": the
                                   # token says "a <learned> cross"); "images": the images' CLIP init (init.from_images,
@@ -192,10 +195,14 @@ def check_settings(settings):
     refine = settings.clip_refine
     if refine != "auto" and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
         raise EdgeTIError(f"clip_refine must be auto, 0 (none) or more evaluations, got {refine!r}")
-    if isinstance(settings.clip_line, bool) or not isinstance(settings.clip_line, int) or settings.clip_line < 2:
-        raise EdgeTIError(f"clip_line must be 2 or more points, got {settings.clip_line!r}")
+    if (isinstance(settings.clip_line, bool) or not isinstance(settings.clip_line, int) or settings.clip_line < 0
+            or settings.clip_line == 1):
+        raise EdgeTIError(f"clip_line must be 0 (no line) or 2 or more points, got {settings.clip_line!r}")
     if isinstance(settings.clip_path, bool) or not isinstance(settings.clip_path, int) or settings.clip_path < 0:
         raise EdgeTIError(f"clip_path must be 0 (none) or more stages, got {settings.clip_path!r}")
+    if settings.clip_line == 0 and not settings.clip_path and settings.clip_refine:
+        raise EdgeTIError("clip_path 0 (no path) with clip_line 0 (no line, the default) leaves the CLIP refinement "
+                          "nothing to do: give clip_line 5 (the line of stops 39-46) or clip_refine 0 (none)")
     if settings.anchor not in ANCHORS or not isinstance(settings.anchor, (str, bool)):
         raise EdgeTIError(f"anchor must be auto, word, images or false, got {settings.anchor!r}")
     if settings.anchor not in ("auto", False) and settings.vectors >= MAX_VECTORS:
@@ -265,6 +272,8 @@ def _settings_key(model, settings, latents, e0, token):
         del fields["clip_line"]
     if not settings.clip_path or not settings.clip_refine:  # likewise
         del fields["clip_path"]
+    if settings.clip_refine and (settings.sigma is not None or settings.optimizer != "cma"):
+        fields["clip_sigma"] = "cma"  # before stop 47 the CLIP climbs took the search's step: not those checkpoints
     if not settings.anchor:  # likewise
         del fields["anchor"]
     elif settings.anchor == "word":  # as it was written when the word was the only anchor: those checkpoints match
@@ -449,10 +458,12 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         raise EdgeTIError(f"the gauss-newton search needs each population's Gram matrix (population_gram), which "
                           f"{type(scorer).__name__} does not give; use optimizer cma with it")
     init_e, init_heldout, refine_seconds = e0, None, 0.0   # the initial embedding and, once measured, its held-out loss
+    start_heldout = None                                   # the search's start's held-out loss, where already measured
     if clip is not None:  # e0 moved to where the CLIP score is best (deterministic: a resume redoes it)
         try:
-            e0, refine_seconds, init_heldout = _clip_refined(clip, e0, W, max_norm, sigma, settings, scorer, heldout,
-                                                             anchor)
+            e0, refine_seconds, init_heldout, start_heldout = _clip_refined(clip, e0, W, max_norm,
+                                                                            _clip_sigma(table, settings), settings,
+                                                                            scorer, heldout, anchor)
         except BaseException:
             scorer.close()
             raise
@@ -493,8 +504,10 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         else:
             fresh = search.SearchState(key, settings.vectors * dim, sigma, settings.popsize, settings.seed,
                                        optimizer=settings.optimizer, lr=settings.lr, prior=settings.prior)
-            fresh.init_heldout = fresh.best_heldout = float(heldout_loss_of_z(np.zeros((1, fresh.dim)))[0])
-            fresh.heldout_evaluations += 1
+            if start_heldout is None:
+                start_heldout = float(heldout_loss_of_z(np.zeros((1, fresh.dim)))[0])
+                fresh.heldout_evaluations += 1
+            fresh.init_heldout = fresh.best_heldout = start_heldout
             search.save_checkpoint(paths["checkpoint"], fresh)
             state = fresh
         _write_log(paths["log"], state.history)  # a resumed run's generations so far; each new one is appended
@@ -564,21 +577,34 @@ def _has_clip(model):
     return True
 
 
+def _clip_sigma(table, settings):
+    """The CLIP climbs' CMA-ES step in z: CMA-ES's default in the search space's units, whatever step (--sigma) or
+    optimizer the search itself takes (the climbs and the path's reach were measured at it)."""
+    default = OPTIMIZER_DEFAULTS["cma"]["sigma"]
+    return default * float(table.std()) if settings.subspace == "full" else default
+
+
 def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout, anchor):
-    """(the start, seconds, e0's held-out loss): of settings.clip_line points of the line from e0 to where
-    clip_score.refine moved it and the settings.clip_path points of the CLIP path (clip_score.path), the one with
-    the lowest held-out denoising loss (a CLIP score can rise on tokens the UNet reads otherwise, and its optimum
-    is often past what the UNet reads as the concept: quality.md, runs 16 and 18)."""
+    """(the start, seconds, e0's held-out loss, the start's held-out loss): of settings.clip_line points of the
+    line from e0 to where clip_score.refine moved it (none at clip_line 0: e0 alone) and the settings.clip_path
+    points of the CLIP path (clip_score.path), the one with the lowest held-out denoising loss (a CLIP score can
+    rise on tokens the UNet reads otherwise, and its optimum is often past what the UNet reads as the concept:
+    quality.md, runs 16 and 18)."""
     path_evaluations = settings.clip_path and clip_score.path_evaluations(settings.clip_refine, settings.clip_path)
-    log.warning("CLIP refinement: %d CLIP-score evaluations (text passes only) before the search%s...",
-                settings.clip_refine + path_evaluations,  # about a minute per 2000 on SD 1.5 on 2 cores: say so
-                f", {path_evaluations} of them on a path of {settings.clip_path} stages" if settings.clip_path else "")
-    z, record = clip_score.refine(score, e0, W, max_norm, settings.clip_refine, sigma=sigma, seed=settings.seed,
-                                  anchor=anchor)
-    fractions = np.linspace(0.0, 1.0, settings.clip_line)                   # 0: the init, 1: the refined token
-    zs = fractions[:, None] * z[None]                                       # (clip_line, dim)
-    names = ["the init"] + [f"{f:.2f} of the way to the refined token" for f in fractions[1:-1]] + ["the refined token"]
-    seconds, evaluations = record["clip_seconds"], record["clip_evaluations"]
+    line_evaluations = settings.clip_refine if settings.clip_line else 0
+    where = ("" if not settings.clip_path else f" on a CLIP path of {settings.clip_path} stages" if not line_evaluations
+             else f", {path_evaluations} of them on a path of {settings.clip_path} stages")
+    log.warning("CLIP refinement: %d CLIP-score evaluations (text passes only)%s before the search...",
+                line_evaluations + path_evaluations, where)  # about a minute per 2000 on SD 1.5 on 2 cores: say so
+    zs, names, seconds, evaluations, scores = np.zeros((1, W.shape[1] * e0.shape[0])), ["the init"], 0.0, 0, None
+    if settings.clip_line:
+        z, record = clip_score.refine(score, e0, W, max_norm, settings.clip_refine, sigma=sigma, seed=settings.seed,
+                                      anchor=anchor)
+        fractions = np.linspace(0.0, 1.0, settings.clip_line)               # 0: the init, 1: the refined token
+        zs = fractions[:, None] * z[None]                                   # (clip_line, dim)
+        names += [f"{f:.2f} of the way to the refined token" for f in fractions[1:-1]] + ["the refined token"]
+        seconds, evaluations = record["clip_seconds"], record["clip_evaluations"]
+        scores = record["clip_score_init"], record["clip_score"]
     if settings.clip_path:
         path_zs, path_record = clip_score.path(score, e0, W, max_norm, settings.clip_refine, settings.clip_path,
                                                sigma=sigma, seed=settings.seed, anchor=anchor)
@@ -586,18 +612,19 @@ def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout, anch
         names += [f"stage {k + 1} of {settings.clip_path} of the CLIP path" for k in range(settings.clip_path)]
         seconds += path_record["clip_path_seconds"]
         evaluations += path_record["clip_path_evaluations"]
+        scores = scores or (path_record["clip_score_init"], path_record["clip_score"])
     points = subspace.embeddings_from_z(e0, W, zs, max_norm)
     losses = scorer.population_loss(subspace.with_anchor(points, anchor), heldout)
     best = len(losses) - 1 - int(np.argmin(losses[::-1]))                  # a tie goes to the later point
     before, after = losses[0], losses[best]
     if best == 0:
         log.warning("CLIP refinement: score %.4f -> %.4f, but the held-out loss rose %.5f -> %.5f: the search "
-                    "starts from the init", record["clip_score_init"], record["clip_score"], before, min(losses[1:]))
-        return e0, seconds, float(before)
+                    "starts from the init", *scores, before, min(losses[1:]))
+        return e0, seconds, float(before), float(before)
     log.warning("CLIP refinement: score %.4f -> %.4f in %d evaluations (%.1f s); held-out loss %.5f -> %.5f%s",
-                record["clip_score_init"], record["clip_score"], evaluations, seconds, before, after,
+                *scores, evaluations, seconds, before, after,
                 "" if names[best] == "the refined token" else f" at {names[best]}")
-    return points[best], seconds, float(before)
+    return points[best], seconds, float(before), float(after)
 
 
 def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout, anchor,

@@ -143,10 +143,10 @@ def test_auto_refines_where_the_clip_scores_the_tokens(clip_conditioned, tiny_sd
     assert clip_score.why_not(model) is None
     result = train(model, _images(), "<t>", str(tmp_path / "a.safetensors"), init_word="star",
                    settings=TrainSettings(budget=20, heldout_triples=4))
-    assert f"{clip_score.REFINE_AUTO} CLIP-score evaluations before the search" in caplog.text
-    evaluations = clip_score.REFINE_AUTO + clip_score.path_evaluations(clip_score.REFINE_AUTO, 6)  # + the path's
-    assert evaluations == 2000 + 6 * 16 * 20
-    assert f"{evaluations} CLIP-score evaluations (text passes only) before the search" in caplog.text
+    evaluations = clip_score.path_evaluations(clip_score.REFINE_AUTO, 6)  # the path's (no line by default)
+    assert evaluations == 6 * 16 * 20
+    assert f"{evaluations} CLIP-score evaluations (text passes only) on a CLIP path of 6 stages before the search" \
+        in caplog.text
     assert f"in {evaluations} evaluations" in caplog.text or "the search starts from the init" in caplog.text
     explicit = train(model, _images(), "<t>", str(tmp_path / "b.safetensors"), init_word="star",
                      settings=TrainSettings(budget=20, heldout_triples=4, clip_refine=clip_score.REFINE_AUTO))
@@ -167,7 +167,7 @@ def test_auto_refines_where_the_clip_scores_the_tokens(clip_conditioned, tiny_sd
 def test_a_refinement_the_denoising_loss_disagrees_with_is_dropped(clip_conditioned, tmp_path, monkeypatch, caplog):
     """The guard: a refined token whose held-out loss is higher than the init's is not where the search starts."""
     model = edge_ti.open_model(clip_conditioned[1])
-    settings = TrainSettings(clip_refine=20, budget=20, heldout_triples=4)
+    settings = TrainSettings(clip_refine=20, budget=20, heldout_triples=4, clip_line=5)
 
     def far_away(score, e0, W, max_norm, evaluations, sigma, seed, anchor):  # a token the UNet reads as something else
         return np.full(W.shape[1], 50.0), {"clip_score_init": 0.1, "clip_score": 0.9, "clip_evaluations": 20,
@@ -205,8 +205,8 @@ def test_the_held_out_loss_along_the_line_chooses_the_start(clip_conditioned, tm
                    make_scorer=QuarterIsBest)
     np.testing.assert_allclose(result.start, quarter, rtol=1e-6)
     assert result.clip_refined and "at 0.25 of the way to the refined token" in caplog.text
-    for bad in (1, 0, -3, True, 2.5, "3"):
-        with pytest.raises(EdgeTIError, match="clip_line must be 2 or more points, got "):
+    for bad in (1, -3, True, 2.5, "3"):
+        with pytest.raises(EdgeTIError, match="clip_line must be 0 \\(no line\\) or 2 or more points, got "):
             train(model, _images(), "<t>", str(tmp_path / "bad.safetensors"), init_word="star",
                   settings=TrainSettings(clip_line=bad))
     assert not os.path.exists(tmp_path / "bad.safetensors")
@@ -236,8 +236,8 @@ def test_the_held_out_loss_chooses_a_point_of_the_clip_path(clip_conditioned, tm
     import logging
     caplog.set_level(logging.WARNING, logger="edge_ti")
     model = edge_ti.open_model(clip_conditioned[1])
-    settings = TrainSettings(clip_refine=20, budget=20, heldout_triples=4)
-    assert settings.clip_path == 6
+    settings = TrainSettings(clip_refine=20, budget=20, heldout_triples=4, clip_line=5)
+    assert settings.clip_path == 6 and TrainSettings().clip_line == 0
     _, _, W, max_norm = search_space(model.token_embeddings, settings)
     z = np.full(W.shape[1], 2.0)
     monkeypatch.setattr(clip_score, "refine", lambda score, e0, W, max_norm, evaluations, sigma, seed, anchor: (
@@ -264,8 +264,29 @@ def test_the_held_out_loss_chooses_a_point_of_the_clip_path(clip_conditioned, tm
 
     calls.clear()
     train(model, _images(), "<t>", str(tmp_path / "u.safetensors"), init_word="star",
-          settings=TrainSettings(clip_refine=20, budget=20, heldout_triples=4, clip_path=0), make_scorer=ThirdStageIsBest)
+          settings=TrainSettings(clip_refine=20, budget=20, heldout_triples=4, clip_line=5, clip_path=0),
+          make_scorer=ThirdStageIsBest)
     assert calls == []
+
+    # clip_line=0 (the default): no refinement run, no line: the init and the path's stages
+    def no_refine(*args, **kwargs):
+        raise AssertionError("clip_line=0 ran the refinement")
+    monkeypatch.setattr(clip_score, "refine", no_refine)
+    monkeypatch.setattr(clip_score, "path", lambda *args, **kwargs: (
+        fake_path(*args, **kwargs)[0], {"clip_path_evaluations": 120, "clip_path_seconds": 0.0,
+                                        "clip_score_init": 0.1, "clip_score": 0.8}))
+    caplog.clear()
+    result = train(model, _images(), "<t>", str(tmp_path / "v.safetensors"), init_word="star",
+                   settings=TrainSettings(clip_refine=20, budget=20, heldout_triples=4),
+                   make_scorer=ThirdStageIsBest)
+    assert calls == [(20, 6)]
+    np.testing.assert_allclose(result.start, third, rtol=1e-6)
+    assert result.start_heldout < result.init_heldout       # the chosen stage's held-out loss starts the search
+    assert "0.1000 -> 0.8000 in 120 evaluations" in caplog.text and "at stage 3 of 6 of the CLIP path" in caplog.text
+    with pytest.raises(EdgeTIError, match="clip_path 0 \\(no path\\) with clip_line 0 \\(no line, the default\\) "
+                                          "leaves the CLIP refinement nothing to do: give clip_line 5"):
+        train(model, _images(), "<t>", str(tmp_path / "bad.safetensors"), init_word="star",
+              settings=TrainSettings(clip_path=0))
     for bad in (-1, True, 2.5, "3", None):
         with pytest.raises(EdgeTIError, match="clip_path must be 0 \\(none\\) or more stages, got "):
             train(model, _images(), "<t>", str(tmp_path / "bad.safetensors"), init_word="star",
@@ -288,7 +309,7 @@ def test_the_init_is_reported_as_the_init_when_the_refinement_is_kept(clip_condi
                 far = np.linalg.norm(candidates - word[None], axis=(1, 2))
                 return super().population_loss(candidates, triples) + sign * far
         return Distance
-    settings = TrainSettings(clip_refine=20, budget=20, heldout_triples=4)
+    settings = TrainSettings(clip_refine=20, budget=20, heldout_triples=4, clip_line=5)
     kept = train(model, _images(), "<t>", str(tmp_path / "kept.safetensors"), init_word="star", settings=settings,
                  make_scorer=scorer(-1.0))
     assert kept.clip_refined and not np.allclose(kept.start, word)
@@ -331,3 +352,20 @@ def test_sdxl_is_refused_in_one_line(tiny_sdxl, tmp_path):
         train(model, _images(), "<t>", str(tmp_path / "t.safetensors"), init_word="cat",
               settings=TrainSettings(clip_refine=10, budget=20))
     assert not os.path.exists(tmp_path / "t.safetensors")
+
+
+def test_the_clip_climbs_take_cma_default_step_whatever_the_search_takes(clip_conditioned, tmp_path, monkeypatch):
+    """--sigma and --optimizer are the search's: the CLIP path (and refinement) climb with CMA-ES's default step in
+    the same units, so a search setting does not move the start; such runs' checkpoints say so in their key."""
+    model = edge_ti.open_model(clip_conditioned[1])
+    asked = []
+
+    def recording_path(score, e0, W, max_norm, evaluations, stages, sigma, seed, anchor):
+        asked.append(sigma)
+        return np.zeros((stages, W.shape[1])), {"clip_path_evaluations": 0, "clip_path_seconds": 0.0,
+                                                 "clip_score_init": 0.1, "clip_score": 0.1}
+    monkeypatch.setattr(clip_score, "path", recording_path)
+    for k, extra in enumerate(({}, {"sigma": 0.1}, {"optimizer": "zo-adam", "popsize": 4})):
+        train(model, _images(), "<t>", str(tmp_path / f"{k}.safetensors"), init_word="star",
+              settings=TrainSettings(clip_refine=20, budget=8, heldout_triples=4, **extra))
+    assert asked == [0.5, 0.5, 0.5]

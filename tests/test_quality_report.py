@@ -84,4 +84,5 @@ def test_the_precision_variants_differ_from_their_control_only_in_where_they_run
     for name, precision in (("edge-ti:openvino-f32-b400", "f32"), ("edge-ti:openvino-bf16-b400", "bf16")):
         assert methods[name]["settings"] == control["settings"]
         assert (methods[name]["device"], methods[name]["precision"]) == ("openvino", precision)
-    assert "device" not in control and control["settings"] == {"budget": 400, "max_time": 600, "clip_path": 0}
+    assert "device" not in control and control["settings"] == {"budget": 400, "max_time": 600, "clip_path": 0,
+                                                                      "clip_line": 5}

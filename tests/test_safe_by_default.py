@@ -361,7 +361,7 @@ def test_save_refuses_nonfinite_vectors(tmp_path):
 @pytest.mark.parametrize("option", [
     ["--popsize", "0"], ["--popsize", "1"], ["--dim", "0"], ["--vectors", "0"], ["--vectors", "76"],
     ["--seed", "-1"], ["--sigma", "nan"], ["--sigma", "-1"], ["--triples", "0"], ["--heldout-triples", "0"],
-    ["--eval-every", "0"], ["--eval-every", "x"], ["--clip-line", "1"], ["--clip-line", "2.5"],
+    ["--eval-every", "0"], ["--eval-every", "x"], ["--clip-line", "1"], ["--clip-line", "-1"], ["--clip-line", "2.5"],
     ["--clip-path", "-1"], ["--clip-path", "2.5"], ["--clip-path", "x"],
     ["--max-batch", "-1"], ["--budget", "-5"], ["--patience", "-1"], ["--max-time", "0"], ["--max-time", "-5m"],
     ["--resolution", "100000"], ["--threads", "0"], ["--init-top-k", "0"], ["--loss-weighting", "v"],
