@@ -380,8 +380,7 @@ def search_space(table, settings, parts=None):
     if settings.subspace == "pca" and settings.dim > min(widths):
         log.info("--dim %d is more than the embedding width %s: using at most the width",
                  settings.dim, " and ".join(map(str, widths)))
-    default = optimizer_defaults(settings.optimizer)["sigma"]
-    sigma = settings.sigma or (default * float(table.std()) if settings.subspace == "full" else default)
+    sigma = settings.sigma or _default_step(table, settings.subspace, settings.optimizer)
     if len(parts) == 1:
         W = subspace.basis(settings.subspace, table, dim, sigma, seed=settings.seed)  # (D, dim)
         max_norm = subspace.max_row_norm(table) if settings.norm_cap else None
@@ -577,11 +576,16 @@ def _has_clip(model):
     return True
 
 
+def _default_step(table, subspace_kind, optimizer):
+    """OPTIMIZER's default step in z: its sigma, times the table's std where z is the embedding itself (full)."""
+    default = optimizer_defaults(optimizer)["sigma"]
+    return default * float(table.std()) if subspace_kind == "full" else default
+
+
 def _clip_sigma(table, settings):
-    """The CLIP climbs' CMA-ES step in z: CMA-ES's default in the search space's units, whatever step (--sigma) or
-    optimizer the search itself takes (the climbs and the path's reach were measured at it)."""
-    default = OPTIMIZER_DEFAULTS["cma"]["sigma"]
-    return default * float(table.std()) if settings.subspace == "full" else default
+    """The CLIP climbs' CMA-ES step in z: CMA-ES's default, whatever step (--sigma) or optimizer the search itself
+    takes (the climbs and the path's reach were measured at it)."""
+    return _default_step(table, settings.subspace, "cma")
 
 
 def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout, anchor):
@@ -592,8 +596,12 @@ def _clip_refined(score, e0, W, max_norm, sigma, settings, scorer, heldout, anch
     quality.md, runs 16 and 18)."""
     path_evaluations = settings.clip_path and clip_score.path_evaluations(settings.clip_refine, settings.clip_path)
     line_evaluations = settings.clip_refine if settings.clip_line else 0
-    where = ("" if not settings.clip_path else f" on a CLIP path of {settings.clip_path} stages" if not line_evaluations
-             else f", {path_evaluations} of them on a path of {settings.clip_path} stages")
+    if not line_evaluations:                    # the path alone (check_settings refuses neither line nor path)
+        where = f" on a CLIP path of {settings.clip_path} stages"
+    elif settings.clip_path:
+        where = f", {path_evaluations} of them on a path of {settings.clip_path} stages"
+    else:
+        where = ""
     log.warning("CLIP refinement: %d CLIP-score evaluations (text passes only)%s before the search...",
                 line_evaluations + path_evaluations, where)  # about a minute per 2000 on SD 1.5 on 2 cores: say so
     zs, names, seconds, evaluations, scores = np.zeros((1, W.shape[1] * e0.shape[0])), ["the init"], 0.0, 0, None
