@@ -286,6 +286,8 @@ METHODS = {
     # and the path on half the CLIP evaluations (960 instead of 1920), at 10 s beside the defaults (path-only-10s)
     "edge-ti:path1k-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "clip_refine": 1000}},
 }
+# this stop's variants: the anchor, generations and CLIP path of the day (each sets its own clip_line)
+STOP_47 = ("edge-ti:control-10s", "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:zo-path", "edge-ti:path1k-10s")
 # the methods with the anchor of the defaults (auto); every other variant was measured before the anchor became the
 # default (stop 33): it stays what it measured
 ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-10s", "edge-ti:s1-10s",
@@ -294,8 +296,7 @@ ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-
             "edge-ti:t2-10s", "edge-ti:t1-10s", "edge-ti:p10t2-10s", "edge-ti:p6t2-10s", "edge-ti:p10t1-10s",
             "edge-ti:p20t4", "edge-ti:line5-10s", "edge-ti:b400", "edge-ti:openvino-f32-b400",
             "edge-ti:openvino-bf16-b400", "edge-ti:no-path", "edge-ti:anchor-off",
-                      "edge-ti:path12", "edge-ti:clip4k", "edge-ti:anchor-word", "edge-ti:control-10s",
-                      "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:zo-path", "edge-ti:path1k-10s")
+                      "edge-ti:path12", "edge-ti:clip4k", "edge-ti:anchor-word") + STOP_47
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in ANCHORED:
         _method["settings"].setdefault("anchor", False)
@@ -303,8 +304,7 @@ for _name, _method in METHODS.items():
 # (20 candidates x 4 samples, a check every 5) where it does not set its own: it stays what it measured
 TODAYS_GENERATIONS = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:b400", "edge-ti:openvino-f32-b400",
                       "edge-ti:openvino-bf16-b400", "edge-ti:no-path", "edge-ti:anchor-off",
-                      "edge-ti:path12", "edge-ti:clip4k", "edge-ti:anchor-word", "edge-ti:control-10s",
-                      "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:path1k-10s")
+                      "edge-ti:path12", "edge-ti:clip4k", "edge-ti:anchor-word") + STOP_47
 for _name, _method in METHODS.items():
     if (_method["kind"] == "edge-ti" and _name not in TODAYS_GENERATIONS
             and _method["settings"].get("optimizer", "cma") == "cma"):
@@ -316,11 +316,8 @@ for _name, _method in METHODS.items():
         _method["settings"].setdefault("clip_line", 2)
 # and without the CLIP path of stop 46 (every variant but the defaults and their controls was measured before it)
 for _name, _method in METHODS.items():
-    if _method["kind"] == "edge-ti" and _name not in ("edge-ti", "edge-ti:control", "edge-ti:anchor-off",
-                                                              "edge-ti:path12", "edge-ti:clip4k", "edge-ti:anchor-word",
-                                                              "edge-ti:control-10s", "edge-ti:path-only-10s",
-                                                              "edge-ti:path-only", "edge-ti:zo-path",
-                                                              "edge-ti:path1k-10s"):
+    if _method["kind"] == "edge-ti" and _name not in ("edge-ti", "edge-ti:control", "edge-ti:anchor-off", "edge-ti:path12",
+                                                      "edge-ti:clip4k", "edge-ti:anchor-word", *STOP_47):
         _method["settings"].setdefault("clip_path", 0)
 # and with the line of stops 39-46 (5 points) where it does not set its own: every variant but the defaults was
 # measured before the line was dropped (stop 47)
