@@ -285,9 +285,23 @@ METHODS = {
                                                         "sigma": 0.1, "popsize": 8, "eval_every": 12}},
     # and the path on half the CLIP evaluations (960 instead of 1920), at 10 s beside the defaults (path-only-10s)
     "edge-ti:path1k-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "clip_refine": 1000}},
+    # stop 48: the search of the day scored by the model's own (v) loss (a weighting halfway between it and the
+    # epsilon loss ran from results/patches/mid_weighting.patch as edge-ti:mid-10s and edge-ti:mid-word-1v-10s)
+    "edge-ti:vloss-path-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0,
+                                                               "loss_weighting": "model"}},
+    # and from the init word, as gradient TI starts (no CLIP path), by the v loss, with and without the kept vector,
+    # and by the epsilon loss without it (quality.md, stop 48: the styles' background)
+    "edge-ti:vloss-word-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "clip_refine": 0,
+                                                               "loss_weighting": "model"}},
+    "edge-ti:vloss-word-1v-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "clip_refine": 0,
+                                                                  "loss_weighting": "model", "anchor": False}},
+    "edge-ti:eps-word-1v-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "clip_refine": 0,
+                                                                "anchor": False}},
 }
-# this stop's variants: the anchor, generations and CLIP path of the day (each sets its own clip_line)
-STOP_47 = ("edge-ti:control-10s", "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:zo-path", "edge-ti:path1k-10s")
+# stops 47-48's variants: the anchor, generations and CLIP path of the day (each sets its own clip_line)
+STOP_47 = ("edge-ti:control-10s", "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:zo-path", "edge-ti:path1k-10s",
+           "edge-ti:vloss-path-10s", "edge-ti:vloss-word-10s", "edge-ti:vloss-word-1v-10s",
+           "edge-ti:eps-word-1v-10s")
 # the methods with the anchor of the defaults (auto); every other variant was measured before the anchor became the
 # default (stop 33): it stays what it measured
 ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-10s", "edge-ti:s1-10s",
@@ -375,6 +389,20 @@ def eval_prompts(concept, n):
         items = [(STYLE_PROMPT.format(shape=s, token=TOKEN), {**concept.attributes, "shape": s}) for s in SHAPES]
     counts = [n // len(items) + (i < n % len(items)) for i in range(len(items))]
     return [(p, t, c) for (p, t), c in zip(items, counts) if c]
+
+
+def read_back(model, concept, seed, embedding, n, steps, guidance):
+    """[{attribute: right?}] per image: EMBEDDING as the token in the concept's N evaluation prompts (eval_prompts),
+    drawn with DDIM and read by the analyzer; the same seeds for every method of a (concept, seed)."""
+    from edge_ti.generate import generate
+    from edge_ti.shapes.analyzer import analyze
+    hits = []
+    for k, (prompt, target, count) in enumerate(eval_prompts(concept, n)):
+        for image in generate(model, prompt, {TOKEN: embedding}, steps=steps, guidance=guidance, sampler="ddim",
+                              seed=1000 * seed + k, n=count):
+            read = analyze(image)
+            hits.append({name: bool(read[name] == value) for name, value in target.items()})
+    return hits
 
 
 # ---------------------------------------------------------------- children
@@ -487,8 +515,6 @@ def child_eval(spec):
     import edge_ti
     from edge_ti import objective
     from edge_ti.denoiser import Denoiser
-    from edge_ti.generate import generate
-    from edge_ti.shapes.analyzer import analyze
     concept = concept_of(spec)
     model = edge_ti.open_model(spec["onnx"], threads=spec["threads"])
     latents, prompts, triples = heldout_set(model, concept, spec["seed"], spec["heldout_images"],
@@ -507,16 +533,9 @@ def child_eval(spec):
         return memo[key]
 
     def generated_accuracy(embedding):
-        scores, alls = [], []
-        for k, (prompt, target, count) in enumerate(eval_prompts(concept, spec["eval_images"])):
-            generated = generate(model, prompt, {TOKEN: embedding}, steps=spec["eval_steps"],
-                                 guidance=spec["guidance"], sampler="ddim", seed=1000 * spec["seed"] + k, n=count)
-            for image in generated:
-                read = analyze(image)
-                hits = [read[name] == value for name, value in target.items()]
-                scores.append(float(np.mean(hits)))
-                alls.append(float(all(hits)))
-        return float(np.mean(scores)), float(np.mean(alls))
+        hits = read_back(model, concept, spec["seed"], embedding, spec["eval_images"], spec["eval_steps"],
+                         spec["guidance"])
+        return float(np.mean([np.mean(list(h.values())) for h in hits])), float(np.mean([all(h.values()) for h in hits]))
 
     out = {}
     table = model.token_embeddings

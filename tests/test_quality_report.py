@@ -1,4 +1,4 @@
-"""benchmarks/quality.py's paired report, on made-up units (no training)."""
+"""benchmarks/quality.py's paired report, on made-up units (no training), and the small benchmarks beside it."""
 import importlib.util
 import os
 
@@ -86,3 +86,74 @@ def test_the_precision_variants_differ_from_their_control_only_in_where_they_run
         assert (methods[name]["device"], methods[name]["precision"]) == ("openvino", precision)
     assert "device" not in control and control["settings"] == {"budget": 400, "max_time": 600, "clip_path": 0,
                                                                       "clip_line": 5}
+
+
+def test_read_back_gives_each_image_its_target_attributes():
+    """read_back (the evaluation's generations, read by the analyzer) gives one {attribute: right?} per image, with
+    exactly the attributes the benchmark scores: a style's own plus the prompted shape. The caption words as the
+    token (the oracle) draw the style's pattern and background in most images."""
+    import edge_ti
+    quality = _quality()
+    model = edge_ti.open_model("shapes")
+    concept = next(c for c in quality.CONCEPTS if c.name == "style-dotted-black")
+    oracle = model.token_embeddings[model.tokenizer.token_ids(quality.oracle_text(concept))]
+    hits = quality.read_back(model, concept, 0, oracle, 6, 20, 4.0)
+    assert len(hits) == 6
+    assert all(set(h) == {*concept.attributes, "shape"} for h in hits)
+    assert sum(h["background"] for h in hits) >= 5 and sum(h["pattern"] for h in hits) >= 4, hits
+    # another style's words (striped, white background) as the token: read against this style's targets
+    other = next(c for c in quality.CONCEPTS if c.name == "style-striped-white")
+    wrong = model.token_embeddings[model.tokenizer.token_ids(quality.oracle_text(other))]
+    misses = quality.read_back(model, concept, 0, wrong, 6, 20, 4.0)
+    assert sum(h["background"] for h in misses) <= 1 and sum(h["pattern"] for h in misses) <= 1, misses
+
+
+def test_attributes_refuses_a_folder_that_is_not_a_work_folder(tmp_path, capsys):
+    import pytest
+    spec = importlib.util.spec_from_file_location("attributes", os.path.join(ROOT, "benchmarks", "attributes.py"))
+    attributes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(attributes)
+    with pytest.raises(SystemExit):
+        attributes.main([str(tmp_path)])
+    assert "no units/ folder: not a benchmarks/quality.py work folder" in capsys.readouterr().err
+
+
+def _benchmark(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attribute_signal_swaps_one_word_and_the_right_words_score_lower():
+    """attribute_signal.per_triple_losses: each of a style's attribute words swapped for another of its kind, all
+    scored on the same triples; on the shipped model the style's own words have the lower loss against both swaps."""
+    import edge_ti
+    import numpy as np
+    signal = _benchmark("attribute_signal")
+    model = edge_ti.open_model("shapes")
+    concept = next(c for c in signal.quality.CONCEPTS if c.name == "style-dotted-black")
+    variants, losses, t, eps = signal.per_triple_losses(model, concept, 0, 40)
+    assert variants == {"right": "dotted, black background", "pattern": "striped, black background",
+                        "background": "dotted, white background"}
+    assert losses.shape == (3, 40) and t.shape == (40,) and np.all((0 < eps) & (eps <= 1))  # v model: alpha_bar
+    assert losses[1].mean() > losses[0].mean() and losses[2].mean() > losses[0].mean()
+
+
+def test_attribute_signal_refuses_bad_options(capsys):
+    import pytest
+    signal = _benchmark("attribute_signal")
+    for argv, message in ((["shapes", "--concepts", "style-plaid"], "unknown concept 'style-plaid'"),
+                          (["shapes", "--triples", "5"], "--triples must be at least 20")):
+        with pytest.raises(SystemExit):
+            signal.main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_shapes_train_speed_refuses_zero_steps(capsys):
+    import pytest
+    speed = _benchmark("shapes_train_speed")
+    for flag in ("--steps", "--rounds", "--threads"):
+        with pytest.raises(SystemExit):
+            speed.main([flag, "0"])
+        assert "must be at least 1" in capsys.readouterr().err
