@@ -102,6 +102,9 @@ def path_stages(args, model, concepts):
             subspace.with_anchor(points, anchor), model_loss), chosen=int(np.argmin(np.abs(points - start).sum((1, 2)))))
         raise _Stop
 
+    reason = clip_score.why_not(model)
+    if reason:  # no CLIP path to read (the trainer would run its whole search instead)
+        raise SystemExit(f"--path-stages: {reason}")
     train_module._clip_refined = recorded
     shares = collections.defaultdict(list)                         # (kind, point, attribute) -> per-unit shares
     out = os.path.join(args.work, "attributes-path.safetensors")   # the trainer's output path (never written: _Stop)
@@ -111,11 +114,14 @@ def path_stages(args, model, concepts):
         concept, seed = concepts[unit["concept"]], unit["seed"]
         images = os.path.join(args.work, "runs", f"{concept.name}-{seed}", "images")
         settings = TrainSettings(template="object" if concept.kind == "object" else "style", seed=seed)
+        seen.clear()
         try:
             train_module.train(model, [images], quality.TOKEN, out, init_word=concept.init_word, settings=settings,
                                resume="restart")
         except _Stop:
             pass
+        if not seen:
+            raise SystemExit(f"--path-stages: {concept.name} seed {seed}: the trainer chose no start on a CLIP path")
         cells = []
         for k, embedding in enumerate(seen["points"]):
             hits = attribute_hits(model, concept, seed, embedding, args.eval_images, args.eval_steps)
