@@ -65,7 +65,11 @@ def main(argv=None):
     if args.triples < 20:
         p.error("--triples must be at least 20 (2 per t bin)")
     import edge_ti
-    model = edge_ti.open_model(args.model, threads=args.threads)
+    from edge_ti.errors import EdgeTIError
+    try:
+        model = edge_ti.open_model(args.model, threads=args.threads)
+    except EdgeTIError as error:  # not a model folder, or a broken one: one line, no traceback
+        p.error(str(error))
     pairs = {}                                                 # attribute -> [(t, difference, eps factor)]
     for name in args.concepts:
         for seed in args.seeds:

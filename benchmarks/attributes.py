@@ -156,12 +156,16 @@ def main(argv=None):
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    if not os.path.isdir(os.path.join(args.work, "units")):
-        p.error(f"{args.work}: no units/ folder: not a benchmarks/quality.py work folder")
+    if not (os.path.isdir(os.path.join(args.work, "units")) and os.path.isfile(os.path.join(args.work, "settings.json"))):
+        p.error(f"{args.work}: no units/ folder or settings.json: not a benchmarks/quality.py work folder")
     with open(os.path.join(args.work, "settings.json")) as f:
         work_settings = json.load(f)
     import edge_ti
-    model = edge_ti.open_model(args.onnx or work_settings["onnx"], threads=args.threads)
+    from edge_ti.errors import EdgeTIError
+    try:
+        model = edge_ti.open_model(args.onnx or work_settings["onnx"], threads=args.threads)
+    except EdgeTIError as error:  # the folder moved or is not a model: one line, no traceback
+        p.error(str(error))
     seed = work_settings.get("concept_seed")   # a folder of drawn concepts (--concept-seed; objects, styles or both)
     drawn = [] if seed is None else quality.drawn(seed, "object") + quality.drawn(seed, "style")
     concepts = {c.name: c for c in quality.CONCEPTS + drawn}

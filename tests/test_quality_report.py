@@ -115,7 +115,11 @@ def test_attributes_refuses_a_folder_that_is_not_a_work_folder(tmp_path, capsys)
     spec.loader.exec_module(attributes)
     with pytest.raises(SystemExit):
         attributes.main([str(tmp_path)])
-    assert "no units/ folder: not a benchmarks/quality.py work folder" in capsys.readouterr().err
+    assert "no units/ folder or settings.json: not a benchmarks/quality.py work folder" in capsys.readouterr().err
+    (tmp_path / "units").mkdir()               # units/ without the run's settings: still refused, no traceback
+    with pytest.raises(SystemExit):
+        attributes.main([str(tmp_path)])
+    assert "not a benchmarks/quality.py work folder" in capsys.readouterr().err
 
 
 def _benchmark(name):
@@ -144,7 +148,8 @@ def test_attribute_signal_refuses_bad_options(capsys):
     import pytest
     signal = _benchmark("attribute_signal")
     for argv, message in ((["shapes", "--concepts", "style-plaid"], "unknown concept 'style-plaid'"),
-                          (["shapes", "--triples", "5"], "--triples must be at least 20")):
+                          (["shapes", "--triples", "5"], "--triples must be at least 20"),
+                          (["/nonexistent/model"], "/nonexistent/model")):
         with pytest.raises(SystemExit):
             signal.main(argv)
         assert message in capsys.readouterr().err
