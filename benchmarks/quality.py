@@ -338,6 +338,20 @@ for _name, _method in METHODS.items():
 for _name, _method in METHODS.items():
     if _method["kind"] == "edge-ti" and _name not in ("edge-ti", "edge-ti:control"):
         _method["settings"].setdefault("clip_line", 5)
+# and with the styles' defaults of before stop 49 where it does not set its own (the epsilon loss; the images' CLIP init
+# kept and the CLIP refinement, where the model has a clip/): every variant but the defaults was measured with them
+STYLE_DEFAULTS_OF_48 = [_name for _name, _method in METHODS.items()
+                        if _method["kind"] == "edge-ti" and _name not in ("edge-ti", "edge-ti:control")]
+
+
+def defaults_of_48(name, template, has_clip):
+    """The TrainSettings a variant NAME measured before stop 49 takes where it sets none of its own (the defaults of
+    stop 49 changed for style prompts only: the model's own loss, no kept vector, no CLIP path)."""
+    if name not in STYLE_DEFAULTS_OF_48:
+        return {}
+    if template == "style" and has_clip:
+        return {"loss_weighting": "eps", "anchor": "images", "clip_refine": 2000}  # clip_score.REFINE_AUTO of stop 48
+    return {"loss_weighting": "eps"}
 MAIN = ["edge-ti", "gradient"]
 ABLATIONS = ["edge-ti:prior", "edge-ti:full", "edge-ti:3vec", "edge-ti:fixed"]
 
@@ -424,15 +438,17 @@ def child_train(spec):
     start = time.perf_counter()
     if method["kind"] == "edge-ti":
         import edge_ti
-        from edge_ti import init as initialization, subspace
+        from edge_ti import clip_score, init as initialization, subspace
         from edge_ti.train import TrainSettings, search_space, train
         from edge_ti.session import SessionSettings
         on_openvino = method.get("device") == "openvino"
         model = edge_ti.open_model(spec["onnx"], threads=spec["threads"], device=method.get("device", "cpu"),
                                    session_settings=SessionSettings(threads=spec["threads"], precision=method["precision"])
                                    if on_openvino else None)
+        before_49 = defaults_of_48(spec["method"], template, clip_score.why_not(model) is None)
         settings = TrainSettings(template=template, seed=spec["seed"],   # a method may set its own max_time
-                                 **{"max_time": budget, **spec.get("edge_settings", {}), **method["settings"]})
+                                 **{"max_time": budget, **before_49, **spec.get("edge_settings", {}),
+                                    **method["settings"]})
         # e0 and W as edge_ti.train builds them, to turn a snapshot's best z into its embedding
         e0 = initialization.from_word(model, concept.init_word, settings.vectors)
         _, _, W, max_norm = search_space(model.token_embeddings, settings)

@@ -437,14 +437,15 @@ def _duration(text):
                    "gauss-newton 4]")
 @click.option("--crn", type=click.Choice(["redraw", "fixed"]), default=TrainSettings.crn, show_default=True,
               help="common random numbers: new each generation, or fixed for the run")
-@click.option("--loss-weighting", type=click.Choice(["eps", "model"]), default=TrainSettings.loss_weighting,
+@click.option("--loss-weighting", type=click.Choice(["auto", "eps", "model"]), default=TrainSettings.loss_weighting,
               show_default=True, help="score candidates by the epsilon loss whatever the model predicts (eps), "
-              "or by the model's own loss (model: a v-prediction model's v loss, as diffusers trains)")
+              "or by the model's own loss (model: a v-prediction model's v loss, as diffusers trains); auto: model "
+              "with --template style, eps otherwise")
 @click.option("--clip-refine", type=AutoOrCount(), default=TrainSettings.clip_refine, show_default=True,
               help="CLIP-score evaluations before the search (text passes only), on the CLIP path (--clip-path) and "
                    "again on the line (--clip-line): the search starts where the held-out loss is lowest of the init "
                    "and those points (needs a clip/ whose text tower is the model's text encoder; "
-                   f"auto: {REFINE_AUTO} where there is one, else none; 0: none)")
+                   f"auto: {REFINE_AUTO} where there is one, none with --template style; 0: none)")
 @click.option("--clip-line", type=CLIP_LINE, default=TrainSettings.clip_line, show_default=True,
               help="points on the line from the init to the CLIP-refined token, both ends included, that join the "
                    "held-out choice of the start (0: no line and no refinement run; 5: the default of stops 39-46; "
@@ -457,8 +458,7 @@ def _duration(text):
 @click.option("--anchor", type=click.Choice(["auto", "word", "images", "off", "on"]), default="auto", show_default=True,
               help="a last vector of the token, kept while the others are searched: word: the --init-word's embedding "
                    "(the token says \"a <learned> WORD\"; on: the same); images: the images' CLIP init (--init auto's, "
-                   "needs clip/); auto: word with --init-word and --template object, images with --template style "
-                   "where there is a clip/; off: none")
+                   "needs clip/); auto: word with --init-word and --template object, else none; off: none")
 @click.option("--heldout-triples", type=click.IntRange(1), default=TrainSettings.heldout_triples, show_default=True)
 @click.option("--eval-every", type=click.IntRange(1), default=None,
               help="generations between held-out checks [cma 20; gauss-newton 5; a run started before stop 38, "

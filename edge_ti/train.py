@@ -76,9 +76,11 @@ class TrainSettings:
     prior: float = 30.0           # gauss-newton's pull toward the init, in units of the first generation's curvature
     norm_cap: bool = True         # shorten candidates longer than the vocabulary's longest row: a search
                                   # never leaves the norms the text encoder was trained on (measured: no loss)
-    loss_weighting: str = "eps"   # eps: score in epsilon-loss units whatever the model predicts; model: the
+    loss_weighting: str = "auto"  # eps: score in epsilon-loss units whatever the model predicts; model: the
                                   # model's own loss (diffusers' TI loss; for v models it weighs t ~ T up to
-                                  # ~200x more, and kept less of the demo concept's shape: models.md)
+                                  # ~200x more, and kept less of the demo concept's shape: models.md); auto: the
+                                  # model's own with the style templates (a style's background is decided at
+                                  # large t: quality.md, stop 48), eps otherwise
     budget: int = 5000            # candidate evaluations: the paper's 5000; 0: no limit (time or patience stop)
     max_time: float = None        # seconds; None for no limit
     seed: int = 0
@@ -96,7 +98,9 @@ class TrainSettings:
     resolution: int = None        # training images' size in pixels; None: the model's (SD 1.5: 512)
     clip_refine: object = "auto"  # CLIP-score evaluations before the search, on the CLIP path and on the line
                                   # each (needs a clip/ whose text tower is the text encoder); 0: none; "auto":
-                                  # clip_score.REFINE_AUTO where the model's clip/ can score its tokens, else none
+                                  # clip_score.REFINE_AUTO where the model's clip/ can score its tokens and the
+                                  # prompts are not the style templates (no path point draws a style's
+                                  # background: quality.md, stop 48), else none
     clip_line: int = 0            # points on the line from the init to the CLIP-refined token (clip_score.refine),
                                   # both ends included, whose held-out losses join the choice of where the search
                                   # starts: 0, 1/4, .., 1 at 5 (the default of stops 39-46); 2: one end or the
@@ -109,8 +113,9 @@ class TrainSettings:
                                   # "word": the init word's embedding (the class noun of "a photo of [V] dog": the
                                   # token says "a <learned> cross"); "images": the images' CLIP init (init.from_images,
                                   # the paper's init; needs the model's clip/); "auto": the word with a word init and
-                                  # object prompts (quality.md, run 11), the images with style prompts where the
-                                  # model has a clip/ (run 12), else none; False: none. True is "word"
+                                  # object prompts (quality.md, run 11), else none (the images' init, kept for styles
+                                  # in stops 33-48, held their background back: quality.md, stop 48); False: none.
+                                  # True is "word"
 
     def __post_init__(self):
         defaults = optimizer_defaults(self.optimizer)
@@ -213,8 +218,8 @@ def check_settings(settings):
         raise EdgeTIError(f"unknown subspace {settings.subspace!r}: choose pca, prior or full")
     if not isinstance(settings.norm_cap, bool):
         raise EdgeTIError(f"norm_cap must be true or false, got {settings.norm_cap!r}")
-    if settings.loss_weighting not in ("eps", "model"):
-        raise EdgeTIError(f"unknown loss_weighting {settings.loss_weighting!r}: choose eps or model")
+    if settings.loss_weighting not in ("auto", "eps", "model"):
+        raise EdgeTIError(f"unknown loss_weighting {settings.loss_weighting!r}: choose auto, eps or model")
     if settings.optimizer not in search.OPTIMIZERS:
         raise EdgeTIError(f"unknown optimizer {settings.optimizer!r}: choose {', '.join(search.OPTIMIZERS)}")
     if settings.optimizer == "zo-adam" and settings.popsize % 2:
@@ -416,6 +421,7 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         e0 = initialization.from_word(model, init_word, settings.vectors)
     dim, sigma, W, max_norm = search_space(table, settings, [p.columns for p in model.text_parts])
     prompts = [t.format(token) for t in templates]
+    settings = _resolve_loss_weighting(model, settings)
     settings = _resolve_clip_refine(model, settings)
     settings = _resolve_anchor(model, settings, init_word if init == "word" and init_embedding is None else None)
     anchor, anchor_words = None, []                                     # (1, D) or None
@@ -528,11 +534,29 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
                    settings.anchor, anchor_words)
 
 
+def _resolve_loss_weighting(model, settings):
+    """SETTINGS with loss_weighting "auto" made "model" with the style templates, else "eps". For a style the model's
+    own loss is the one that learns its background: on a v model it weighs large t, where a generation decides the
+    background, up to ~200x more than the epsilon loss does (quality.md, stop 48); for objects it measured no
+    better (+0.009 +- 0.024) and the epsilon loss keeps the demo concept's shape (models.md)."""
+    if settings.loss_weighting != "auto":
+        return settings
+    weighting = "model" if settings.template == "style" else "eps"
+    if model.prediction_type == "v_prediction":
+        log.info("candidates scored by %s (--loss-weighting auto: the model's own with style prompts, else eps)",
+                 {"model": "the model's own (v) loss", "eps": "the epsilon loss"}[weighting])
+    return dataclasses.replace(settings, loss_weighting=weighting)
+
+
 def _resolve_clip_refine(model, settings):
     """SETTINGS with clip_refine "auto" made a number: clip_score.REFINE_AUTO where the model's clip/ can
-    score its tokens (its text tower is the text encoder, as SD 1.x's CLIP ViT-L/14), else 0."""
+    score its tokens (its text tower is the text encoder, as SD 1.x's CLIP ViT-L/14), else 0; and 0 with the style
+    templates, whose tokens the path held back (no point of it draws a style's background: quality.md, stop 48)."""
     if settings.clip_refine != "auto":
         return settings
+    if settings.template == "style":
+        log.info("no CLIP refinement before the search: style prompts (--clip-refine N to have one)")
+        return dataclasses.replace(settings, clip_refine=0)
     reason = clip_score.why_not(model)
     if reason is None:
         log.info("the model's clip/ scores its tokens: %d CLIP-score evaluations before the search "
@@ -545,8 +569,8 @@ def _resolve_clip_refine(model, settings):
 def _resolve_anchor(model, settings, word):
     """SETTINGS with anchor "auto" (or True) made "word", "images" or False: the word where the init is a WORD
     (None: an embedding or --init auto) and the prompts are the object templates, whose token is a thing of that
-    word's class; the images' CLIP init with the style templates, where the model has a clip/ to compute it (an
-    object's images anchor measured no better than none: clip_score.md, round 4); else none."""
+    word's class; else none (an object's images anchor measured no better than none: clip_score.md, round 4; a
+    style's, the default of stops 33-48, kept its background out of the token: quality.md, stop 48)."""
     if settings.anchor is True:
         return dataclasses.replace(settings, anchor="word")
     if settings.anchor != "auto":
@@ -555,25 +579,12 @@ def _resolve_anchor(model, settings, word):
         anchor = False
     elif word and settings.template == "object":
         anchor = "word"
-    elif settings.template == "style" and _has_clip(model):
-        anchor = "images"
     else:
         anchor = False
     log.info("the token's last vector is %s", {
         "word": f"{word!r}'s embedding, kept (--anchor off: none)",
-        "images": "the images' CLIP init, kept (--anchor off: none)",
-        False: "not an anchor (auto: the word with --init-word and object prompts, the images' CLIP init with "
-               "style prompts and a clip/)"}[anchor])
+        False: "not an anchor (auto: the word with --init-word and object prompts)"}[anchor])
     return dataclasses.replace(settings, anchor=anchor)
-
-
-def _has_clip(model):
-    """Whether MODEL has a clip/ that init.from_images can use."""
-    try:
-        clip_model(model)
-    except EdgeTIError:
-        return False
-    return True
 
 
 def _default_step(table, subspace_kind, optimizer):

@@ -152,6 +152,14 @@ def test_auto_refines_where_the_clip_scores_the_tokens(clip_conditioned, tiny_sd
                      settings=TrainSettings(budget=20, heldout_triples=4, clip_refine=clip_score.REFINE_AUTO))
     np.testing.assert_array_equal(result.start, explicit.start)
     np.testing.assert_array_equal(result.embedding["<t>"], explicit.embedding["<t>"])
+    # style prompts: none by default (quality.md, stop 48), said in the log; the same run as clip_refine=0
+    caplog.clear()
+    style = [train(model, _images(), "<t>", str(tmp_path / f"s{refine}.safetensors"), init_word="star",
+                   settings=TrainSettings(budget=20, heldout_triples=4, template="style", clip_refine=refine))
+             for refine in ("auto", 0)]
+    assert "no CLIP refinement before the search: style prompts" in caplog.text
+    assert "CLIP-score evaluations" not in caplog.text and not style[0].clip_refined
+    np.testing.assert_array_equal(style[0].embedding["<t>"], style[1].embedding["<t>"])
 
     caplog.clear()
     bare = edge_ti.open_model(tiny_sd[1])

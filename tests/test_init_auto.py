@@ -329,18 +329,19 @@ def test_cli_export_with_clip_and_train_init_auto(tiny_sd, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "init from images: " in proc.stderr  # before training starts (a log line)
     assert edge_ti.load_embedding(emb)["<r>"].shape == (1, 32)   # object prompts without a word: no anchor
-    # style prompts: --anchor auto keeps the images' CLIP init as the token's last vector, and says so
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "without_torch.py"), "edge_ti", "train", out,
-                           str(images), "--token", "<r>", "--init", "auto", "--template", "style", "--budget", "40",
-                           "--restart", "--out", emb], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert edge_ti.load_embedding(emb)["<r>"].shape == (2, 32)
-    assert "2 vectors; its last is the images' CLIP init (" in proc.stdout
+    # style prompts: --anchor images keeps the images' CLIP init as the token's last vector, and says so (auto: none)
+    for extra, shape in (([], (1, 32)), (["--anchor", "images"], (2, 32))):
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "without_torch.py"), "edge_ti", "train", out,
+                               str(images), "--token", "<r>", "--init", "auto", "--template", "style", "--budget", "40",
+                               "--restart", "--out", emb, *extra], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert edge_ti.load_embedding(emb)["<r>"].shape == shape
+        assert ("2 vectors; its last is the images' CLIP init (" in proc.stdout) == bool(extra), proc.stdout
 
 
 def test_images_anchor(clip_sd, tmp_path):
-    """--anchor images (auto with style prompts, where the model has a clip/): the token's last vector is
-    init.from_images' embedding of the images, kept; the searched one starts as before."""
+    """--anchor images (auto with style prompts in stops 34-48): the token's last vector is init.from_images'
+    embedding of the images, kept; the searched one starts as before. auto: none with style prompts."""
     model = edge_ti.open_model(clip_sd[1])
     images = [Image.fromarray(i) for i in _concept_images()]
     e_images, top = init.from_images(model, images, 1)
@@ -348,10 +349,11 @@ def test_images_anchor(clip_sd, tmp_path):
     common = dict(budget=16, popsize=8, eval_every=1, patience=0, triples=2, heldout_triples=4)
     runs = {}
     for name, settings, kwargs in (
-            ("style", TrainSettings(template="style", **common), {"init_word": "cat"}),
+            ("style", TrainSettings(template="style", anchor="images", **common), {"init_word": "cat"}),
+            ("style-auto", TrainSettings(template="style", **common), {"init_word": "cat"}),
             ("style-word", TrainSettings(template="style", anchor="word", **common), {"init_word": "cat"}),
             ("object-images", TrainSettings(anchor="images", **common), {"init_word": "cat"}),
-            ("auto-init", TrainSettings(template="style", **common), {"init": "auto"}),
+            ("auto-init", TrainSettings(template="style", anchor="images", **common), {"init": "auto"}),
             ("auto-init-object", TrainSettings(**common), {"init": "auto"}),
             ("style-off", TrainSettings(template="style", anchor=False, **common), {"init_word": "cat"})):
         out = str(tmp_path / f"{name}.safetensors")
@@ -362,7 +364,7 @@ def test_images_anchor(clip_sd, tmp_path):
         assert token.shape == (2, 32) and np.array_equal(token[1], e_images[0])
         assert runs[name].anchor_from == "images" and runs[name].anchor_words[:3] == top[:3]
     assert np.array_equal(runs["style-word"].embedding["<r>"][1], word[0]) and runs["style-word"].anchor_from == "word"
-    for name in ("style-off", "auto-init-object"):   # off; object prompts without a word: no anchor
+    for name in ("style-off", "style-auto", "auto-init-object"):   # off; auto; object prompts without a word: none
         assert runs[name].embedding["<r>"].shape == (1, 32) and runs[name].anchor_from is None
     # the searched vector started where it did without the anchor: the word, or (--init auto) the images' init
     assert np.array_equal(runs["style"].start, word) and np.array_equal(runs["auto-init"].start, e_images)

@@ -162,3 +162,21 @@ def test_shapes_train_speed_refuses_zero_steps(capsys):
         with pytest.raises(SystemExit):
             speed.main([flag, "0"])
         assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_variants_measured_before_stop_49_keep_the_style_defaults_they_measured():
+    """Stop 49 changed the style prompts' defaults (the model's own loss, no kept vector, no CLIP path): a variant
+    measured before keeps the epsilon loss, the images' kept vector and the refinement where it sets none of its own;
+    the defaults and their control take the defaults of the day."""
+    quality = _quality()
+    from edge_ti import clip_score
+    assert quality.defaults_of_48("edge-ti:path-only-10s", "style", True) == {
+        "loss_weighting": "eps", "anchor": "images", "clip_refine": clip_score.REFINE_AUTO}
+    assert quality.defaults_of_48("edge-ti:path-only-10s", "style", False) == {"loss_weighting": "eps"}
+    assert quality.defaults_of_48("edge-ti:path-only-10s", "object", True) == {"loss_weighting": "eps"}
+    for name in ("edge-ti", "edge-ti:control", "gradient"):
+        assert quality.defaults_of_48(name, "style", True) == {}
+    # a variant's own settings win: vloss-word-1v measured the model's loss, no anchor and no refinement
+    variant = quality.METHODS["edge-ti:vloss-word-1v-10s"]["settings"]
+    assert {**quality.defaults_of_48("edge-ti:vloss-word-1v-10s", "style", True), **variant}["anchor"] is False
+    assert {**quality.defaults_of_48("edge-ti:vloss-word-1v-10s", "style", True), **variant}["clip_refine"] == 0

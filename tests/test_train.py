@@ -142,21 +142,31 @@ def test_anchor_bad_settings(tiny_sd, concept_dir, tmp_path):
 
 
 def test_loss_weighting(tiny_sd, tiny_sd_v, concept_dir, tmp_path):
-    """eps (the default) scores a v model by alpha_bar_t x its v loss; an epsilon model is scored the same
-    either way, so its checkpoints and results do not change."""
+    """eps scores a v model by alpha_bar_t x its v loss; an epsilon model is scored the same either way, so its
+    checkpoints and results do not change. auto (the default) is eps with object prompts, the model's own with style
+    prompts: the same runs as saying so."""
     runs = {}
     for which, folder in (("eps-model", tiny_sd[1]), ("v-model", tiny_sd_v[1])):
         model = edge_ti.open_model(folder)
-        for weighting in ("eps", "model"):
-            out = str(tmp_path / f"{which}-{weighting}.safetensors")
-            settings = TrainSettings(budget=24, popsize=6, eval_every=2, patience=0, triples=2, heldout_triples=8,
-                                     loss_weighting=weighting)
-            runs[which, weighting] = train(model, [concept_dir], "<c>", out, init_word="cat", settings=settings)
-    same, v = (runs["eps-model", "eps"], runs["eps-model", "model"]), (runs["v-model", "eps"], runs["v-model", "model"])
-    assert same[0].init_heldout == same[1].init_heldout
-    np.testing.assert_array_equal(same[0].embedding["<c>"], same[1].embedding["<c>"])
-    assert v[0].init_heldout < v[1].init_heldout  # every weight alpha_bar_t < 1
-    # checkpoints: an epsilon model's key ignores the setting; a v model's tells the two losses apart
+        for template in ("object", "style"):
+            for weighting in ("eps", "model", "auto"):
+                out = str(tmp_path / f"{which}-{template}-{weighting}.safetensors")
+                settings = TrainSettings(budget=24, popsize=6, eval_every=2, patience=0, triples=2, heldout_triples=8,
+                                         loss_weighting=weighting, template=template)
+                runs[which, template, weighting] = train(model, [concept_dir], "<c>", out, init_word="cat",
+                                                         settings=settings)
+    for template in ("object", "style"):
+        same = runs["eps-model", template, "eps"], runs["eps-model", template, "model"]
+        v = runs["v-model", template, "eps"], runs["v-model", template, "model"]
+        assert same[0].init_heldout == same[1].init_heldout
+        np.testing.assert_array_equal(same[0].embedding["<c>"], same[1].embedding["<c>"])
+        assert v[0].init_heldout < v[1].init_heldout  # every weight alpha_bar_t < 1
+        auto = runs["v-model", template, "auto"]
+        chosen = runs["v-model", template, {"object": "eps", "style": "model"}[template]]
+        assert auto.init_heldout == chosen.init_heldout
+        np.testing.assert_array_equal(auto.embedding["<c>"], chosen.embedding["<c>"])
+    # checkpoints: an epsilon model's key ignores the setting; a v model's tells the two losses apart (auto is
+    # resolved before the key is made)
     latents, e0 = np.zeros((1, 4, 4, 4), np.float32), np.zeros((1, 32), np.float32)
     for folder, differ in ((tiny_sd[1], False), (tiny_sd_v[1], True)):
         model = edge_ti.open_model(folder)
