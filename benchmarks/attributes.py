@@ -12,7 +12,9 @@ with each target attribute right, mean over the units.
 
 --path-stages: for each main unit, the points edge-ti's defaults choose the search's start among (the init and
 the CLIP path's stages, with the anchor), recomputed as edge_ti.train computes them (same images, seed and
-settings), each with its held-out loss in the search's units and in the model's own, and what it draws.
+settings), each with its held-out loss in the search's units and in the model's own, and what it draws. A style's
+are those of the defaults of stops 46-48 (the images' CLIP init kept, the epsilon loss): since stop 49 a style has
+no CLIP path.
 ~1 min per unit of the 15 style units (7 points x 12 images) on 2 cores; the token files are read, never written.
 """
 import argparse
@@ -113,7 +115,9 @@ def path_stages(args, model, concepts):
             continue
         concept, seed = concepts[unit["concept"]], unit["seed"]
         images = os.path.join(args.work, "runs", f"{concept.name}-{seed}", "images")
-        settings = TrainSettings(template="object" if concept.kind == "object" else "style", seed=seed)
+        template = "object" if concept.kind == "object" else "style"
+        settings = TrainSettings(template=template, seed=seed, **quality.defaults_of_48("edge-ti:path-only", template,
+                                                                                        has_clip=True))
         seen.clear()
         try:
             train_module.train(model, [images], quality.TOKEN, out, init_word=concept.init_word, settings=settings,

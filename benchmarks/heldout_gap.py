@@ -56,7 +56,8 @@ class Unit:
 
     def _weighted(self, triples):
         from edge_ti.denoiser import Denoiser
-        if self.weighting == "eps":  # what edge-ti's search minimizes on a v model (TrainSettings.loss_weighting)
+        # eps: what edge-ti's search minimizes on a v model for objects (TrainSettings.loss_weighting)
+        if self.weighting == "eps":
             triples.weight = Denoiser(self.model).eps_weight(triples.timesteps)
         return triples
 

@@ -297,11 +297,17 @@ METHODS = {
                                                                   "loss_weighting": "model", "anchor": False}},
     "edge-ti:eps-word-1v-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "clip_refine": 0,
                                                                 "anchor": False}},
+    # stop 49: the defaults of the day at 10 s (styles: the model's own loss, no kept vector, no CLIP path), and
+    # for styles the CLIP path again (not the images' kept vector): does the path give back the colour and pattern
+    # that the start from the bare word lacks at half time, without the background it held back?
+    "edge-ti:defaults-49-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0}},
+    "edge-ti:vloss-path-1v-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "clip_refine": 2000,
+                                                                  "loss_weighting": "model", "anchor": False}},
 }
-# stops 47-48's variants: the anchor, generations and CLIP path of the day (each sets its own clip_line)
+# stops 47-49's variants: the anchor, generations and CLIP path of the day (each sets its own clip_line)
 STOP_47 = ("edge-ti:control-10s", "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:zo-path", "edge-ti:path1k-10s",
            "edge-ti:vloss-path-10s", "edge-ti:vloss-word-10s", "edge-ti:vloss-word-1v-10s",
-           "edge-ti:eps-word-1v-10s")
+           "edge-ti:eps-word-1v-10s", "edge-ti:defaults-49-10s", "edge-ti:vloss-path-1v-10s")
 # the methods with the anchor of the defaults (auto); every other variant was measured before the anchor became the
 # default (stop 33): it stays what it measured
 ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-10s", "edge-ti:s1-10s",
@@ -340,8 +346,8 @@ for _name, _method in METHODS.items():
         _method["settings"].setdefault("clip_line", 5)
 # and with the styles' defaults of before stop 49 where it does not set its own (the epsilon loss; the images' CLIP init
 # kept and the CLIP refinement, where the model has a clip/): every variant but the defaults was measured with them
-STYLE_DEFAULTS_OF_48 = [_name for _name, _method in METHODS.items()
-                        if _method["kind"] == "edge-ti" and _name not in ("edge-ti", "edge-ti:control")]
+STYLE_DEFAULTS_OF_48 = [_name for _name, _method in METHODS.items() if _method["kind"] == "edge-ti"
+                        and _name not in ("edge-ti", "edge-ti:control", "edge-ti:defaults-49-10s")]
 
 
 def defaults_of_48(name, template, has_clip):

@@ -174,7 +174,7 @@ def test_variants_measured_before_stop_49_keep_the_style_defaults_they_measured(
         "loss_weighting": "eps", "anchor": "images", "clip_refine": clip_score.REFINE_AUTO}
     assert quality.defaults_of_48("edge-ti:path-only-10s", "style", False) == {"loss_weighting": "eps"}
     assert quality.defaults_of_48("edge-ti:path-only-10s", "object", True) == {"loss_weighting": "eps"}
-    for name in ("edge-ti", "edge-ti:control", "gradient"):
+    for name in ("edge-ti", "edge-ti:control", "edge-ti:defaults-49-10s", "gradient"):
         assert quality.defaults_of_48(name, "style", True) == {}
     # a variant's own settings win: vloss-word-1v measured the model's loss, no anchor and no refinement
     variant = quality.METHODS["edge-ti:vloss-word-1v-10s"]["settings"]
