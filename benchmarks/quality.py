@@ -303,11 +303,16 @@ METHODS = {
     "edge-ti:defaults-49-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0}},
     "edge-ti:vloss-path-1v-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "clip_refine": 2000,
                                                                   "loss_weighting": "model", "anchor": False}},
+    # and the styles' defaults of the day from the images' CLIP init (the paper's init, --init auto) searched, not kept
+    "edge-ti:auto-vloss-1v-10s": {"kind": "edge-ti", "init": "auto",
+                                  "settings": {"max_time": 10, "clip_line": 0, "clip_refine": 0,
+                                               "loss_weighting": "model", "anchor": False}},
 }
 # stops 47-49's variants: the anchor, generations and CLIP path of the day (each sets its own clip_line)
 STOP_47 = ("edge-ti:control-10s", "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:zo-path", "edge-ti:path1k-10s",
            "edge-ti:vloss-path-10s", "edge-ti:vloss-word-10s", "edge-ti:vloss-word-1v-10s",
-           "edge-ti:eps-word-1v-10s", "edge-ti:defaults-49-10s", "edge-ti:vloss-path-1v-10s")
+           "edge-ti:eps-word-1v-10s", "edge-ti:defaults-49-10s", "edge-ti:vloss-path-1v-10s",
+           "edge-ti:auto-vloss-1v-10s")
 # the methods with the anchor of the defaults (auto); every other variant was measured before the anchor became the
 # default (stop 33): it stays what it measured
 ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-10s", "edge-ti:s1-10s",
