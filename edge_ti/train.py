@@ -114,7 +114,7 @@ class TrainSettings:
                                   # token says "a <learned> cross"); "images": the images' CLIP init (init.from_images,
                                   # the paper's init; needs the model's clip/); "auto": the word with a word init and
                                   # object prompts (quality.md, run 11), else none (the images' init, kept for styles
-                                  # in stops 33-48, held their background back: quality.md, stop 48); False: none.
+                                  # in stops 34-48, held their background back: quality.md, stop 48); False: none.
                                   # True is "word"
 
     def __post_init__(self):
@@ -538,7 +538,8 @@ def _resolve_loss_weighting(model, settings):
     """SETTINGS with loss_weighting "auto" made "model" with the style templates, else "eps". For a style the model's
     own loss is the one that learns its background: on a v model it weighs large t, where a generation decides the
     background, up to ~200x more than the epsilon loss does (quality.md, stop 48); for objects it measured no
-    better (+0.009 +- 0.024) and the epsilon loss keeps the demo concept's shape (models.md)."""
+    better (+0.009 +- 0.024 on the benchmark's, +0.019 +- 0.012 on eight drawn: run 20) and the epsilon loss kept
+    the demo concept's shape (models.md)."""
     if settings.loss_weighting != "auto":
         return settings
     weighting = "model" if settings.template == "style" else "eps"
@@ -570,7 +571,7 @@ def _resolve_anchor(model, settings, word):
     """SETTINGS with anchor "auto" (or True) made "word", "images" or False: the word where the init is a WORD
     (None: an embedding or --init auto) and the prompts are the object templates, whose token is a thing of that
     word's class; else none (an object's images anchor measured no better than none: clip_score.md, round 4; a
-    style's, the default of stops 33-48, kept its background out of the token: quality.md, stop 48)."""
+    style's, the default of stops 34-48, kept its background out of the token: quality.md, stop 48)."""
     if settings.anchor is True:
         return dataclasses.replace(settings, anchor="word")
     if settings.anchor != "auto":
