@@ -456,7 +456,8 @@ def child_train(spec):
         model = edge_ti.open_model(spec["onnx"], threads=spec["threads"], device=method.get("device", "cpu"),
                                    session_settings=SessionSettings(threads=spec["threads"], precision=method["precision"])
                                    if on_openvino else None)
-        before_49 = defaults_of_48(spec["method"], template, clip_score.why_not(model) is None)
+        pinned_style = template == "style" and spec["method"] in STYLE_DEFAULTS_OF_48   # why_not only where it counts
+        before_49 = defaults_of_48(spec["method"], template, pinned_style and clip_score.why_not(model) is None)
         settings = TrainSettings(template=template, seed=spec["seed"],   # a method may set its own max_time
                                  **{"max_time": budget, **before_49, **spec.get("edge_settings", {}),
                                     **method["settings"]})
