@@ -307,12 +307,18 @@ METHODS = {
     "edge-ti:auto-vloss-1v-10s": {"kind": "edge-ti", "init": "auto",
                                   "settings": {"max_time": 10, "clip_line": 0, "clip_refine": 0,
                                                "loss_weighting": "model", "anchor": False}},
+    # stop 50: the defaults of the day at 10 s with each triple's t drawn in proportion to the loss's weight of it
+    # (--timesteps weighted: for styles, the v loss, 60% of the samples at t >= 900, the losses weighed back; the
+    # epsilon loss of objects weighs t evenly: no change there), and objects by the v loss so drawn
+    "edge-ti:wt-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "timesteps": "weighted"}},
+    "edge-ti:vloss-wt-path-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0,
+                                                                  "loss_weighting": "model", "timesteps": "weighted"}},
 }
-# stops 47-49's variants: the anchor, generations and CLIP path of the day (each sets its own clip_line)
+# stops 47-50's variants: the anchor, generations and CLIP path of the day (each sets its own clip_line)
 STOP_47 = ("edge-ti:control-10s", "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:zo-path", "edge-ti:path1k-10s",
            "edge-ti:vloss-path-10s", "edge-ti:vloss-word-10s", "edge-ti:vloss-word-1v-10s",
            "edge-ti:eps-word-1v-10s", "edge-ti:defaults-49-10s", "edge-ti:vloss-path-1v-10s",
-           "edge-ti:auto-vloss-1v-10s")
+           "edge-ti:auto-vloss-1v-10s", "edge-ti:wt-10s", "edge-ti:vloss-wt-path-10s")
 # the methods with the anchor of the defaults (auto); every other variant was measured before the anchor became the
 # default (stop 33): it stays what it measured
 ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-10s", "edge-ti:s1-10s",
@@ -352,7 +358,8 @@ for _name, _method in METHODS.items():
 # and with the styles' defaults of before stop 49 where it does not set its own (the epsilon loss; the images' CLIP init
 # kept and the CLIP refinement, where the model has a clip/): every variant but the defaults was measured with them
 STYLE_DEFAULTS_OF_48 = [_name for _name, _method in METHODS.items() if _method["kind"] == "edge-ti"
-                        and _name not in ("edge-ti", "edge-ti:control", "edge-ti:defaults-49-10s")]
+                        and _name not in ("edge-ti", "edge-ti:control", "edge-ti:defaults-49-10s", "edge-ti:wt-10s",
+                                          "edge-ti:vloss-wt-path-10s")]
 
 
 def defaults_of_48(name, template, has_clip):

@@ -441,6 +441,9 @@ def _duration(text):
               show_default=True, help="score candidates by the epsilon loss whatever the model predicts (eps), "
               "or by the model's own loss (model: a v-prediction model's v loss, as diffusers trains); auto: model "
               "with --template style, eps otherwise")
+@click.option("--timesteps", type=click.Choice(["uniform", "weighted"]), default=TrainSettings.timesteps,
+              show_default=True, help="draw each sample's t uniformly, or in proportion to the weight the loss gives "
+              "it (weighted: a v model's own loss weighs t near T most; the losses are weighed back, same objective)")
 @click.option("--clip-refine", type=AutoOrCount(), default=TrainSettings.clip_refine, show_default=True,
               help="CLIP-score evaluations before the search (text passes only), on the CLIP path (--clip-path) and "
                    "again on the line (--clip-line): the search starts where the held-out loss is lowest of the init "
@@ -488,10 +491,8 @@ def _duration(text):
               help="allow a --token that is already a word of the vocabulary (it takes over that word in prompts)")
 @click.option("--out", required=True, type=click.Path(), help="the embedding file to write (.safetensors)")
 def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, template, subspace, dim, optimizer,
-          popsize, sigma, prior, budget, max_time, triples, crn, loss_weighting, clip_refine, clip_line, clip_path,
-          anchor,
-          heldout_triples,
-          eval_every, patience, max_batch,
+          popsize, sigma, prior, budget, max_time, triples, crn, loss_weighting, timesteps, clip_refine, clip_line,
+          clip_path, anchor, heldout_triples, eval_every, patience, max_batch,
           resolution, no_flip, seed, threads, device, precision, workers, ray_address, worker_device, resume, restart,
           allow_vocabulary_token, out):
     """Learn TOKEN from IMAGES (files or folders) with forward passes only; write OUT."""
@@ -513,8 +514,8 @@ def train(model_dir, images, token, init_word, init_mode, init_top_k, vectors, t
                              seed=seed, triples=triples, crn=crn, heldout_triples=heldout_triples,
                              eval_every=eval_every, patience=patience,
                              max_batch=max_batch, resolution=resolution, flip=not no_flip,
-                             loss_weighting=loss_weighting, clip_refine=clip_refine, clip_line=clip_line,
-                             clip_path=clip_path,
+                             loss_weighting=loss_weighting, timesteps=timesteps, clip_refine=clip_refine,
+                             clip_line=clip_line, clip_path=clip_path,
                              anchor={"on": "word", "off": False}.get(anchor, anchor))
     check_settings(settings)  # before the model folder is opened; train() checks the rest before any work
     model = _open(model_dir, device, precision if device == "openvino" else "auto", threads)

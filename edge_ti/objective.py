@@ -26,12 +26,26 @@ class Triples:
     weight: np.ndarray = None  # (T,) float: each triple's loss multiplier; None = 1
 
 
-def draw_triples(rng, count, n_latents, n_prompts, num_train_timesteps, latent_shape):
-    """Uniform latents, prompts and timesteps, standard normal noise (as diffusers' TI script draws)."""
-    return Triples(latent_index=rng.integers(0, n_latents, count),
-                   prompt_index=rng.integers(0, n_prompts, count),
-                   timesteps=rng.integers(0, num_train_timesteps, count),
+def draw_triples(rng, count, n_latents, n_prompts, num_train_timesteps, latent_shape, timestep_p=None):
+    """Uniform latents, prompts and timesteps, standard normal noise (as diffusers' TI script draws);
+    timestep_p [num_train_timesteps]: draw t from it instead (the caller weighs the losses to match)."""
+    latent_index, prompt_index = rng.integers(0, n_latents, count), rng.integers(0, n_prompts, count)
+    timesteps = (rng.integers(0, num_train_timesteps, count) if timestep_p is None else
+                 rng.choice(num_train_timesteps, count, p=timestep_p))
+    return Triples(latent_index=latent_index, prompt_index=prompt_index, timesteps=timesteps,
                    noise=rng.standard_normal((count, *latent_shape), dtype=np.float32))
+
+
+def importance_timesteps(weight):
+    """weight [T]: the objective's weight of each t relative to the epsilon loss -> (q [T], factor [T]).
+
+    Drawing t ~ q = weight / sum(weight) and multiplying each triple's loss by factor = mean(weight) / weight
+    leaves the objective's expectation (the mean over uniform t) unchanged, while the samples go where it
+    weighs most (importance sampling; for a v model's own loss, weight = 1 / alpha_bar_t, so q puts 60% of the
+    samples at t >= 900 and the weighted losses are epsilon losses times a constant).
+    """
+    weight = np.asarray(weight, np.float64)
+    return weight / weight.sum(), weight.mean() / weight
 
 
 def population_loss(denoiser, candidates, prompt_ids, latents, triples, max_batch=None):

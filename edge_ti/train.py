@@ -81,6 +81,10 @@ class TrainSettings:
                                   # ~200x more, and kept less of the demo concept's shape: models.md); auto: the
                                   # model's own with the style templates (a style's background is decided at
                                   # large t: quality.md, stop 48), eps otherwise
+    timesteps: str = "uniform"    # how each triple's t is drawn: uniform, as diffusers; or "weighted": in proportion
+                                  # to the weight the scoring loss gives t against the epsilon loss, each loss
+                                  # weighed back so the objective is the same (objective.importance_timesteps;
+                                  # only a v model's own loss weighs t unevenly: elsewhere it is uniform)
     budget: int = 5000            # candidate evaluations: the paper's 5000; 0: no limit (time or patience stop)
     max_time: float = None        # seconds; None for no limit
     seed: int = 0
@@ -218,6 +222,8 @@ def check_settings(settings):
         raise EdgeTIError(f"unknown subspace {settings.subspace!r}: choose pca, prior or full")
     if not isinstance(settings.norm_cap, bool):
         raise EdgeTIError(f"norm_cap must be true or false, got {settings.norm_cap!r}")
+    if settings.timesteps not in ("uniform", "weighted"):
+        raise EdgeTIError(f"unknown timesteps {settings.timesteps!r}: choose uniform or weighted")
     if settings.loss_weighting not in ("auto", "eps", "model"):
         raise EdgeTIError(f"unknown loss_weighting {settings.loss_weighting!r}: choose auto, eps or model")
     if settings.optimizer not in search.OPTIMIZERS:
@@ -283,6 +289,8 @@ def _settings_key(model, settings, latents, e0, token):
         del fields["anchor"]
     elif settings.anchor == "word":  # as it was written when the word was the only anchor: those checkpoints match
         fields["anchor"] = True
+    if settings.timesteps == "uniform":  # as before the option: earlier checkpoints still match
+        del fields["timesteps"]
     if settings.loss_weighting == "model" or model.prediction_type == "epsilon":
         del fields["loss_weighting"]  # the loss of before the option: earlier checkpoints still match
     digest.update(json.dumps(fields, sort_keys=True).encode())
@@ -448,12 +456,19 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
     T_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
 
     in_eps_units = settings.loss_weighting == "eps" and model.prediction_type == "v_prediction"
+    eps_weight = Denoiser(model).eps_weight(np.arange(T_train))          # (T,): the model's loss -> the eps loss
+    loss_weight = eps_weight if in_eps_units else np.ones(T_train)      # (T,): what each triple's loss is multiplied by
+    timestep_p = None                                                   # uniform t
+    if settings.timesteps == "weighted" and not np.allclose(loss_weight / eps_weight, 1.0):
+        timestep_p, factor = objective.importance_timesteps(loss_weight / eps_weight)   # the objective's weight of t
+        loss_weight = loss_weight * factor
 
     def triples_for(*key, count):
         rng = np.random.default_rng([settings.seed, *key])
-        triples = objective.draw_triples(rng, count, len(latents), len(prompts), T_train, latents.shape[1:])
-        if in_eps_units:
-            triples.weight = Denoiser(model).eps_weight(triples.timesteps)
+        triples = objective.draw_triples(rng, count, len(latents), len(prompts), T_train, latents.shape[1:],
+                                         timestep_p)
+        if in_eps_units or timestep_p is not None:
+            triples.weight = loss_weight[triples.timesteps]
         return triples
 
     heldout = triples_for(1, 0, count=settings.heldout_triples)
