@@ -362,6 +362,14 @@ STYLE_DEFAULTS_OF_48 = [_name for _name, _method in METHODS.items() if _method["
                                           "edge-ti:vloss-wt-path-10s")]
 
 
+# and with uniform t (--timesteps uniform) where it does not set its own: every variant but the defaults and stop 50's
+# was measured before t was drawn by the loss's weight
+for _name, _method in METHODS.items():
+    if _method["kind"] == "edge-ti" and _name not in ("edge-ti", "edge-ti:control", "edge-ti:wt-10s",
+                                                      "edge-ti:vloss-wt-path-10s"):
+        _method["settings"].setdefault("timesteps", "uniform")
+
+
 def defaults_of_48(name, template, has_clip):
     """The TrainSettings a variant NAME measured before stop 49 takes where it sets none of its own (the defaults of
     stop 49 changed for style prompts only: the model's own loss, no kept vector, no CLIP path)."""

@@ -442,8 +442,9 @@ def _duration(text):
               "or by the model's own loss (model: a v-prediction model's v loss, as diffusers trains); auto: model "
               "with --template style, eps otherwise")
 @click.option("--timesteps", type=click.Choice(["uniform", "weighted"]), default=TrainSettings.timesteps,
-              show_default=True, help="draw each sample's t uniformly, or in proportion to the weight the loss gives "
-              "it (weighted: a v model's own loss weighs t near T most; the losses are weighed back, same objective)")
+              show_default=True, help="draw each sample's t in proportion to the weight the loss gives it, the "
+              "losses weighed back to the same objective (weighted: on a v model's own loss, a style's by default, "
+              "60% of the samples at t >= 900; otherwise the same as uniform), or uniformly (as before)")
 @click.option("--clip-refine", type=AutoOrCount(), default=TrainSettings.clip_refine, show_default=True,
               help="CLIP-score evaluations before the search (text passes only), on the CLIP path (--clip-path) and "
                    "again on the line (--clip-line): the search starts where the held-out loss is lowest of the init "

@@ -81,10 +81,11 @@ class TrainSettings:
                                   # ~200x more, and kept less of the demo concept's shape: models.md); auto: the
                                   # model's own with the style templates (a style's background is decided at
                                   # large t: quality.md, stop 48), eps otherwise
-    timesteps: str = "uniform"    # how each triple's t is drawn: uniform, as diffusers; or "weighted": in proportion
-                                  # to the weight the scoring loss gives t against the epsilon loss, each loss
-                                  # weighed back so the objective is the same (objective.importance_timesteps;
-                                  # only a v model's own loss weighs t unevenly: elsewhere it is uniform)
+    timesteps: str = "weighted"   # how each triple's t is drawn: "weighted": in proportion to the weight the scoring
+                                  # loss gives t against the epsilon loss, each loss weighed back so the objective is
+                                  # the same (objective.importance_timesteps; only a v model's own loss, a style's by
+                                  # default, weighs t unevenly: elsewhere it is uniform t; quality.md, stop 50);
+                                  # "uniform": uniform t, as diffusers draws (the default before stop 50)
     budget: int = 5000            # candidate evaluations: the paper's 5000; 0: no limit (time or patience stop)
     max_time: float = None        # seconds; None for no limit
     seed: int = 0
@@ -289,8 +290,8 @@ def _settings_key(model, settings, latents, e0, token):
         del fields["anchor"]
     elif settings.anchor == "word":  # as it was written when the word was the only anchor: those checkpoints match
         fields["anchor"] = True
-    if settings.timesteps == "uniform":  # as before the option: earlier checkpoints still match
-        del fields["timesteps"]
+    if settings.timesteps == "uniform" or not _weighs_t_unevenly(model, settings):  # as before the option (or
+        del fields["timesteps"]                                                        # the same run): they match
     if settings.loss_weighting == "model" or model.prediction_type == "epsilon":
         del fields["loss_weighting"]  # the loss of before the option: earlier checkpoints still match
     digest.update(json.dumps(fields, sort_keys=True).encode())
@@ -459,7 +460,7 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
     eps_weight = Denoiser(model).eps_weight(np.arange(T_train))          # (T,): the model's loss -> the eps loss
     loss_weight = eps_weight if in_eps_units else np.ones(T_train)      # (T,): what each triple's loss is multiplied by
     timestep_p = None                                                   # uniform t
-    if settings.timesteps == "weighted" and not np.allclose(loss_weight / eps_weight, 1.0):
+    if settings.timesteps == "weighted" and _weighs_t_unevenly(model, settings):
         timestep_p, factor = objective.importance_timesteps(loss_weight / eps_weight)   # the objective's weight of t
         loss_weight = loss_weight * factor
 
@@ -547,6 +548,12 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
     # 5. the result: the best held-out candidate, the log and the curve (on Ctrl-C too, above)
     return _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, init_e, init_heldout, anchor,
                    settings.anchor, anchor_words)
+
+
+def _weighs_t_unevenly(model, settings):
+    """Whether the scoring loss (loss_weighting resolved) weighs t otherwise than the epsilon loss does: a v model's own
+    loss, the one case where --timesteps weighted draws t otherwise than uniformly."""
+    return settings.loss_weighting != "eps" and model.prediction_type == "v_prediction"
 
 
 def _resolve_loss_weighting(model, settings):

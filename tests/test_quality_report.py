@@ -85,7 +85,7 @@ def test_the_precision_variants_differ_from_their_control_only_in_where_they_run
         assert methods[name]["settings"] == control["settings"]
         assert (methods[name]["device"], methods[name]["precision"]) == ("openvino", precision)
     assert "device" not in control and control["settings"] == {"budget": 400, "max_time": 600, "clip_path": 0,
-                                                                      "clip_line": 5}
+                                                                      "clip_line": 5, "timesteps": "uniform"}
 
 
 def test_read_back_gives_each_image_its_target_attributes():
@@ -180,3 +180,16 @@ def test_variants_measured_before_stop_49_keep_the_style_defaults_they_measured(
     variant = quality.METHODS["edge-ti:vloss-word-1v-10s"]["settings"]
     assert {**quality.defaults_of_48("edge-ti:vloss-word-1v-10s", "style", True), **variant}["anchor"] is False
     assert {**quality.defaults_of_48("edge-ti:vloss-word-1v-10s", "style", True), **variant}["clip_refine"] == 0
+
+
+def test_variants_measured_before_stop_50_keep_uniform_timesteps():
+    """Stop 50 draws t by the loss's weight (--timesteps weighted, the default): every variant measured before keeps
+    uniform t, stop 49's defaults (defaults-49-10s) included; the defaults, their control and stop 50's take the day's."""
+    methods = _quality().METHODS
+    for name in ("edge-ti:defaults-49-10s", "edge-ti:vloss-path-10s", "edge-ti:path-only", "edge-ti:b400"):
+        assert methods[name]["settings"]["timesteps"] == "uniform"
+    for name in ("edge-ti", "edge-ti:control"):
+        assert "timesteps" not in methods[name]["settings"]
+    for name in ("edge-ti:wt-10s", "edge-ti:vloss-wt-path-10s"):
+        assert methods[name]["settings"]["timesteps"] == "weighted"
+    assert "timesteps" not in methods["gradient"]["settings"]

@@ -365,6 +365,7 @@ def test_save_refuses_nonfinite_vectors(tmp_path):
     ["--clip-path", "-1"], ["--clip-path", "2.5"], ["--clip-path", "x"],
     ["--max-batch", "-1"], ["--budget", "-5"], ["--patience", "-1"], ["--max-time", "0"], ["--max-time", "-5m"],
     ["--resolution", "100000"], ["--threads", "0"], ["--init-top-k", "0"], ["--loss-weighting", "v"],
+    ["--timesteps", "importance"],
 ])
 def test_train_options_out_of_range(concept_dir, tmp_path, option):
     out = tmp_path / "o.safetensors"

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import edge_ti
+import edge_ti.workers
 from edge_ti import latents as lat, objective, subspace
 from edge_ti.denoiser import Denoiser
 from edge_ti.errors import EdgeTIError
@@ -174,6 +175,65 @@ def test_loss_weighting(tiny_sd, tiny_sd_v, concept_dir, tmp_path):
         assert (keys["eps"] != keys["model"]) == differ
     with pytest.raises(EdgeTIError, match="unknown loss_weighting 'v'"):
         check_settings(TrainSettings(loss_weighting="v"))
+
+
+def test_importance_timesteps_keep_the_objective():
+    """t drawn from q with each loss times factor estimates the mean over uniform t: exactly, summed over t."""
+    rng = np.random.default_rng(0)
+    weight = 1.0 / np.cumprod(1.0 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)   # a v model's, SD's betas
+    q, factor = objective.importance_timesteps(weight)
+    assert q.sum() == pytest.approx(1.0) and np.all(q > 0) and q[-1] > 100 * q[0]
+    loss = rng.uniform(0.5, 2.0, 1000) * weight                          # any per-t loss in the weighted objective
+    assert np.sum(q * factor * loss) == pytest.approx(loss.mean(), rel=1e-12)
+    drawn = objective.draw_triples(np.random.default_rng(1), 20000, 3, 5, 1000, (4, 2, 2), timestep_p=q).timesteps
+    assert abs(np.mean(drawn >= 900) - q[900:].sum()) < 0.02             # the draw follows q (0.6 of the weight)
+    uniform = objective.draw_triples(np.random.default_rng(1), 20000, 3, 5, 1000, (4, 2, 2)).timesteps
+    assert abs(np.mean(uniform >= 900) - 0.1) < 0.01
+
+
+def test_weighted_timesteps(tiny_sd, tiny_sd_v, concept_dir, tmp_path):
+    """--timesteps weighted (the default) on a v model's own loss (a style's, by default): every triple, the held-out
+    set's too, drawn from q ~ 1 / alpha_bar_t and weighed by alpha_bar_t mean(1 / alpha_bar). Where the loss weighs t
+    evenly (an epsilon model, or the eps loss: objects by default) it is the uniform run, with the uniform run's
+    checkpoint key, so those checkpoints still match; on a v model's own loss the key tells the two apart."""
+    seen = []
+
+    class Recording(edge_ti.workers.InProcess):
+        def population_loss(self, candidates, triples):
+            seen.append(triples)
+            return super().population_loss(candidates, triples)
+
+    def run(folder, name, **kw):
+        settings = TrainSettings(budget=24, popsize=6, eval_every=2, patience=0, triples=2, heldout_triples=8,
+                                 template="style", **kw)
+        seen.clear()
+        result = train(edge_ti.open_model(folder), [concept_dir], "<c>", str(tmp_path / f"{name}.safetensors"),
+                       init_word="cat", settings=settings, make_scorer=Recording)
+        return result, list(seen)
+
+    for folder, weighting in ((tiny_sd[1], "auto"), (tiny_sd_v[1], "eps")):   # both weigh t evenly
+        (a, _), (b, _) = (run(folder, f"{w}-{weighting}", timesteps=w, loss_weighting=weighting)
+                          for w in ("uniform", "weighted"))
+        np.testing.assert_array_equal(a.embedding["<c>"], b.embedding["<c>"])
+        assert a.init_heldout == b.init_heldout
+    uniform, uniform_triples = run(tiny_sd_v[1], "uniform", timesteps="uniform")
+    weighted, weighted_triples = run(tiny_sd_v[1], "weighted")
+    alphas_bar = Denoiser(edge_ti.open_model(tiny_sd_v[1])).alphas_bar
+    for triples in weighted_triples:
+        np.testing.assert_allclose(triples.weight, alphas_bar[triples.timesteps] * np.mean(1.0 / alphas_bar))
+    assert all(t.weight is None for t in uniform_triples)
+    t_weighted = np.concatenate([t.timesteps for t in weighted_triples])
+    t_uniform = np.concatenate([t.timesteps for t in uniform_triples])
+    assert np.median(t_weighted) > np.median(t_uniform)
+    latents, e0 = np.zeros((1, 4, 4, 4), np.float32), np.zeros((1, 32), np.float32)
+
+    def key(folder, **kw):
+        return _settings_key(edge_ti.open_model(folder), TrainSettings(**kw), latents, e0, "<c>")
+    assert key(tiny_sd_v[1], loss_weighting="model", timesteps="uniform") != key(tiny_sd_v[1], loss_weighting="model")
+    assert key(tiny_sd_v[1], loss_weighting="eps", timesteps="uniform") == key(tiny_sd_v[1], loss_weighting="eps")
+    assert key(tiny_sd[1], loss_weighting="model", timesteps="uniform") == key(tiny_sd[1], loss_weighting="model")
+    with pytest.raises(EdgeTIError, match="unknown timesteps 'importance'"):
+        check_settings(TrainSettings(timesteps="importance"))
 
 
 def test_early_stop(tiny_sd, concept_dir, tmp_path):
