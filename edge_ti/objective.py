@@ -36,7 +36,7 @@ def draw_triples(rng, count, n_latents, n_prompts, num_train_timesteps, latent_s
                    noise=rng.standard_normal((count, *latent_shape), dtype=np.float32))
 
 
-def importance_timesteps(weight, power=1.0):
+def importance_timesteps(weight):
     """weight [T]: the objective's weight of each t relative to the epsilon loss -> (q [T], factor [T]).
 
     Drawing t ~ q = weight / sum(weight) and multiplying each triple's loss by factor = mean(weight) / weight
@@ -44,7 +44,7 @@ def importance_timesteps(weight, power=1.0):
     weighs most (importance sampling; for a v model's own loss, weight = 1 / alpha_bar_t, so q puts 60% of the
     samples at t >= 900 and the weighted losses are epsilon losses times a constant).
     """
-    weight = np.asarray(weight, np.float64) ** power    # power 1/2: half way (in log) between that and uniform t
+    weight = np.asarray(weight, np.float64)
     return weight / weight.sum(), weight.mean() / weight
 
 
