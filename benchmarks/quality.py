@@ -313,12 +313,15 @@ METHODS = {
     "edge-ti:wt-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "timesteps": "weighted"}},
     "edge-ti:vloss-wt-path-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0,
                                                                   "loss_weighting": "model", "timesteps": "weighted"}},
+    # and the defaults of the day with uniform t, at --time: what weighted t does to a style's final token
+    "edge-ti:uniform-t": {"kind": "edge-ti", "settings": {"clip_line": 0, "timesteps": "uniform"}},
 }
 # stops 47-50's variants: the anchor, generations and CLIP path of the day (each sets its own clip_line)
 STOP_47 = ("edge-ti:control-10s", "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:zo-path", "edge-ti:path1k-10s",
            "edge-ti:vloss-path-10s", "edge-ti:vloss-word-10s", "edge-ti:vloss-word-1v-10s",
            "edge-ti:eps-word-1v-10s", "edge-ti:defaults-49-10s", "edge-ti:vloss-path-1v-10s",
-           "edge-ti:auto-vloss-1v-10s", "edge-ti:wt-10s", "edge-ti:vloss-wt-path-10s")
+           "edge-ti:auto-vloss-1v-10s", "edge-ti:wt-10s", "edge-ti:vloss-wt-path-10s",
+           "edge-ti:uniform-t")
 # the methods with the anchor of the defaults (auto); every other variant was measured before the anchor became the
 # default (stop 33): it stays what it measured
 ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-10s", "edge-ti:s1-10s",
@@ -359,7 +362,7 @@ for _name, _method in METHODS.items():
 # kept and the CLIP refinement, where the model has a clip/): every variant but the defaults was measured with them
 STYLE_DEFAULTS_OF_48 = [_name for _name, _method in METHODS.items() if _method["kind"] == "edge-ti"
                         and _name not in ("edge-ti", "edge-ti:control", "edge-ti:defaults-49-10s", "edge-ti:wt-10s",
-                                          "edge-ti:vloss-wt-path-10s")]
+                                          "edge-ti:vloss-wt-path-10s", "edge-ti:uniform-t")]
 
 
 # and with uniform t (--timesteps uniform) where it does not set its own: every variant but the defaults and stop 50's
