@@ -317,11 +317,11 @@ METHODS = {
     "edge-ti:uniform-t": {"kind": "edge-ti", "settings": {"clip_line": 0, "timesteps": "uniform"}},
 }
 # stops 47-50's variants: the anchor, generations and CLIP path of the day (each sets its own clip_line)
+STOP_50 = ("edge-ti:wt-10s", "edge-ti:vloss-wt-path-10s", "edge-ti:uniform-t")   # stop 50's: the t of the day
 STOP_47 = ("edge-ti:control-10s", "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:zo-path", "edge-ti:path1k-10s",
            "edge-ti:vloss-path-10s", "edge-ti:vloss-word-10s", "edge-ti:vloss-word-1v-10s",
            "edge-ti:eps-word-1v-10s", "edge-ti:defaults-49-10s", "edge-ti:vloss-path-1v-10s",
-           "edge-ti:auto-vloss-1v-10s", "edge-ti:wt-10s", "edge-ti:vloss-wt-path-10s",
-           "edge-ti:uniform-t")
+           "edge-ti:auto-vloss-1v-10s") + STOP_50
 # the methods with the anchor of the defaults (auto); every other variant was measured before the anchor became the
 # default (stop 33): it stays what it measured
 ANCHORED = ("edge-ti", "edge-ti:control", "edge-ti:defaults-10s", "edge-ti:s025-10s", "edge-ti:s1-10s",
@@ -361,15 +361,13 @@ for _name, _method in METHODS.items():
 # and with the styles' defaults of before stop 49 where it does not set its own (the epsilon loss; the images' CLIP init
 # kept and the CLIP refinement, where the model has a clip/): every variant but the defaults was measured with them
 STYLE_DEFAULTS_OF_48 = [_name for _name, _method in METHODS.items() if _method["kind"] == "edge-ti"
-                        and _name not in ("edge-ti", "edge-ti:control", "edge-ti:defaults-49-10s", "edge-ti:wt-10s",
-                                          "edge-ti:vloss-wt-path-10s", "edge-ti:uniform-t")]
+                        and _name not in ("edge-ti", "edge-ti:control", "edge-ti:defaults-49-10s", *STOP_50)]
 
 
 # and with uniform t (--timesteps uniform) where it does not set its own: every variant but the defaults and stop 50's
 # was measured before t was drawn by the loss's weight
 for _name, _method in METHODS.items():
-    if _method["kind"] == "edge-ti" and _name not in ("edge-ti", "edge-ti:control", "edge-ti:wt-10s",
-                                                      "edge-ti:vloss-wt-path-10s"):
+    if _method["kind"] == "edge-ti" and _name not in ("edge-ti", "edge-ti:control", *STOP_50):
         _method["settings"].setdefault("timesteps", "uniform")
 
 
