@@ -223,8 +223,8 @@ def check_settings(settings):
         raise EdgeTIError(f"unknown subspace {settings.subspace!r}: choose pca, prior or full")
     if not isinstance(settings.norm_cap, bool):
         raise EdgeTIError(f"norm_cap must be true or false, got {settings.norm_cap!r}")
-    if settings.timesteps not in ("uniform", "weighted"):
-        raise EdgeTIError(f"unknown timesteps {settings.timesteps!r}: choose uniform or weighted")
+    if settings.timesteps not in ("uniform", "weighted", "mixed"):
+        raise EdgeTIError(f"unknown timesteps {settings.timesteps!r}: choose uniform, weighted or mixed")
     if settings.loss_weighting not in ("auto", "eps", "model"):
         raise EdgeTIError(f"unknown loss_weighting {settings.loss_weighting!r}: choose auto, eps or model")
     if settings.optimizer not in search.OPTIMIZERS:
@@ -460,8 +460,9 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
     eps_weight = Denoiser(model).eps_weight(np.arange(T_train))          # (T,): the model's loss -> the eps loss
     loss_weight = eps_weight if in_eps_units else np.ones(T_train)      # (T,): what each triple's loss is multiplied by
     timestep_p = None                                                   # uniform t
-    if settings.timesteps == "weighted" and _weighs_t_unevenly(model, settings):
-        timestep_p, factor = objective.importance_timesteps(loss_weight / eps_weight)   # the objective's weight of t
+    if settings.timesteps in ("weighted", "mixed") and _weighs_t_unevenly(model, settings):
+        timestep_p, factor = objective.importance_timesteps(loss_weight / eps_weight,      # the objective's weight of t
+                                                            uniform_share=0.5 if settings.timesteps == "mixed" else 0.0)
         loss_weight = loss_weight * factor
 
     def triples_for(*key, count):
