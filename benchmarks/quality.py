@@ -318,10 +318,13 @@ METHODS = {
     # stop 51: half the samples at uniform t, half where the loss weighs (a defensive mixture, --timesteps mixed)
     "edge-ti:mix-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "timesteps": "mixed"}},
     "edge-ti:mix-t": {"kind": "edge-ti", "settings": {"clip_line": 0, "timesteps": "mixed"}},
+    # and CMA-ES told where the norm cap put each candidate (a Lamarckian repair; the mean stays in the ball)
+    "edge-ti:told-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "cap_told": True}},
+    "edge-ti:told": {"kind": "edge-ti", "settings": {"clip_line": 0, "cap_told": True}},
 }
 # stops 47-50's variants: the anchor, generations and CLIP path of the day (each sets its own clip_line)
 STOP_50 = ("edge-ti:wt-10s", "edge-ti:vloss-wt-path-10s", "edge-ti:uniform-t",   # stop 50's and 51's: the t of the day
-           "edge-ti:mix-10s", "edge-ti:mix-t")
+           "edge-ti:mix-10s", "edge-ti:mix-t", "edge-ti:told-10s", "edge-ti:told")
 STOP_47 = ("edge-ti:control-10s", "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:zo-path", "edge-ti:path1k-10s",
            "edge-ti:vloss-path-10s", "edge-ti:vloss-word-10s", "edge-ti:vloss-word-1v-10s",
            "edge-ti:eps-word-1v-10s", "edge-ti:defaults-49-10s", "edge-ti:vloss-path-1v-10s",

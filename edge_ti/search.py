@@ -102,13 +102,14 @@ def new_optimizer(state):
         "CMA_diagonal": state.dim > 1000})
 
 
-def replay(state, source="checkpoint"):
-    """The optimizer after STATE's generations: a new one told the recorded losses again."""
+def replay(state, source="checkpoint", told_z=None):
+    """The optimizer after STATE's generations: a new one told the recorded losses again (at told_z(zs), as run)."""
     es, digest = new_optimizer(state), ""
     for generation, losses in enumerate(state.losses):
         zs = np.array(es.ask())                                          # (P, dim)
         digest = _chain(digest, zs)
-        es.tell(list(zs), state.grams[generation] if tells_gram(es) else [float(x) for x in losses])
+        es.tell(list(zs if told_z is None else told_z(zs)),
+                state.grams[generation] if tells_gram(es) else [float(x) for x in losses])
     if digest != state.asked_digest:
         raise EdgeTIError(f"{source}: does not replay with this version of cma/numpy; --restart to start over")
     return es
@@ -119,8 +120,9 @@ def tells_gram(es):
     return getattr(es, "tells", "losses") == "gram"
 
 
-def step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every, population_gram_of_z=None):
+def step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every, population_gram_of_z=None, told_z=None):
     """One generation: ask, score on this generation's common random numbers, tell, maybe re-score.
+    told_z(zs) -> zs': where each candidate is told to the optimizer (a repair: the z of what was scored).
 
     STATE changes only once the population is scored, so an interrupt during scoring leaves it
     at the previous generation (what the checkpoint holds).
@@ -135,6 +137,9 @@ def step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every, populat
     if not np.all(np.isfinite(losses)) or (tells_gram(es) and not np.all(np.isfinite(gram))):
         raise EdgeTIError("the model gave NaN or infinite losses: check the model folder's weights and "
                           "scheduler_config.json")
+    asked = zs
+    if told_z is not None:
+        zs = told_z(zs)
     es.tell(list(zs), gram if tells_gram(es) else [float(x) for x in losses])
     record = {"generation": state.generation + 1, "evaluations": state.evaluations + len(zs),
               "best_loss": float(np.min(losses)), "mean_loss": float(np.mean(losses)), "sigma": float(es.sigma)}
@@ -152,7 +157,7 @@ def step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every, populat
     record["best_heldout"] = best_heldout
     record["elapsed"] = round(elapsed, 3)
     # commit
-    state.asked_digest = _chain(state.asked_digest, zs)
+    state.asked_digest = _chain(state.asked_digest, asked)
     state.losses.append(losses)
     if tells_gram(es):
         state.grams.append(gram)
@@ -181,20 +186,21 @@ def finished(state, es, limits):
 
 
 def run(state, population_loss_of_z, heldout_loss_of_z, limits, eval_every=5, checkpoint=None,
-        on_generation=None, population_gram_of_z=None, checkpoint_every=0.0):
+        on_generation=None, population_gram_of_z=None, checkpoint_every=0.0, told_z=None):
     """Search until a limit stops it; after every generation call on_generation(record, state) and save the
     checkpoint, at most every checkpoint_every seconds and after the last generation (a checkpoint holds the
     whole history, so writing it after each of thousands of small generations costs O(generations^2); a kill
     loses at most those seconds, and a resume from any checkpoint ends where the uninterrupted run does).
     Returns STATE with its stop_reason (resumed states continue).
     population_gram_of_z(zs, generation) -> [P, P] scores the populations of gauss-newton."""
-    es = replay(state, source=checkpoint or "checkpoint")
+    es = replay(state, source=checkpoint or "checkpoint", told_z=told_z)
     if tells_gram(es) and population_gram_of_z is None:
         raise EdgeTIError(f"the {state.optimizer} search needs population_gram_of_z")
     saved_at, saved = time.monotonic(), True
     try:
         while not (reason := finished(state, es, limits)):
-            record = step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every, population_gram_of_z)
+            record = step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every, population_gram_of_z,
+                          told_z)
             saved = False
             if checkpoint and time.monotonic() - saved_at >= checkpoint_every:
                 save_checkpoint(checkpoint, state)

@@ -86,6 +86,7 @@ class TrainSettings:
                                   # the same (objective.importance_timesteps; only a v model's own loss, a style's by
                                   # default, weighs t unevenly: elsewhere it is uniform t; quality.md, stop 50);
                                   # "uniform": uniform t, as diffusers draws (the default before stop 50)
+    cap_told: bool = False        # tell CMA-ES each candidate where the norm cap put it (subspace.capped_z)
     budget: int = 5000            # candidate evaluations: the paper's 5000; 0: no limit (time or patience stop)
     max_time: float = None        # seconds; None for no limit
     seed: int = 0
@@ -288,6 +289,8 @@ def _settings_key(model, settings, latents, e0, token):
         fields["clip_sigma"] = "cma"  # before stop 47 the CLIP climbs took the search's step: not those checkpoints
     if not settings.anchor:  # likewise
         del fields["anchor"]
+    if not settings.cap_told:  # likewise
+        del fields["cap_told"]
     elif settings.anchor == "word":  # as it was written when the word was the only anchor: those checkpoints match
         fields["anchor"] = True
     if settings.timesteps == "uniform" or not _weighs_t_unevenly(model, settings):  # as before the option (or
@@ -504,6 +507,13 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
     def heldout_loss_of_z(zs):
         return scorer.population_loss(subspace.embeddings_from_z(e0, W, zs, max_norm, anchor), heldout)
 
+    told_z = None
+    if settings.cap_told and max_norm is not None and settings.optimizer == "cma":
+        W_pinv = np.linalg.pinv(W)
+
+        def told_z(zs):
+            return subspace.capped_z(e0, W, zs, max_norm, W_pinv)
+
     # 4. the search: resumed from the checkpoint, or new
     max_time = settings.max_time and max(settings.max_time - refine_seconds, 1e-3)  # the refinement counts too
     limits = search.Limits(budget=settings.budget, max_time=max_time, patience=settings.patience,
@@ -535,7 +545,7 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         _write_log(paths["log"], state.history)  # a resumed run's generations so far; each new one is appended
         search.run(state, population_loss_of_z, heldout_loss_of_z, limits, settings.eval_every,
                    checkpoint=paths["checkpoint"], on_generation=after_generation, checkpoint_every=CHECKPOINT_EVERY,
-                   population_gram_of_z=population_gram_of_z)
+                   population_gram_of_z=population_gram_of_z, told_z=told_z)
     except KeyboardInterrupt:
         if state is None:
             raise
