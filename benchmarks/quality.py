@@ -321,10 +321,15 @@ METHODS = {
     # and CMA-ES told where the norm cap put each candidate (a Lamarckian repair; the mean stays in the ball)
     "edge-ti:told-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "cap_told": True}},
     "edge-ti:told": {"kind": "edge-ti", "settings": {"clip_line": 0, "cap_told": True}},
+    # and the mean moved half the way (CMA_cmean 0.5) with candidates twice as far (sigma 1): larger differences
+    # to rank on, the same steps (rescaled mutations)
+    "edge-ti:cm05-s1-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "cmean": 0.5,
+                                                            "sigma": 1.0}},
 }
 # stops 47-50's variants: the anchor, generations and CLIP path of the day (each sets its own clip_line)
 STOP_50 = ("edge-ti:wt-10s", "edge-ti:vloss-wt-path-10s", "edge-ti:uniform-t",   # stop 50's and 51's: the t of the day
-           "edge-ti:mix-10s", "edge-ti:mix-t", "edge-ti:told-10s", "edge-ti:told")
+           "edge-ti:mix-10s", "edge-ti:mix-t", "edge-ti:told-10s", "edge-ti:told",
+           "edge-ti:cm05-s1-10s")
 STOP_47 = ("edge-ti:control-10s", "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:zo-path", "edge-ti:path1k-10s",
            "edge-ti:vloss-path-10s", "edge-ti:vloss-word-10s", "edge-ti:vloss-word-1v-10s",
            "edge-ti:eps-word-1v-10s", "edge-ti:defaults-49-10s", "edge-ti:vloss-path-1v-10s",

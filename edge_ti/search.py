@@ -63,6 +63,7 @@ class SearchState:
     optimizer: str = "cma"            # cma | zo-adam (edge_ti.zo_adam) | gauss-newton (edge_ti.gauss_newton)
     lr: float = 0.0                   # zo-adam's Adam step size in z
     prior: float = 0.0                # gauss-newton's pull toward the init (its lambda over the first curvature)
+    cmean: float = 1.0                # cma's learning rate of the mean (CMA_cmean)
     generation: int = 0
     evaluations: int = 0              # candidate evaluations (one candidate on one generation's triples)
     heldout_evaluations: int = 0      # candidate evaluations on the held-out triples
@@ -98,7 +99,7 @@ def new_optimizer(state):
     # seed + 1: the stream earlier versions drew (cma seeded numpy's global generator with it)
     randn = np.random.RandomState(state.seed + 1).randn
     return cma.CMAEvolutionStrategy(np.zeros(state.dim), state.sigma0, {
-        "popsize": state.popsize, "seed": np.nan, "randn": randn, "verbose": -9,
+        "popsize": state.popsize, "seed": np.nan, "randn": randn, "verbose": -9, "CMA_cmean": state.cmean,
         "CMA_diagonal": state.dim > 1000})
 
 
@@ -250,9 +251,9 @@ def _bad(path, why):
 _TYPES = {"settings_key": str, "dim": int, "sigma0": float, "popsize": int, "seed": int, "generation": int,
           "evaluations": int, "heldout_evaluations": int, "elapsed": float, "best_heldout": float,
           "init_heldout": float, "heldout_bests": list, "history": list, "asked_digest": str, "stop_reason": str,
-          "optimizer": str, "lr": float, "prior": float}
+          "optimizer": str, "lr": float, "prior": float, "cmean": float}
 # fields added after CHECKPOINT_VERSION 2 was first written: absent in those files, they take these values
-_ADDED = {"optimizer": "cma", "lr": 0.0, "prior": 0.0}
+_ADDED = {"optimizer": "cma", "lr": 0.0, "prior": 0.0, "cmean": 1.0}
 OPTIMIZERS = ("cma", "zo-adam", "gauss-newton")
 
 
@@ -297,6 +298,8 @@ def read_checkpoint(path):
     if header["optimizer"] == "gauss-newton" and not (0 < header["sigma0"] < np.inf and 0 < header["prior"] < np.inf
                                                       and 2 <= header["popsize"] <= header["dim"] + 1):
         raise _bad(path, "gauss-newton settings out of range")
+    if not 0 < header["cmean"] <= 1:
+        raise _bad(path, "cmean out of range")
     wants_grams = header["optimizer"] == "gauss-newton" and header["generation"] > 0
     if set(arrays) != set(_ARRAYS) | ({"grams"} if wants_grams else set()):
         raise _bad(path, f"arrays {sorted(arrays)}")
