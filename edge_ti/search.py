@@ -64,6 +64,7 @@ class SearchState:
     lr: float = 0.0                   # zo-adam's Adam step size in z
     prior: float = 0.0                # gauss-newton's pull toward the init (its lambda over the first curvature)
     cmean: float = 1.0                # cma's learning rate of the mean (CMA_cmean)
+    mirrors: int = 0                  # cma's mirrored candidates per generation (CMA_mirrors, unconditional)
     generation: int = 0
     evaluations: int = 0              # candidate evaluations (one candidate on one generation's triples)
     heldout_evaluations: int = 0      # candidate evaluations on the held-out triples
@@ -100,6 +101,7 @@ def new_optimizer(state):
     randn = np.random.RandomState(state.seed + 1).randn
     return cma.CMAEvolutionStrategy(np.zeros(state.dim), state.sigma0, {
         "popsize": state.popsize, "seed": np.nan, "randn": randn, "verbose": -9, "CMA_cmean": state.cmean,
+        "CMA_mirrors": state.mirrors, "CMA_mirrormethod": 0,
         "CMA_diagonal": state.dim > 1000})
 
 
@@ -251,9 +253,9 @@ def _bad(path, why):
 _TYPES = {"settings_key": str, "dim": int, "sigma0": float, "popsize": int, "seed": int, "generation": int,
           "evaluations": int, "heldout_evaluations": int, "elapsed": float, "best_heldout": float,
           "init_heldout": float, "heldout_bests": list, "history": list, "asked_digest": str, "stop_reason": str,
-          "optimizer": str, "lr": float, "prior": float, "cmean": float}
+          "optimizer": str, "lr": float, "prior": float, "cmean": float, "mirrors": int}
 # fields added after CHECKPOINT_VERSION 2 was first written: absent in those files, they take these values
-_ADDED = {"optimizer": "cma", "lr": 0.0, "prior": 0.0, "cmean": 1.0}
+_ADDED = {"optimizer": "cma", "lr": 0.0, "prior": 0.0, "cmean": 1.0, "mirrors": 0}
 OPTIMIZERS = ("cma", "zo-adam", "gauss-newton")
 
 
