@@ -4,6 +4,7 @@ concept a method misses, where the benchmark's accuracy only says how much).
     python benchmarks/attributes.py WORK [--group main] [--methods gradient edge-ti@half edge-ti]
     python benchmarks/attributes.py WORK --group G --methods edge-ti:path-only-10s edge-ti:vloss-path-10s
     python benchmarks/attributes.py WORK --path-stages [--kind style]
+    python benchmarks/attributes.py WORK --geometry [--group main] [--methods edge-ti@half edge-ti]
 
 Tokens: each unit's snapshot of METHOD (its last; `edge-ti@half` is edge-ti's last at <= half of gradient TI's
 wall time, `gradient@half` gradient TI's at half its budget, as the report's). Generations as quality.py's evaluation (its prompts and seeds, --eval-images per
@@ -16,6 +17,11 @@ settings), each with its held-out loss in the search's units and in the model's 
 are those of the defaults of stops 46-48 (the images' CLIP init kept, the epsilon loss): since stop 49 a style has
 no CLIP path.
 ~1 min per unit of the 15 style units (7 points x 12 images) on 2 cores; the token files are read, never written.
+
+--geometry: where the tokens are, no generation (seconds): per kind, the mean over the units of each method's token
+(its first, searched vector) against the init word's embedding and gradient TI's final token: its distance from the
+init, its length over the vocabulary's longest row (the norm cap edge-ti keeps), and the cosine between its step from
+the init and gradient TI's; the part of its step along gradient TI's and the part across it.
 """
 import argparse
 import collections
@@ -148,6 +154,41 @@ def path_stages(args, model, concepts):
                   + " | ".join(f"{np.mean(shares[(kind, p, a)]):.3f}" for a in names) + " |")
 
 
+def geometry(args, model, concepts):
+    """Per kind, the methods' tokens against the init and gradient TI's final token (no generation)."""
+    cap = float(np.linalg.norm(model.token_embeddings, axis=1).max())
+    rows = collections.defaultdict(list)                     # (kind, method) -> [(distance, norm, cos, along, across)]
+    for unit in quality.load_units(args.work):
+        if unit["group"] != args.group or (args.kind and unit["kind"] != args.kind):
+            continue
+        concept = concepts[unit["concept"]]
+        run_dir = os.path.join(args.work, "runs", f"{concept.name}-{unit['seed']}")
+        grad = snapshot(unit, run_dir, "gradient")
+        if grad is None:
+            continue
+        init = np.load(os.path.join(run_dir, "gradient.safetensors.npz"))["init"][0].astype(np.float64)  # the word
+        g = grad[0] - init
+        for method in args.methods:
+            embedding = snapshot(unit, run_dir, method)
+            if embedding is None:
+                continue
+            step = embedding[0] - init
+            along = float(step @ g / np.linalg.norm(g))
+            rows[(unit["kind"], method)].append((np.linalg.norm(step), np.linalg.norm(embedding[0]) / cap,
+                                                 along / max(np.linalg.norm(step), 1e-12), along,
+                                                 np.sqrt(max(np.linalg.norm(step) ** 2 - along ** 2, 0.0))))
+    for kind in ("object", "style"):
+        methods = [m for m in args.methods if rows[(kind, m)]]
+        if not methods:
+            continue
+        print(f"\n| {kind}s: token (first vector) | from the init | length / longest row | cos(step, gradient TI's) | "
+              "along gradient TI's step | across it | units |")
+        print("|---|---|---|---|---|---|---|")
+        for method in methods:
+            x = np.array(rows[(kind, method)])
+            print(f"| {method} | " + " | ".join(f"{v:.3f}" for v in x.mean(axis=0)) + f" | {len(x)} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("work", help="a benchmarks/quality.py --work folder")
@@ -155,6 +196,7 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=["gradient", "edge-ti@half", "edge-ti"])
     p.add_argument("--kind", choices=("object", "style"), help="only this kind of concept")
     p.add_argument("--path-stages", action="store_true", help="the start's candidates of edge-ti's defaults instead")
+    p.add_argument("--geometry", action="store_true", help="where the tokens are, against the init and gradient TI's")
     p.add_argument("--onnx", help="the ONNX model folder (default: the work folder's, from its settings.json)")
     p.add_argument("--eval-images", type=int, default=12)
     p.add_argument("--eval-steps", type=int, default=20)
@@ -173,7 +215,9 @@ def main(argv=None):
     seed = work_settings.get("concept_seed")   # a folder of drawn concepts (--concept-seed; objects, styles or both)
     drawn = [] if seed is None else quality.drawn(seed, "object") + quality.drawn(seed, "style")
     concepts = {c.name: c for c in quality.CONCEPTS + drawn}
-    (path_stages if args.path_stages else token_table)(args, model, concepts)
+    if args.path_stages and args.geometry:
+        p.error("--path-stages and --geometry: choose one")
+    (path_stages if args.path_stages else geometry if args.geometry else token_table)(args, model, concepts)
 
 
 if __name__ == "__main__":

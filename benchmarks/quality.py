@@ -328,11 +328,18 @@ METHODS = {
     # and every candidate with its mirror image about the mean (CMA_mirrors 5 of 10): a pair's difference cancels
     # the curvature, and two of a pair selected cancel: noise moves the mean less
     "edge-ti:mirror-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "mirrors": 5}},
+    # and a covariance that learns within a run (c1 30x, cmu 1x or 10x: ~0.014 and ~0.008 per generation in 64
+    # dimensions where the defaults' 0.0005 and 0.0008 change it by ~15% in 130 generations): candidates drawn
+    # longer along the direction the selected steps keep taking, shorter across it
+    "edge-ti:r1x30-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "rankone": 30.0}},
+    "edge-ti:r1x30-rmx10-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "rankone": 30.0,
+                                                                "rankmu": 10.0}},
 }
 # stops 47-50's variants: the anchor, generations and CLIP path of the day (each sets its own clip_line)
 STOP_50 = ("edge-ti:wt-10s", "edge-ti:vloss-wt-path-10s", "edge-ti:uniform-t",   # stop 50's and 51's: the t of the day
            "edge-ti:mix-10s", "edge-ti:mix-t", "edge-ti:told-10s", "edge-ti:told",
-           "edge-ti:cm05-s1-10s", "edge-ti:mirror-10s")
+           "edge-ti:cm05-s1-10s", "edge-ti:mirror-10s",
+           "edge-ti:r1x30-10s", "edge-ti:r1x30-rmx10-10s")
 STOP_47 = ("edge-ti:control-10s", "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:zo-path", "edge-ti:path1k-10s",
            "edge-ti:vloss-path-10s", "edge-ti:vloss-word-10s", "edge-ti:vloss-word-1v-10s",
            "edge-ti:eps-word-1v-10s", "edge-ti:defaults-49-10s", "edge-ti:vloss-path-1v-10s",

@@ -65,6 +65,8 @@ class SearchState:
     prior: float = 0.0                # gauss-newton's pull toward the init (its lambda over the first curvature)
     cmean: float = 1.0                # cma's learning rate of the mean (CMA_cmean)
     mirrors: int = 0                  # cma's mirrored candidates per generation (CMA_mirrors, unconditional)
+    rankone: float = 1.0              # multipliers of cma's covariance learning rates (CMA_rankone, CMA_rankmu)
+    rankmu: float = 1.0
     generation: int = 0
     evaluations: int = 0              # candidate evaluations (one candidate on one generation's triples)
     heldout_evaluations: int = 0      # candidate evaluations on the held-out triples
@@ -99,10 +101,15 @@ def new_optimizer(state):
         return GaussNewton(state.dim, state.popsize - 1, state.sigma0, state.prior, state.seed)
     # seed + 1: the stream earlier versions drew (cma seeded numpy's global generator with it)
     randn = np.random.RandomState(state.seed + 1).randn
-    return cma.CMAEvolutionStrategy(np.zeros(state.dim), state.sigma0, {
+    es = cma.CMAEvolutionStrategy(np.zeros(state.dim), state.sigma0, {
         "popsize": state.popsize, "seed": np.nan, "randn": randn, "verbose": -9, "CMA_cmean": state.cmean,
         "CMA_mirrors": state.mirrors, "CMA_mirrormethod": 0,
         "CMA_diagonal": state.dim > 1000})
+    if state.rankone != 1.0 or state.rankmu != 1.0:  # the sampler's cached rates (pycma's CMA_rankone also scales
+        rates = es.sm.parameters(mueff=es.sp.weights.mueff, lam=es.sp.weights.lambda_)   # its 1-d sigma vector's, past 1)
+        rates["c1"] *= state.rankone
+        rates["cmu"] = min(rates["cmu"] * state.rankmu, 1.0 - rates["c1"])
+    return es
 
 
 def replay(state, source="checkpoint", told_z=None):
@@ -253,9 +260,10 @@ def _bad(path, why):
 _TYPES = {"settings_key": str, "dim": int, "sigma0": float, "popsize": int, "seed": int, "generation": int,
           "evaluations": int, "heldout_evaluations": int, "elapsed": float, "best_heldout": float,
           "init_heldout": float, "heldout_bests": list, "history": list, "asked_digest": str, "stop_reason": str,
-          "optimizer": str, "lr": float, "prior": float, "cmean": float, "mirrors": int}
+          "optimizer": str, "lr": float, "prior": float, "cmean": float, "mirrors": int,
+          "rankone": float, "rankmu": float}
 # fields added after CHECKPOINT_VERSION 2 was first written: absent in those files, they take these values
-_ADDED = {"optimizer": "cma", "lr": 0.0, "prior": 0.0, "cmean": 1.0, "mirrors": 0}
+_ADDED = {"optimizer": "cma", "lr": 0.0, "prior": 0.0, "cmean": 1.0, "mirrors": 0, "rankone": 1.0, "rankmu": 1.0}
 OPTIMIZERS = ("cma", "zo-adam", "gauss-newton")
 
 

@@ -88,6 +88,8 @@ class TrainSettings:
                                   # "uniform": uniform t, as diffusers draws (the default before stop 50)
     cmean: float = 1.0            # CMA-ES's learning rate of the mean (1: the standard update)
     mirrors: int = 0              # CMA-ES candidates that are mirror images of others (x' = 2 mean - x)
+    rankone: float = 1.0          # multipliers of CMA-ES's covariance learning rates
+    rankmu: float = 1.0
     cap_told: bool = False        # tell CMA-ES each candidate where the norm cap put it (subspace.capped_z)
     budget: int = 5000            # candidate evaluations: the paper's 5000; 0: no limit (time or patience stop)
     max_time: float = None        # seconds; None for no limit
@@ -291,14 +293,17 @@ def _settings_key(model, settings, latents, e0, token):
         fields["clip_sigma"] = "cma"  # before stop 47 the CLIP climbs took the search's step: not those checkpoints
     if not settings.anchor:  # likewise
         del fields["anchor"]
+    elif settings.anchor == "word":  # as it was written when the word was the only anchor: those checkpoints match
+        fields["anchor"] = True
     if not settings.cap_told:  # likewise
         del fields["cap_told"]
     if settings.cmean == 1.0:  # likewise
         del fields["cmean"]
     if not settings.mirrors:  # likewise
         del fields["mirrors"]
-    elif settings.anchor == "word":  # as it was written when the word was the only anchor: those checkpoints match
-        fields["anchor"] = True
+    for name in ("rankone", "rankmu"):
+        if getattr(settings, name) == 1.0:  # likewise
+            del fields[name]
     if settings.timesteps == "uniform" or not _weighs_t_unevenly(model, settings):  # as before the option (or
         del fields["timesteps"]                                                        # the same run): they match
     if settings.loss_weighting == "model" or model.prediction_type == "epsilon":
@@ -542,7 +547,8 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         else:
             fresh = search.SearchState(key, settings.vectors * dim, sigma, settings.popsize, settings.seed,
                                        optimizer=settings.optimizer, lr=settings.lr, prior=settings.prior,
-                                       cmean=settings.cmean, mirrors=settings.mirrors)
+                                       cmean=settings.cmean, mirrors=settings.mirrors, rankone=settings.rankone,
+                                       rankmu=settings.rankmu)
             if start_heldout is None:
                 start_heldout = float(heldout_loss_of_z(np.zeros((1, fresh.dim)))[0])
                 fresh.heldout_evaluations += 1

@@ -193,3 +193,39 @@ def test_variants_measured_before_stop_50_keep_uniform_timesteps():
     for name in ("edge-ti:wt-10s", "edge-ti:vloss-wt-path-10s"):
         assert methods[name]["settings"]["timesteps"] == "weighted"
     assert "timesteps" not in methods["gradient"]["settings"]
+
+
+def test_attributes_geometry_measures_each_token_against_the_init_and_gradient_tis(tiny_sd, tmp_path, capsys):
+    """--geometry: a token half along gradient TI's step and as far across it reads cos 1/sqrt(2), along = across; and
+    --geometry with --path-stages is refused."""
+    import json
+
+    import numpy as np
+    import pytest
+    attributes = _benchmark("attributes")
+    import edge_ti
+    table = edge_ti.open_model(tiny_sd[1]).token_embeddings.astype(np.float64)
+    init, g, across = table[0], np.zeros(table.shape[1]), np.zeros(table.shape[1])
+    g[0], across[1] = 0.2, 0.1
+    work = tmp_path / "work"
+    run_dir = work / "runs" / "style-dotted-black-0"
+    run_dir.mkdir(parents=True)
+    (work / "units").mkdir()
+    (work / "settings.json").write_text(json.dumps({"onnx": tiny_sd[1]}))
+    wall = {"gradient": [5.0, 10.0], "edge-ti": [2.0, 4.0]}
+    (work / "units" / "style-dotted-black-0-main.json").write_text(json.dumps(
+        {"group": "main", "kind": "style", "concept": "style-dotted-black", "seed": 0,
+         "eval": {name: {"wall": w} for name, w in wall.items()}}))
+    for name, last in (("gradient", init + g), ("edge-ti", init + g / 2 + across)):
+        np.savez(run_dir / f"{name}.safetensors.npz", embeddings=np.stack([[init], [last]]).astype(np.float32),
+                 init=init[None].astype(np.float32))
+    attributes.main([str(work), "--geometry", "--methods", "gradient", "edge-ti"])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| gradient") or line.startswith("| edge-ti")}
+    distance, _, cos, along, off = (float(x) for x in rows["edge-ti"][:5])
+    assert distance == pytest.approx(np.sqrt(0.02), abs=2e-3) and cos == pytest.approx(0.5 ** 0.5, abs=2e-3)
+    assert along == pytest.approx(0.1, abs=2e-3) and off == pytest.approx(0.1, abs=2e-3)
+    assert float(rows["gradient"][3]) == pytest.approx(1.0) and float(rows["gradient"][4]) == pytest.approx(0.0)
+    with pytest.raises(SystemExit):
+        attributes.main([str(work), "--geometry", "--path-stages"])
+    assert "choose one" in capsys.readouterr().err
