@@ -945,11 +945,13 @@ def ablation_vs_main(units):
 
 def ablation_vs_control(units, control="edge-ti:control"):
     """Each variant against CONTROL (edge-ti:control: the defaults, run in the same period; --paired-with names
-    another, or a main method such as edge-ti: its main units' runs), paired by (concept, seed): accuracy difference,
+    another, or a main method such as edge-ti: its main units' runs), paired by (concept, seed), with the control's
+    run in the variant's own group where it ran there (the same period), else its last: accuracy difference,
     held-out loss change from the init and from the control's, in percent; over all pairs, then per kind of concept
     where a variant ran on both."""
     runs = {}                                                  # (concept, seed) -> {method: row}
     init, kind = {}, {}                                        # (concept, seed) -> the init's held-out loss, kind
+    own_control = {}                                           # (concept, seed, method) -> the control of its group
     for unit in units:
         key = (unit["concept"], unit["seed"])
         kind[key] = unit["kind"]
@@ -959,9 +961,12 @@ def ablation_vs_control(units, control="edge-ti:control"):
             if control in MAIN and control in main_rows:  # a main method as the control: its main run
                 runs.setdefault(key, {})[control] = main_rows[control]
             continue
-        for method, row in unit_rows(unit).items():
+        rows = unit_rows(unit)
+        for method, row in rows.items():
             if method not in ("init", "oracle"):
                 runs.setdefault(key, {})[method] = row
+                if control in rows and method != control:  # run beside the control: paired with that run of it
+                    own_control[(*key, method)] = rows[control]
     methods = sorted({m for r in runs.values() for m in r} - {control}, key=in_order)
     if not any(control in r for r in runs.values()):  # the default's absence is normal; a named one's is a typo
         return [] if control == "edge-ti:control" else ["", f"(--paired-with {control}: no ablation units of it)"]
@@ -976,7 +981,8 @@ def ablation_vs_control(units, control="edge-ti:control"):
         kinds = sorted({kind[k] for k in keys})
         for which in [None] + (kinds if len(kinds) > 1 else []):
             # the init's held-out loss comes with a main unit; a folder of ablation units alone leaves it out
-            pairs = [(runs[k][method], runs[k][control], init.get(k)) for k in keys if which in (None, kind[k])]
+            pairs = [(runs[k][method], own_control.get((*k, method), runs[k][control]), init.get(k))
+                     for k in keys if which in (None, kind[k])]
             diff = [a["acc"] - c["acc"] for a, c, _ in pairs]
             gain = [100 * (a["heldout"] / i - 1) if i else None for a, _, i in pairs]
             control_gain = [100 * (c["heldout"] / i - 1) if i else None for _, c, i in pairs]

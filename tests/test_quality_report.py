@@ -37,6 +37,18 @@ def test_a_variant_pairs_with_a_main_method_as_its_control():
     assert missing[-1] == "(--paired-with edge-ti:nothing: no ablation units of it)"
 
 
+def test_a_variant_pairs_with_the_control_run_in_its_own_group():
+    """Two ablation groups, each with its own run of the control (two periods): each variant is paired with its
+    group's, not with whichever group's was read last."""
+    quality = _quality()
+    units = [_unit(0, "a", {"edge-ti:control-10s": (0.5, 0.09), "edge-ti:path12": (0.6, 0.09)}),
+             _unit(0, "b", {"edge-ti:control-10s": (0.8, 0.09), "edge-ti:clip4k": (0.8, 0.09)})]
+    lines = quality.ablation_vs_control(units, "edge-ti:control-10s")
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| edge-ti:")}
+    assert "| 1 | 0.600 | 0.500 | +0.100 ±" in rows["edge-ti:path12"], rows
+    assert "| 1 | 0.800 | 0.800 | +0.000 ±" in rows["edge-ti:clip4k"], rows
+
+
 def test_a_main_unit_trains_gradient_first_and_gives_edge_ti_half_its_wall_time(tmp_path, monkeypatch):
     """edge-ti@half is judged at <= 0.5x gradient TI's wall time, so edge-ti's child must be told that time:
     gradient TI trains first, and edge-ti's spec carries half of its wall time (child_train keeps the state of
