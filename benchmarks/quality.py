@@ -315,31 +315,9 @@ METHODS = {
                                                                   "loss_weighting": "model", "timesteps": "weighted"}},
     # and the defaults of the day with uniform t, at --time: what weighted t does to a style's final token
     "edge-ti:uniform-t": {"kind": "edge-ti", "settings": {"clip_line": 0, "timesteps": "uniform"}},
-    # stop 51: half the samples at uniform t, half where the loss weighs (a defensive mixture, --timesteps mixed)
-    "edge-ti:mix-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "timesteps": "mixed"}},
-    "edge-ti:mix-t": {"kind": "edge-ti", "settings": {"clip_line": 0, "timesteps": "mixed"}},
-    # and CMA-ES told where the norm cap put each candidate (a Lamarckian repair; the mean stays in the ball)
-    "edge-ti:told-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "cap_told": True}},
-    "edge-ti:told": {"kind": "edge-ti", "settings": {"clip_line": 0, "cap_told": True}},
-    # and the mean moved half the way (CMA_cmean 0.5) with candidates twice as far (sigma 1): larger differences
-    # to rank on, the same steps (rescaled mutations)
-    "edge-ti:cm05-s1-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "cmean": 0.5,
-                                                            "sigma": 1.0}},
-    # and every candidate with its mirror image about the mean (CMA_mirrors 5 of 10): a pair's difference cancels
-    # the curvature, and two of a pair selected cancel: noise moves the mean less
-    "edge-ti:mirror-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "mirrors": 5}},
-    # and a covariance that learns within a run (c1 30x, cmu 1x or 10x: ~0.014 and ~0.008 per generation in 64
-    # dimensions where the defaults' 0.0005 and 0.0008 change it by ~15% in 130 generations): candidates drawn
-    # longer along the direction the selected steps keep taking, shorter across it
-    "edge-ti:r1x30-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "rankone": 30.0}},
-    "edge-ti:r1x30-rmx10-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "rankone": 30.0,
-                                                                "rankmu": 10.0}},
 }
 # stops 47-50's variants: the anchor, generations and CLIP path of the day (each sets its own clip_line)
-STOP_50 = ("edge-ti:wt-10s", "edge-ti:vloss-wt-path-10s", "edge-ti:uniform-t",   # stop 50's and 51's: the t of the day
-           "edge-ti:mix-10s", "edge-ti:mix-t", "edge-ti:told-10s", "edge-ti:told",
-           "edge-ti:cm05-s1-10s", "edge-ti:mirror-10s",
-           "edge-ti:r1x30-10s", "edge-ti:r1x30-rmx10-10s")
+STOP_50 = ("edge-ti:wt-10s", "edge-ti:vloss-wt-path-10s", "edge-ti:uniform-t")   # stop 50's: the t of the day
 STOP_47 = ("edge-ti:control-10s", "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:zo-path", "edge-ti:path1k-10s",
            "edge-ti:vloss-path-10s", "edge-ti:vloss-word-10s", "edge-ti:vloss-word-1v-10s",
            "edge-ti:eps-word-1v-10s", "edge-ti:defaults-49-10s", "edge-ti:vloss-path-1v-10s",
@@ -967,6 +945,8 @@ def ablation_vs_control(units, control="edge-ti:control"):
                 runs.setdefault(key, {})[method] = row
                 if control in rows and method != control:  # run beside the control: paired with that run of it
                     own_control[(*key, method)] = rows[control]
+                elif method != control:                    # (its latest run is the one paired)
+                    own_control.pop((*key, method), None)
     methods = sorted({m for r in runs.values() for m in r} - {control}, key=in_order)
     if not any(control in r for r in runs.values()):  # the default's absence is normal; a named one's is a typo
         return [] if control == "edge-ti:control" else ["", f"(--paired-with {control}: no ablation units of it)"]

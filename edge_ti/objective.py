@@ -36,22 +36,16 @@ def draw_triples(rng, count, n_latents, n_prompts, num_train_timesteps, latent_s
                    noise=rng.standard_normal((count, *latent_shape), dtype=np.float32))
 
 
-def importance_timesteps(weight, uniform_share=0.0):
+def importance_timesteps(weight):
     """weight [T]: the objective's weight of each t relative to the epsilon loss -> (q [T], factor [T]).
 
     Drawing t ~ q = weight / sum(weight) and multiplying each triple's loss by factor = mean(weight) / weight
     leaves the objective's expectation (the mean over uniform t) unchanged, while the samples go where it
     weighs most (importance sampling; for a v model's own loss, weight = 1 / alpha_bar_t, so q puts 60% of the
     samples at t >= 900 and the weighted losses are epsilon losses times a constant).
-    uniform_share: q = (1 - share) weight / sum(weight) + share / T instead, a defensive mixture (Hesterberg 1995):
-    the factor mean over uniform t / q stays <= 1 / share where the weight is small, so the rare samples at such t
-    cannot outweigh a generation.
     """
     weight = np.asarray(weight, np.float64)
-    if not uniform_share:
-        return weight / weight.sum(), weight.mean() / weight
-    q = (1.0 - uniform_share) * weight / weight.sum() + uniform_share / len(weight)
-    return q, 1.0 / (len(weight) * q)
+    return weight / weight.sum(), weight.mean() / weight
 
 
 def population_loss(denoiser, candidates, prompt_ids, latents, triples, max_batch=None):

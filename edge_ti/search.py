@@ -63,10 +63,6 @@ class SearchState:
     optimizer: str = "cma"            # cma | zo-adam (edge_ti.zo_adam) | gauss-newton (edge_ti.gauss_newton)
     lr: float = 0.0                   # zo-adam's Adam step size in z
     prior: float = 0.0                # gauss-newton's pull toward the init (its lambda over the first curvature)
-    cmean: float = 1.0                # cma's learning rate of the mean (CMA_cmean)
-    mirrors: int = 0                  # cma's mirrored candidates per generation (CMA_mirrors, unconditional)
-    rankone: float = 1.0              # multipliers of cma's covariance learning rates (CMA_rankone, CMA_rankmu)
-    rankmu: float = 1.0
     generation: int = 0
     evaluations: int = 0              # candidate evaluations (one candidate on one generation's triples)
     heldout_evaluations: int = 0      # candidate evaluations on the held-out triples
@@ -101,25 +97,18 @@ def new_optimizer(state):
         return GaussNewton(state.dim, state.popsize - 1, state.sigma0, state.prior, state.seed)
     # seed + 1: the stream earlier versions drew (cma seeded numpy's global generator with it)
     randn = np.random.RandomState(state.seed + 1).randn
-    es = cma.CMAEvolutionStrategy(np.zeros(state.dim), state.sigma0, {
-        "popsize": state.popsize, "seed": np.nan, "randn": randn, "verbose": -9, "CMA_cmean": state.cmean,
-        "CMA_mirrors": state.mirrors, "CMA_mirrormethod": 0,
+    return cma.CMAEvolutionStrategy(np.zeros(state.dim), state.sigma0, {
+        "popsize": state.popsize, "seed": np.nan, "randn": randn, "verbose": -9,
         "CMA_diagonal": state.dim > 1000})
-    if state.rankone != 1.0 or state.rankmu != 1.0:  # the sampler's cached rates (pycma's CMA_rankone also scales
-        rates = es.sm.parameters(mueff=es.sp.weights.mueff, lam=es.sp.weights.lambda_)   # its 1-d sigma vector's, past 1)
-        rates["c1"] *= state.rankone
-        rates["cmu"] = min(rates["cmu"] * state.rankmu, 1.0 - rates["c1"])
-    return es
 
 
-def replay(state, source="checkpoint", told_z=None):
-    """The optimizer after STATE's generations: a new one told the recorded losses again (at told_z(zs), as run)."""
+def replay(state, source="checkpoint"):
+    """The optimizer after STATE's generations: a new one told the recorded losses again."""
     es, digest = new_optimizer(state), ""
     for generation, losses in enumerate(state.losses):
         zs = np.array(es.ask())                                          # (P, dim)
         digest = _chain(digest, zs)
-        es.tell(list(zs if told_z is None else told_z(zs)),
-                state.grams[generation] if tells_gram(es) else [float(x) for x in losses])
+        es.tell(list(zs), state.grams[generation] if tells_gram(es) else [float(x) for x in losses])
     if digest != state.asked_digest:
         raise EdgeTIError(f"{source}: does not replay with this version of cma/numpy; --restart to start over")
     return es
@@ -130,9 +119,8 @@ def tells_gram(es):
     return getattr(es, "tells", "losses") == "gram"
 
 
-def step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every, population_gram_of_z=None, told_z=None):
+def step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every, population_gram_of_z=None):
     """One generation: ask, score on this generation's common random numbers, tell, maybe re-score.
-    told_z(zs) -> zs': where each candidate is told to the optimizer (a repair: the z of what was scored).
 
     STATE changes only once the population is scored, so an interrupt during scoring leaves it
     at the previous generation (what the checkpoint holds).
@@ -147,9 +135,6 @@ def step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every, populat
     if not np.all(np.isfinite(losses)) or (tells_gram(es) and not np.all(np.isfinite(gram))):
         raise EdgeTIError("the model gave NaN or infinite losses: check the model folder's weights and "
                           "scheduler_config.json")
-    asked = zs
-    if told_z is not None:
-        zs = told_z(zs)
     es.tell(list(zs), gram if tells_gram(es) else [float(x) for x in losses])
     record = {"generation": state.generation + 1, "evaluations": state.evaluations + len(zs),
               "best_loss": float(np.min(losses)), "mean_loss": float(np.mean(losses)), "sigma": float(es.sigma)}
@@ -167,7 +152,7 @@ def step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every, populat
     record["best_heldout"] = best_heldout
     record["elapsed"] = round(elapsed, 3)
     # commit
-    state.asked_digest = _chain(state.asked_digest, asked)
+    state.asked_digest = _chain(state.asked_digest, zs)
     state.losses.append(losses)
     if tells_gram(es):
         state.grams.append(gram)
@@ -196,21 +181,20 @@ def finished(state, es, limits):
 
 
 def run(state, population_loss_of_z, heldout_loss_of_z, limits, eval_every=5, checkpoint=None,
-        on_generation=None, population_gram_of_z=None, checkpoint_every=0.0, told_z=None):
+        on_generation=None, population_gram_of_z=None, checkpoint_every=0.0):
     """Search until a limit stops it; after every generation call on_generation(record, state) and save the
     checkpoint, at most every checkpoint_every seconds and after the last generation (a checkpoint holds the
     whole history, so writing it after each of thousands of small generations costs O(generations^2); a kill
     loses at most those seconds, and a resume from any checkpoint ends where the uninterrupted run does).
     Returns STATE with its stop_reason (resumed states continue).
     population_gram_of_z(zs, generation) -> [P, P] scores the populations of gauss-newton."""
-    es = replay(state, source=checkpoint or "checkpoint", told_z=told_z)
+    es = replay(state, source=checkpoint or "checkpoint")
     if tells_gram(es) and population_gram_of_z is None:
         raise EdgeTIError(f"the {state.optimizer} search needs population_gram_of_z")
     saved_at, saved = time.monotonic(), True
     try:
         while not (reason := finished(state, es, limits)):
-            record = step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every, population_gram_of_z,
-                          told_z)
+            record = step(state, es, population_loss_of_z, heldout_loss_of_z, eval_every, population_gram_of_z)
             saved = False
             if checkpoint and time.monotonic() - saved_at >= checkpoint_every:
                 save_checkpoint(checkpoint, state)
@@ -260,10 +244,9 @@ def _bad(path, why):
 _TYPES = {"settings_key": str, "dim": int, "sigma0": float, "popsize": int, "seed": int, "generation": int,
           "evaluations": int, "heldout_evaluations": int, "elapsed": float, "best_heldout": float,
           "init_heldout": float, "heldout_bests": list, "history": list, "asked_digest": str, "stop_reason": str,
-          "optimizer": str, "lr": float, "prior": float, "cmean": float, "mirrors": int,
-          "rankone": float, "rankmu": float}
+          "optimizer": str, "lr": float, "prior": float}
 # fields added after CHECKPOINT_VERSION 2 was first written: absent in those files, they take these values
-_ADDED = {"optimizer": "cma", "lr": 0.0, "prior": 0.0, "cmean": 1.0, "mirrors": 0, "rankone": 1.0, "rankmu": 1.0}
+_ADDED = {"optimizer": "cma", "lr": 0.0, "prior": 0.0}
 OPTIMIZERS = ("cma", "zo-adam", "gauss-newton")
 
 
@@ -308,8 +291,6 @@ def read_checkpoint(path):
     if header["optimizer"] == "gauss-newton" and not (0 < header["sigma0"] < np.inf and 0 < header["prior"] < np.inf
                                                       and 2 <= header["popsize"] <= header["dim"] + 1):
         raise _bad(path, "gauss-newton settings out of range")
-    if not 0 < header["cmean"] <= 1:
-        raise _bad(path, "cmean out of range")
     wants_grams = header["optimizer"] == "gauss-newton" and header["generation"] > 0
     if set(arrays) != set(_ARRAYS) | ({"grams"} if wants_grams else set()):
         raise _bad(path, f"arrays {sorted(arrays)}")

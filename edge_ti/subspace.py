@@ -72,24 +72,6 @@ def with_anchor(candidates, anchor):
     return np.concatenate([np.asarray(candidates, np.float32), anchor], axis=1)
 
 
-def capped_z(e0, W, z, max_norm, W_pinv=None):
-    """z [P, n*d] -> z' [P, n*d]: the search point of what embeddings_from_z(e0, W, z, max_norm) scores, each vector
-    moved by the least-squares W_pinv (the cap's shortening) (exact where e0 lies in span(W), as the full pca basis
-    does). Told to CMA-ES in place of z (a Lamarckian repair), its mean stays inside the norm ball: where the cap
-    shortens every candidate, the loss is flat along the radius, and a mean that drifts out along it takes ever
-    shorter steps on the sphere (measured: candidates 1.1-1.5x the cap late in a 10 s run)."""
-    P = z.shape[0]
-    n, d = e0.shape[0], W.shape[1]
-    W_pinv = np.linalg.pinv(W) if W_pinv is None else W_pinv                    # (d, D)
-    e = e0[None] + np.einsum("pnd,Dd->pnD", z.reshape(P, n, d), W)               # (P, n, D)
-    caps = [(slice(None), max_norm)] if np.isscalar(max_norm) else max_norm
-    shortened = e.copy()
-    for cols, cap in caps:
-        norms = np.linalg.norm(e[..., cols], axis=-1, keepdims=True)
-        shortened[..., cols] = e[..., cols] * np.minimum(1.0, cap / np.maximum(norms, 1e-30))
-    return z + np.einsum("pnD,dD->pnd", shortened - e, W_pinv).reshape(P, n * d)
-
-
 def embeddings_from_z(e0, W, z, max_norm=None, anchor=None):
     """e0 [n, D], W [D, d], z [P, n*d] -> candidates [P, n, D] = e0 + W z per vector; with max_norm,
     a vector longer than that is shortened to it (the search can then not leave the vocabulary's

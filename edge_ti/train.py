@@ -86,11 +86,6 @@ class TrainSettings:
                                   # the same (objective.importance_timesteps; only a v model's own loss, a style's by
                                   # default, weighs t unevenly: elsewhere it is uniform t; quality.md, stop 50);
                                   # "uniform": uniform t, as diffusers draws (the default before stop 50)
-    cmean: float = 1.0            # CMA-ES's learning rate of the mean (1: the standard update)
-    mirrors: int = 0              # CMA-ES candidates that are mirror images of others (x' = 2 mean - x)
-    rankone: float = 1.0          # multipliers of CMA-ES's covariance learning rates
-    rankmu: float = 1.0
-    cap_told: bool = False        # tell CMA-ES each candidate where the norm cap put it (subspace.capped_z)
     budget: int = 5000            # candidate evaluations: the paper's 5000; 0: no limit (time or patience stop)
     max_time: float = None        # seconds; None for no limit
     seed: int = 0
@@ -228,8 +223,8 @@ def check_settings(settings):
         raise EdgeTIError(f"unknown subspace {settings.subspace!r}: choose pca, prior or full")
     if not isinstance(settings.norm_cap, bool):
         raise EdgeTIError(f"norm_cap must be true or false, got {settings.norm_cap!r}")
-    if settings.timesteps not in ("uniform", "weighted", "mixed"):
-        raise EdgeTIError(f"unknown timesteps {settings.timesteps!r}: choose uniform, weighted or mixed")
+    if settings.timesteps not in ("uniform", "weighted"):
+        raise EdgeTIError(f"unknown timesteps {settings.timesteps!r}: choose uniform or weighted")
     if settings.loss_weighting not in ("auto", "eps", "model"):
         raise EdgeTIError(f"unknown loss_weighting {settings.loss_weighting!r}: choose auto, eps or model")
     if settings.optimizer not in search.OPTIMIZERS:
@@ -295,15 +290,6 @@ def _settings_key(model, settings, latents, e0, token):
         del fields["anchor"]
     elif settings.anchor == "word":  # as it was written when the word was the only anchor: those checkpoints match
         fields["anchor"] = True
-    if not settings.cap_told:  # likewise
-        del fields["cap_told"]
-    if settings.cmean == 1.0:  # likewise
-        del fields["cmean"]
-    if not settings.mirrors:  # likewise
-        del fields["mirrors"]
-    for name in ("rankone", "rankmu"):
-        if getattr(settings, name) == 1.0:  # likewise
-            del fields[name]
     if settings.timesteps == "uniform" or not _weighs_t_unevenly(model, settings):  # as before the option (or
         del fields["timesteps"]                                                        # the same run): they match
     if settings.loss_weighting == "model" or model.prediction_type == "epsilon":
@@ -474,9 +460,8 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
     eps_weight = Denoiser(model).eps_weight(np.arange(T_train))          # (T,): the model's loss -> the eps loss
     loss_weight = eps_weight if in_eps_units else np.ones(T_train)      # (T,): what each triple's loss is multiplied by
     timestep_p = None                                                   # uniform t
-    if settings.timesteps in ("weighted", "mixed") and _weighs_t_unevenly(model, settings):
-        timestep_p, factor = objective.importance_timesteps(loss_weight / eps_weight,      # the objective's weight of t
-                                                            uniform_share=0.5 if settings.timesteps == "mixed" else 0.0)
+    if settings.timesteps == "weighted" and _weighs_t_unevenly(model, settings):
+        timestep_p, factor = objective.importance_timesteps(loss_weight / eps_weight)   # the objective's weight of t
         loss_weight = loss_weight * factor
 
     def triples_for(*key, count):
@@ -518,13 +503,6 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
     def heldout_loss_of_z(zs):
         return scorer.population_loss(subspace.embeddings_from_z(e0, W, zs, max_norm, anchor), heldout)
 
-    told_z = None
-    if settings.cap_told and max_norm is not None and settings.optimizer == "cma":
-        W_pinv = np.linalg.pinv(W)
-
-        def told_z(zs):
-            return subspace.capped_z(e0, W, zs, max_norm, W_pinv)
-
     # 4. the search: resumed from the checkpoint, or new
     max_time = settings.max_time and max(settings.max_time - refine_seconds, 1e-3)  # the refinement counts too
     limits = search.Limits(budget=settings.budget, max_time=max_time, patience=settings.patience,
@@ -546,9 +524,7 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
                         state.evaluations)
         else:
             fresh = search.SearchState(key, settings.vectors * dim, sigma, settings.popsize, settings.seed,
-                                       optimizer=settings.optimizer, lr=settings.lr, prior=settings.prior,
-                                       cmean=settings.cmean, mirrors=settings.mirrors, rankone=settings.rankone,
-                                       rankmu=settings.rankmu)
+                                       optimizer=settings.optimizer, lr=settings.lr, prior=settings.prior)
             if start_heldout is None:
                 start_heldout = float(heldout_loss_of_z(np.zeros((1, fresh.dim)))[0])
                 fresh.heldout_evaluations += 1
@@ -558,7 +534,7 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         _write_log(paths["log"], state.history)  # a resumed run's generations so far; each new one is appended
         search.run(state, population_loss_of_z, heldout_loss_of_z, limits, settings.eval_every,
                    checkpoint=paths["checkpoint"], on_generation=after_generation, checkpoint_every=CHECKPOINT_EVERY,
-                   population_gram_of_z=population_gram_of_z, told_z=told_z)
+                   population_gram_of_z=population_gram_of_z)
     except KeyboardInterrupt:
         if state is None:
             raise

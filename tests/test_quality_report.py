@@ -237,7 +237,7 @@ def test_attributes_geometry_measures_each_token_against_the_init_and_gradient_t
     distance, _, cos, along, off = (float(x) for x in rows["edge-ti"][:5])
     assert distance == pytest.approx(np.sqrt(0.02), abs=2e-3) and cos == pytest.approx(0.5 ** 0.5, abs=2e-3)
     assert along == pytest.approx(0.1, abs=2e-3) and off == pytest.approx(0.1, abs=2e-3)
-    assert float(rows["gradient"][3]) == pytest.approx(1.0) and float(rows["gradient"][4]) == pytest.approx(0.0)
+    assert float(rows["gradient"][2]) == pytest.approx(1.0) and float(rows["gradient"][4]) == pytest.approx(0.0)
     with pytest.raises(SystemExit):
         attributes.main([str(work), "--geometry", "--path-stages"])
     assert "choose one" in capsys.readouterr().err

@@ -115,23 +115,3 @@ def test_the_norm_cap_shortens_only_vectors_longer_than_the_longest_row():
     assert np.allclose(cos, 1.0, atol=1e-6)                              # the direction kept
     with pytest.raises(EdgeTIError, match="norm_cap must be true or false"):
         check_settings(TrainSettings(norm_cap="yes"))
-
-
-def test_capped_z_is_the_search_point_of_what_the_cap_scores():
-    """subspace.capped_z: with the full pca basis (e0 in its span) e0 + W z' is exactly the shortened candidate, and a
-    candidate within the cap keeps its z; with a smaller basis z' is the least-squares point (still no longer)."""
-    from edge_ti import subspace
-    table = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float64)
-    cap = subspace.max_row_norm(table)
-    e0 = table[:2]
-    z = np.array([np.zeros(16), np.full(16, 0.1), np.full(16, 40.0)])
-    W = subspace.pca_basis(table, 8)                                           # (8, 8): the whole space
-    told = subspace.capped_z(e0, W, z, cap)
-    np.testing.assert_allclose(subspace.embeddings_from_z(e0, W, told), subspace.embeddings_from_z(e0, W, z, cap),
-                               atol=1e-5)
-    np.testing.assert_array_equal(told[:2], z[:2])                             # inside the ball: unchanged
-    W4 = subspace.pca_basis(table, 4)
-    z4 = np.array([np.full(8, 40.0)])
-    told4 = subspace.capped_z(e0, W4, z4, cap)
-    free4 = subspace.embeddings_from_z(e0, W4, told4)
-    assert np.all(np.linalg.norm(free4, axis=-1) < np.linalg.norm(subspace.embeddings_from_z(e0, W4, z4), axis=-1))
