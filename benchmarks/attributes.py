@@ -5,6 +5,8 @@ concept a method misses, where the benchmark's accuracy only says how much).
     python benchmarks/attributes.py WORK --group G --methods edge-ti:path-only-10s edge-ti:vloss-path-10s
     python benchmarks/attributes.py WORK --path-stages [--kind style]
     python benchmarks/attributes.py WORK --geometry [--group main] [--methods edge-ti@half edge-ti]
+    python benchmarks/attributes.py WORK --methods edge-ti edge-ti+along      # its token, then its step along
+                                                                             # gradient TI's alone
 
 Tokens: each unit's snapshot of METHOD (its last; `edge-ti@half` is edge-ti's last at <= half of gradient TI's
 wall time, `gradient@half` gradient TI's at half its budget, as the report's). Generations as quality.py's evaluation (its prompts and seeds, --eval-images per
@@ -46,7 +48,18 @@ def attribute_hits(model, concept, seed, embedding, images, steps):
 
 
 def snapshot(unit, run_dir, method):
-    """The embedding of METHOD's snapshot in this unit (the @half ones as quality.unit_rows picks them), or None."""
+    """The embedding of METHOD's snapshot in this unit (the @half ones as quality.unit_rows picks them), or None.
+    METHOD+along: that token with its first vector's step from the init replaced by the step's projection on gradient
+    TI's final step (what is left of it when the part across gradient TI's direction is taken away)."""
+    if method.endswith("+along"):
+        token, grad = snapshot(unit, run_dir, method.removesuffix("+along")), snapshot(unit, run_dir, "gradient")
+        if token is None or grad is None:
+            return None
+        init = np.load(os.path.join(run_dir, "gradient.safetensors.npz"))["init"][0].astype(np.float64)
+        g, step = grad[0] - init, token[0] - init
+        token = token.copy()
+        token[0] = init + (step @ g) / (g @ g) * g
+        return token
     name = method.removesuffix("@half")
     path = os.path.join(run_dir, name + ".safetensors.npz")
     if name not in unit["eval"] or not os.path.isfile(path):
@@ -70,20 +83,23 @@ def token_table(args, model, concepts):
             embedding = snapshot(unit, run_dir, method)
             if embedding is None:
                 continue
-            for name, h in attribute_hits(model, concept, unit["seed"], embedding, args.eval_images,
-                                          args.eval_steps).items():
+            per_attribute = attribute_hits(model, concept, unit["seed"], embedding, args.eval_images, args.eval_steps)
+            for name, h in per_attribute.items():
                 hits[(unit["kind"], method, name)].append(float(np.mean(h)))
+            # quality.py's accuracy: per image, the share of its target attributes right; mean over the images
+            hits[(unit["kind"], method, "accuracy")].append(float(np.mean(np.mean(list(per_attribute.values()), 0))))
         print(f"  {concept.name} seed {unit['seed']}", file=sys.stderr, flush=True)
     for kind in ("object", "style"):
-        names = sorted({a for k, _, a in hits if k == kind})
+        names = sorted({a for k, _, a in hits if k == kind} - {"accuracy"})
         if not names:
             continue
-        print(f"\n| {kind}s: per attribute | " + " | ".join(names) + " | units |")
-        print("|---|" + "---|" * (len(names) + 1))
+        print(f"\n| {kind}s: per attribute | " + " | ".join(names) + " | mean (the benchmark's accuracy) | units |")
+        print("|---|" + "---|" * (len(names) + 2))
         for method in args.methods:
             cells = [f"{np.mean(hits[(kind, method, a)]):.3f}" if hits[(kind, method, a)] else "-" for a in names]
             units = max(len(hits[(kind, method, a)]) for a in names)
-            print(f"| {method} | " + " | ".join(cells) + f" | {units} |")
+            accuracy = np.mean(hits[(kind, method, "accuracy")]) if hits[(kind, method, "accuracy")] else float("nan")
+            print(f"| {method} | " + " | ".join(cells) + f" | {accuracy:.3f} | {units} |")
 
 
 class _Stop(Exception):
