@@ -208,8 +208,8 @@ def test_variants_measured_before_stop_50_keep_uniform_timesteps():
 
 
 def test_attributes_geometry_measures_each_token_against_the_init_and_gradient_tis(tiny_sd, tmp_path, capsys):
-    """--geometry: a token half along gradient TI's step and as far across it reads cos 1/sqrt(2), along = across; and
-    --geometry with --path-stages is refused."""
+    """--geometry: a token half along gradient TI's step and as far across it reads cos 1/sqrt(2), along = across; its
+    +along token is the init plus that half step; --geometry with --path-stages is refused."""
     import json
 
     import numpy as np
@@ -238,6 +238,10 @@ def test_attributes_geometry_measures_each_token_against_the_init_and_gradient_t
     assert distance == pytest.approx(np.sqrt(0.02), abs=2e-3) and cos == pytest.approx(0.5 ** 0.5, abs=2e-3)
     assert along == pytest.approx(0.1, abs=2e-3) and off == pytest.approx(0.1, abs=2e-3)
     assert float(rows["gradient"][2]) == pytest.approx(1.0) and float(rows["gradient"][4]) == pytest.approx(0.0)
+    unit = json.loads((work / "units" / "style-dotted-black-0-main.json").read_text())
+    along = attributes.snapshot(unit, str(run_dir), "edge-ti+along")        # its step across gradient TI's removed
+    np.testing.assert_allclose(along[0], init + g / 2, atol=1e-6)
+    assert attributes.snapshot(unit, str(run_dir), "gradient+along") is not None
     with pytest.raises(SystemExit):
         attributes.main([str(work), "--geometry", "--path-stages"])
     assert "choose one" in capsys.readouterr().err
