@@ -57,6 +57,8 @@ def snapshot(unit, run_dir, method):
             return None
         init = np.load(os.path.join(run_dir, "gradient.safetensors.npz"))["init"][0].astype(np.float64)
         g, step = grad[0] - init, token[0] - init
+        if not np.any(g):  # gradient TI never moved: no direction to project on
+            return None
         token = token.copy()
         token[0] = init + (step @ g) / (g @ g) * g
         return token
@@ -184,6 +186,8 @@ def geometry(args, model, concepts):
             continue
         init = np.load(os.path.join(run_dir, "gradient.safetensors.npz"))["init"][0].astype(np.float64)  # the word
         g = grad[0] - init
+        if not np.any(g):  # gradient TI never moved: no direction to measure against
+            continue
         for method in args.methods:
             embedding = snapshot(unit, run_dir, method)
             if embedding is None:
