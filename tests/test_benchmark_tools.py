@@ -58,3 +58,37 @@ def test_oracle_breakdown_reads_each_prompt_and_attribute_of_the_oracle(capsys):
     with pytest.raises(SystemExit):
         breakdown.main([model_dir(), "--images", "0"])
     assert "--images must be >= 1" in capsys.readouterr().err
+
+
+def test_sensitivity_measures_the_gauss_newton_matrix_of_residuals_linear_in_the_token():
+    """benchmarks/sensitivity.py's central differences on a scorer whose residuals are linear in the searched vector,
+    r_t(e) = A_t e - y_t (a known Jacobian per triple): M must be the weighted mean of A_t^T A_t, the gradient that of
+    2 A_t^T r_t(e), and the anchor must reach the scorer as each candidate's last vector."""
+    import numpy as np
+
+    from edge_ti import objective
+    sensitivity = _benchmark("sensitivity")
+    rng = np.random.default_rng(0)
+    D, T, out = 5, 6, 7
+    A, y, w = rng.normal(size=(T, out, D)), rng.normal(size=(T, out)), rng.uniform(0.5, 2, T)
+    anchor = rng.normal(size=(1, D)).astype(np.float32)
+
+    class Scorer:
+        def population_gram(self, candidates, triples):
+            assert candidates.shape[1:] == (2, D) and np.array_equal(candidates[:, 1], np.repeat(anchor, len(candidates), 0))
+            rows = triples.latent_index                                       # which triples (A_t, y_t) these are
+            r = np.einsum("tod,pd->tpo", A[rows], candidates[:, 0].astype(np.float64)) - y[rows][:, None]   # (T', P, out)
+            return np.einsum("t,tpo,tqo->pq", triples.weight, r, r) / out / len(rows)
+
+    triples = objective.Triples(latent_index=np.arange(T), prompt_index=np.zeros(T, int), timesteps=np.zeros(T, int),
+                                noise=np.zeros((T, 1)), weight=w)
+    e = rng.normal(size=D)
+    values, vectors, gradient = sensitivity.sensitivity(Scorer(), e, anchor, triples, h=1e-2, chunk=4)
+    M = np.einsum("t,tod,toe->de", w, A, A) / out / T
+    # float32 candidates: differences of h = 1e-2 keep ~4 digits
+    np.testing.assert_allclose(vectors @ np.diag(values) @ vectors.T, M, rtol=2e-3, atol=2e-3)
+    residual = np.einsum("tod,d->to", A, e) - y
+    np.testing.assert_allclose(gradient, 2 * np.einsum("t,tod,to->d", w, A, residual) / out / T, rtol=2e-3, atol=2e-3)
+    assert list(values) == sorted(values, reverse=True)
+    assert abs(sensitivity.overlap(vectors, vectors, 3) - 1) < 1e-9
+    assert abs(sensitivity.captured(vectors, 2, vectors[:, 0]) - 1) < 1e-9 and sensitivity.captured(vectors, 1, vectors[:, 1]) < 1e-9
