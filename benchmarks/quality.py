@@ -610,12 +610,24 @@ def child_eval(spec):
 
 
 # ---------------------------------------------------------------- the driver
+def child_env(threads):
+    """The environment of a child given THREADS threads: numpy's BLAS (and OpenMP) held to them as well, as torch and
+    onnxruntime are. Left to itself OpenBLAS starts a thread per core in every child, and with --workers 2 x 1 thread
+    those threads fight the other worker's for the two cores: CMA-ES's 64 x 64 algebra between UNet calls then cost
+    edge-ti ~30% of its generations (145 against 106-117 ms per generation, two 10 s runs side by side; quality.md,
+    stop 52), which every run before stop 52 paid."""
+    return {**os.environ, **{name: str(threads) for name in BLAS_THREAD_VARIABLES}}
+
+
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def run_child(kind, spec, log_path):
     """Run a child in a fresh interpreter; -> (exit code, wall seconds, peak RSS MiB of that child)."""
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", kind, json.dumps(spec)],
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, env=child_env(spec["threads"]))
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (the pool runs several)
         proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024

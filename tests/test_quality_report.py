@@ -245,3 +245,32 @@ def test_attributes_geometry_measures_each_token_against_the_init_and_gradient_t
     with pytest.raises(SystemExit):
         attributes.main([str(work), "--geometry", "--path-stages"])
     assert "choose one" in capsys.readouterr().err
+
+
+def test_every_child_holds_numpy_s_blas_to_its_thread_count(tmp_path, monkeypatch):
+    """A training child given 1 thread must not let OpenBLAS start one per core (stop 52: with two workers that cost
+    edge-ti ~30% of its generations): run_child starts it with the BLAS and OpenMP thread variables at its count,
+    the rest of the environment kept."""
+    quality = _quality()
+    started = {}
+
+    class FakeChild:
+        pid, returncode = 12345, None
+
+        def __init__(self, argv, stdout, stderr, env):
+            started.update(argv=argv, env=env)
+
+    class Usage:
+        ru_maxrss = 1024
+
+    monkeypatch.setenv("SOME_SETTING", "kept")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "8")
+    monkeypatch.setattr(quality.subprocess, "Popen", FakeChild)
+    monkeypatch.setattr(quality.os, "wait4", lambda pid, options: (pid, 0, Usage()))
+    code, _, rss = quality.run_child("train", {"threads": 1, "method": "edge-ti"}, str(tmp_path / "child.log"))
+    assert code == 0 and rss == 1.0
+    assert {name: started["env"][name] for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")} == {
+        "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert started["env"]["SOME_SETTING"] == "kept" and "--child" in started["argv"]
+    quality.run_child("eval", {"threads": 2}, str(tmp_path / "eval.log"))
+    assert started["env"]["OPENBLAS_NUM_THREADS"] == "2"
