@@ -277,12 +277,6 @@ METHODS = {
     # default since), and the defaults of stop 46 beside it, both stopped at 10 s (about half of gradient TI's
     # wall time at the 20 s budget)
     "edge-ti:control-10s": {"kind": "edge-ti", "settings": {"max_time": 10}},
-    # stop 52: the search in the directions the UNet responds to at the start (subspace.responsive_basis)
-    "edge-ti:resp16-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "timesteps": "weighted",
-                                                           "subspace": "responsive", "dim": 16}},
-    "edge-ti:resp8-rest03-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0, "timesteps": "weighted",
-                                                                 "subspace": "responsive", "dim": 8,
-                                                                 "responsive_rest": 0.3}},
     "edge-ti:path-only-10s": {"kind": "edge-ti", "settings": {"max_time": 10, "clip_line": 0}},
     "edge-ti:path-only": {"kind": "edge-ti", "settings": {"clip_line": 0}},
     # and after today's start, zo-adam (edge-ti:zo's settings of optimizers.md, round 5) in place of CMA-ES: Adam's
@@ -323,8 +317,7 @@ METHODS = {
     "edge-ti:uniform-t": {"kind": "edge-ti", "settings": {"clip_line": 0, "timesteps": "uniform"}},
 }
 # stops 47-50's variants: the anchor, generations and CLIP path of the day (each sets its own clip_line)
-STOP_52 = ("edge-ti:resp16-10s", "edge-ti:resp8-rest03-10s")   # stop 52's: the responsive subspace
-STOP_50 = ("edge-ti:wt-10s", "edge-ti:vloss-wt-path-10s", "edge-ti:uniform-t") + STOP_52   # from stop 50: the t of the day
+STOP_50 = ("edge-ti:wt-10s", "edge-ti:vloss-wt-path-10s", "edge-ti:uniform-t")   # stop 50's: the t of the day
 STOP_47 = ("edge-ti:control-10s", "edge-ti:path-only-10s", "edge-ti:path-only", "edge-ti:zo-path", "edge-ti:path1k-10s",
            "edge-ti:vloss-path-10s", "edge-ti:vloss-word-10s", "edge-ti:vloss-word-1v-10s",
            "edge-ti:eps-word-1v-10s", "edge-ti:defaults-49-10s", "edge-ti:vloss-path-1v-10s",
@@ -507,7 +500,6 @@ def child_train(spec):
         if half_mark is not None and wall > half_mark:   # else the final result is edge-ti@half
             snapshots += before_half
         # a snapshot's z is relative to where the search started (e0, or where clip_refine moved it)
-        W = W if result.basis is None else result.basis   # --subspace responsive: set at the start
         snapshots = [(w, n, subspace.embeddings_from_z(result.start, W, z[None], max_norm, result.anchor)[0])
                      for w, n, z in sorted(snapshots, key=lambda snapshot: snapshot[0])]
         final = result.embedding[TOKEN]

@@ -14,7 +14,7 @@ overlap with the held-out set's 32: sum of squared cosines / k, 1 the same, k/D 
 turns from the start to edge-ti's final token; and the share of gradient TI's and edge-ti's steps (and of the loss's
 gradient at the start) in the top-k, against the vocabulary's top-k principal directions (what `--dim k` searches).
 Then the overlap of the units' start subspaces with each other. Object units only (a style's search has no CLIP
-path, whose start this reads); ~1.5 min per unit on 2 cores (3 x 64 x 2 candidates x 32 triples).
+path, whose start this reads); ~30 s per unit on 2 cores (3 x 128 candidates x 32 triples and the CLIP path).
 """
 import argparse
 import importlib
@@ -124,7 +124,7 @@ def main(argv=None):
     pca = pca_basis(model.token_embeddings, model.token_embeddings.shape[1]).astype(np.float64)
     pca /= np.linalg.norm(pca, axis=0)                                   # the vocabulary's principal directions
     print("| unit | trace in top 4 / 8 / 16 | top 8 from 4 triples | start -> edge-ti's end (top 8) | "
-          "gradient TI's step in top 4 / 8 / 16: M's, pca's | edge-ti's step: M's, pca's | the loss's gradient: M's, pca's |")
+          "gradient TI's step in top 4 / 8 / 16: M's; pca's | edge-ti's step: M's; pca's | the loss's gradient: M's; pca's |")
     print("|---|---|---|---|---|---|---|")
     starts, rows = {}, []
     for unit in units:

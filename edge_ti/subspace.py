@@ -58,30 +58,6 @@ def part_basis(kind, table, dims, sigma, parts, seed=0):
     return W
 
 
-def gauss_newton_matrix(gram_of, e, h):
-    """gram_of(candidates [P, D]) -> G [P, P] (objective.population_gram of those searched vectors), e [D] ->
-    M [D, D] = E[w J^T J], J the residuals' Jacobian in e: the loss's Gauss-Newton curvature, by forward
-    differences along the D unit vectors (D + 1 candidates): J b_i ~ (r(e + h b_i) - r(e)) / h, so
-    M_ij = [G(i, j) - G(i, 0) - G(0, j) + G(0, 0)] / h^2 (benchmarks/sensitivity.py: nearly all of it lies in a
-    few directions)."""
-    D = len(e)
-    G = gram_of(np.concatenate([e[None], e[None] + h * np.eye(D)]))               # (D + 1, D + 1)
-    M = (G[1:, 1:] - G[1:, :1] - G[:1, 1:] + G[0, 0]) / (h * h)
-    return (M + M.T) / 2
-
-
-def responsive_basis(M, dim, scale, rest=0.0):
-    """M [D, D] (gauss_newton_matrix) -> W [D, dim] (rest 0) or [D, D]: M's top-dim eigenvectors times SCALE,
-    the directions the UNet's predictions respond to at the start; with rest > 0 the others follow, times
-    SCALE * rest."""
-    eigenvalues, eigenvectors = np.linalg.eigh(np.asarray(M, np.float64))
-    order = np.argsort(eigenvalues)[::-1]
-    scales = np.full(len(order), scale * rest)
-    scales[:dim] = scale
-    W = eigenvectors[:, order] * scales
-    return (W if rest > 0 else W[:, :dim]).astype(np.float32)
-
-
 def max_row_norm(table):
     """The longest token embedding of the vocabulary: the cap of a learned vector's norm."""
     return float(np.linalg.norm(table, axis=1).max())

@@ -62,10 +62,7 @@ TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 class TrainSettings:
     vectors: int = 1              # vectors per token; 1 as in the paper and diffusers' default
     template: object = "object"   # "object", "style", or a list of templates with one {}
-    subspace: str = "pca"         # pca | prior | full (see subspace.py) | responsive: the top-dim directions of the
-                                  # loss's Gauss-Newton matrix at the search's start (subspace.responsive_basis)
-    responsive_rest: float = 0.0  # responsive: the other directions too, at this fraction of the step
-    responsive_triples: int = 2   # responsive: the triples its Gauss-Newton matrix is measured on
+    subspace: str = "pca"         # pca | prior | full (see subspace.py)
     dim: int = 256                # intrinsic dimension per vector: the paper's 256 (capped at D)
     popsize: int = None           # None: the optimizer's (OPTIMIZER_DEFAULTS; cma: 10, the paper's was 20)
     sigma: float = None           # CMA-ES step size in z; None: 0.5 for pca/prior, 0.5*std(table) for full (the
@@ -166,7 +163,6 @@ class TrainResult:
                                   # token is subspace.embeddings_from_z(start, W, z, max_norm, anchor)
     anchor_from: str = None       # "word" or "images": what the anchor is (None: no anchor)
     anchor_words: list = dataclasses.field(default_factory=list)  # an "images" anchor: (word, weight), largest first
-    basis: np.ndarray = None      # W [D, dim] of e = start + W z
 
 
 class Interrupted(KeyboardInterrupt):
@@ -223,8 +219,8 @@ def check_settings(settings):
         raise EdgeTIError(f"vectors {settings.vectors} leaves no room for the anchor: at most {MAX_VECTORS} in all")
     if settings.crn not in ("redraw", "fixed"):
         raise EdgeTIError(f"unknown crn {settings.crn!r}: choose redraw or fixed")
-    if settings.subspace not in ("pca", "prior", "full", "responsive"):
-        raise EdgeTIError(f"unknown subspace {settings.subspace!r}: choose pca, prior, full or responsive")
+    if settings.subspace not in ("pca", "prior", "full"):
+        raise EdgeTIError(f"unknown subspace {settings.subspace!r}: choose pca, prior or full")
     if not isinstance(settings.norm_cap, bool):
         raise EdgeTIError(f"norm_cap must be true or false, got {settings.norm_cap!r}")
     if settings.timesteps not in ("uniform", "weighted"):
@@ -298,8 +294,6 @@ def _settings_key(model, settings, latents, e0, token):
         del fields["timesteps"]                                                        # the same run): they match
     if settings.loss_weighting == "model" or model.prediction_type == "epsilon":
         del fields["loss_weighting"]  # the loss of before the option: earlier checkpoints still match
-    if settings.subspace != "responsive":  # as before the option: earlier checkpoints still match
-        del fields["responsive_rest"], fields["responsive_triples"]
     digest.update(json.dumps(fields, sort_keys=True).encode())
     digest.update(f"{model.text_encoder_key}{token}".encode())
     if model.family == "sdxl":
@@ -387,9 +381,7 @@ def subspace_dim(settings, widths):
     widths = [widths] if isinstance(widths, int) else widths
     if settings.subspace == "full":
         return sum(widths)
-    if settings.subspace == "responsive" and settings.responsive_rest > 0:
-        return sum(widths)
-    return sum(min(settings.dim, w) if settings.subspace in ("pca", "responsive") else settings.dim for w in widths)
+    return sum(min(settings.dim, w) if settings.subspace == "pca" else settings.dim for w in widths)
 
 
 def search_space(table, settings, parts=None):
@@ -403,12 +395,7 @@ def search_space(table, settings, parts=None):
         log.info("--dim %d is more than the embedding width %s: using at most the width",
                  settings.dim, " and ".join(map(str, widths)))
     sigma = settings.sigma or _default_step(table, settings.subspace, settings.optimizer)
-    if settings.subspace == "responsive":  # W is set once the start is known (_train); pca's until then
-        W = subspace.basis("pca", table, min(TrainSettings.dim, widths[0]), sigma)  # (the CLIP path's, as pca's)
-        max_norm = subspace.max_row_norm(table) if settings.norm_cap else None
-        if len(parts) > 1:
-            raise EdgeTIError("--subspace responsive: one text encoder only")
-    elif len(parts) == 1:
+    if len(parts) == 1:
         W = subspace.basis(settings.subspace, table, dim, sigma, seed=settings.seed)  # (D, dim)
         max_norm = subspace.max_row_norm(table) if settings.norm_cap else None
     else:
@@ -501,13 +488,6 @@ def _train(model, images, token, paths, init_word, init_embedding, init, init_to
         except BaseException:
             scorer.close()
             raise
-
-    if settings.subspace == "responsive":  # the directions the UNet responds to at the start
-        gram_triples = triples_for(2, 0, count=settings.responsive_triples)
-        M = subspace.gauss_newton_matrix(lambda es: scorer.population_gram(subspace.with_anchor(
-            es[:, None].astype(np.float32), anchor), gram_triples), e0[0].astype(np.float64), h=0.01)
-        scale = float(np.sqrt(np.trace(np.cov(table.T.astype(np.float64))) / table.shape[1]))
-        W = subspace.responsive_basis(M, min(settings.dim, table.shape[1]), scale, settings.responsive_rest)
 
     def generation_triples(generation):
         return triples_for(0, 0 if settings.crn == "fixed" else generation, count=settings.triples)
@@ -712,4 +692,4 @@ def _finish(model, state, e0, W, max_norm, token, init_word, init_words, paths, 
                        elapsed=state.elapsed,
                        stop_reason=state.stop_reason, paths=paths, init_words=init_words, start=e0,
                        start_heldout=state.init_heldout, clip_refined=clip_refined, anchor=anchor,
-                       anchor_from=anchor_from or None, anchor_words=anchor_words, basis=W)
+                       anchor_from=anchor_from or None, anchor_words=anchor_words)
