@@ -41,7 +41,7 @@ fixed and the others random. On the same model, images and seed:
 
 Every training runs in its own subprocess (its peak RSS from os.wait4: the rusage of that child
 alone, which is getrusage(RUSAGE_CHILDREN) of a parent with one child), with the same thread count
-for torch and onnxruntime and the same wall-time budget. Both snapshot their current embedding at
+for torch, onnxruntime and numpy's BLAS (child_env, since stop 52) and the same wall-time budget. Both snapshot their current embedding at
 fixed fractions of the budget (edge-ti: its best held-out candidate so far), so accuracy can be
 drawn against wall time. In a main unit gradient TI trains first, and edge-ti also keeps the state of
 its last generation that ended at or before half of gradient TI's wall time: edge-ti@half, what the
@@ -602,16 +602,16 @@ def child_eval(spec):
 
 
 # ---------------------------------------------------------------- the driver
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def child_env(threads):
     """The environment of a child given THREADS threads: numpy's BLAS (and OpenMP) held to them as well, as torch and
     onnxruntime are. Left to itself OpenBLAS starts a thread per core in every child, and with --workers 2 x 1 thread
     those threads fight the other worker's for the two cores: CMA-ES's 64 x 64 algebra between UNet calls then cost
-    edge-ti ~30% of its generations (145 against 106-117 ms per generation, two 10 s runs side by side; quality.md,
-    stop 52), which every run before stop 52 paid."""
+    edge-ti ~30% of its generations (141-150 against 106-117 ms per generation, two 10 s runs side by side;
+    quality.md, stop 52), which every run before stop 52 paid."""
     return {**os.environ, **{name: str(threads) for name in BLAS_THREAD_VARIABLES}}
-
-
-BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def run_child(kind, spec, log_path):

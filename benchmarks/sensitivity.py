@@ -64,7 +64,8 @@ class _Start(Exception):
 
 
 def search_start(model, work, unit, concept):
-    """What edge_ti.train's defaults hand the search in this unit: {start, init, anchor, scorer, heldout}."""
+    """What edge_ti.train's defaults hand the search in this unit: {start, init, anchor, scorer, heldout}. The scorer
+    is the default in-process one, which stays usable after the trainer closes it on _Start (its close does nothing)."""
     from edge_ti.train import TrainSettings
     train_module = importlib.import_module("edge_ti.train")
     chosen_by_the_defaults, seen = train_module._clip_refined, {}
