@@ -108,16 +108,22 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error("--threads must be >= 1")
+    for folder in ("runs",) + (() if args.units else ("units",)):
+        if not os.path.isdir(os.path.join(args.work, folder)):
+            p.error(f"{args.work}: not a benchmarks/quality.py work folder (no {folder}/ in it)")
     import edge_ti
     from edge_ti.shapes import model_dir
     from edge_ti.subspace import pca_basis
     concepts = {c.name: c for c in quality.CONCEPTS}
     units = args.units or [f"{u['concept']}-{u['seed']}" for u in quality.load_units(args.work)
                            if u["group"] == "main" and u["kind"] == "object"]
+    if not units:
+        p.error(f"{args.work}: no main object units")
     for unit in units:
         name = unit.rsplit("-", 1)[0]
         if name not in concepts or concepts[name].kind != "object" or not unit.rsplit("-", 1)[1].isdigit():
-            p.error(f"{unit}: not an object unit (CONCEPT-SEED with one of {sorted(c.name for c in quality.CONCEPTS if c.kind == 'object')})")
+            objects = sorted(c.name for c in quality.CONCEPTS if c.kind == "object")
+            p.error(f"{unit}: not an object unit (CONCEPT-SEED with one of {', '.join(objects)})")
         for method in ("edge-ti", "gradient"):
             if not os.path.isfile(os.path.join(args.work, "runs", unit, f"{method}.safetensors.npz")):
                 p.error(f"{unit}: no {method}.safetensors.npz in {os.path.join(args.work, 'runs', unit)}")

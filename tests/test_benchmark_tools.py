@@ -92,3 +92,23 @@ def test_sensitivity_measures_the_gauss_newton_matrix_of_residuals_linear_in_the
     assert list(values) == sorted(values, reverse=True)
     assert abs(sensitivity.overlap(vectors, vectors, 3) - 1) < 1e-9
     assert abs(sensitivity.captured(vectors, 2, vectors[:, 0]) - 1) < 1e-9 and sensitivity.captured(vectors, 1, vectors[:, 1]) < 1e-9
+
+
+def test_sensitivity_refuses_bad_input_in_one_line(tmp_path, capsys):
+    """Not a work folder, a unit that is not an object's, a unit without its runs, --threads 0: each a one-line
+    usage error (exit 2) before the model is opened."""
+    import pytest
+    sensitivity = _benchmark("sensitivity")
+    (tmp_path / "runs" / "dotted-blue-star-0").mkdir(parents=True)
+    (tmp_path / "units").mkdir()
+    cases = [([str(tmp_path / "nowhere")], "no runs/ in it"),
+             ([str(tmp_path)], "no main object units"),
+             ([str(tmp_path), "--units", "style-dotted-black-0"], "not an object unit"),
+             ([str(tmp_path), "--units", "dotted-blue-star"], "not an object unit"),
+             ([str(tmp_path), "--units", "dotted-blue-star-0"], "no edge-ti.safetensors.npz"),
+             ([str(tmp_path), "--threads", "0"], "--threads must be >= 1")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            sensitivity.main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and "Traceback" not in err, (argv, err)
